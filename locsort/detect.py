@@ -1,0 +1,43 @@
+"""Candidate spikes: negative peaks below -threshold x noise that are the largest within a
+small spatio-temporal neighbourhood ("locally exclusive"), computed with tensor operations
+over a whole chunk at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def detect_chunk(
+    traces: np.ndarray,
+    thresholds: np.ndarray,
+    neighbours: np.ndarray,
+    sweep: int,
+    lo: int,
+    hi: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Peaks in ``traces[lo:hi]`` (rows and channels), ``traces`` being (T, C) float32 µV.
+
+    A sample (t, c) is a peak when -traces[t, c] >= thresholds[c], it is the first maximum of
+    -traces[:, c] within +/- ``sweep`` samples, and no channel in ``neighbours[c]`` (C, M;
+    -1 padded) goes further negative within that window (ties go to the lower channel).
+    """
+    x = torch.from_numpy(traces).neg()
+    window_max = F.max_pool1d(x.T.unsqueeze(0), 2 * sweep + 1, stride=1, padding=sweep)[0].T
+    candidate = (x >= torch.from_numpy(thresholds)) & (x == window_max)
+    candidate[:lo] = False
+    candidate[hi:] = False
+    t, c = candidate.nonzero(as_tuple=True)
+    if len(t) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    value = x[t, c]
+    # plateaus: keep only the first sample of equal maxima
+    earlier = (t[:, None] - torch.arange(1, sweep + 1)[None, :]).clamp(min=0)
+    keep = value > x[earlier, c[:, None]].max(dim=1).values
+    nb = torch.from_numpy(neighbours)[c]
+    nb_max = window_max[t[:, None], nb.clamp(min=0)]
+    other = (nb >= 0) & (nb != c[:, None])
+    beaten = other & ((nb_max > value[:, None]) | ((nb_max == value[:, None]) & (nb < c[:, None])))
+    keep &= ~beaten.any(dim=1)
+    return t[keep].numpy().astype(np.int64), c[keep].numpy().astype(np.int64)

@@ -1,0 +1,145 @@
+"""The fixed-shape channel neighbourhood of a centre channel, virtual channels past the probe
+edge, and amplitude / waveform extraction around spikes.
+
+Every spike is described on the same K positions relative to its centre channel, so that one
+encoder serves the whole probe. The K positions are the K nearest points of the probe's own
+contact lattice (found from the geometry: a square grid gives a 5 x 5 box for K = 25,
+Neuropixels' staggered columns give their centred-rectangular lattice). A position with no
+contact (past the probe edge, or across a shank gap) is a *virtual* channel: index -1, zero
+signal, masked out of the likelihood, flagged to the encoder. Probes whose contacts do not
+form a lattice fall back to the K nearest real contacts of each channel (no virtual ones).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+_TOLERANCE_UM = 1.0  # contacts closer than this to a lattice position sit on it
+
+
+def _shank_ids(recording) -> np.ndarray:
+    """SpikeInterface's channel groups: one per shank (or per probe) once a probe is attached."""
+    groups = recording.get_channel_groups()
+    if groups is None:
+        return np.zeros(recording.get_num_channels(), dtype=int)
+    return np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].astype(int)
+
+
+class Neighbourhood:
+    """For each channel, the channel index at each of the K neighbourhood positions (-1: virtual).
+
+    Attributes
+    ----------
+    index : (C, K) int64, channel at each position, -1 where virtual; column 0 is the channel itself.
+    offsets : (C, K, 2) float32, position of each neighbourhood slot relative to the centre (µm),
+        the same for every channel when ``regular``.
+    regular : bool, True when the probe is a lattice (offsets shared by all channels).
+    """
+
+    def __init__(self, positions: np.ndarray, shank_ids: np.ndarray | None = None, size: int = 25):
+        positions = np.asarray(positions, dtype=float)[:, :2]
+        num_channels = len(positions)
+        shank_ids = np.zeros(num_channels, int) if shank_ids is None else np.asarray(shank_ids)
+        self.positions = positions
+        self.shank_ids = shank_ids
+        self.size = size
+        lattice = self._lattice_offsets(positions, shank_ids, size)
+        if lattice is not None:
+            self.regular = True
+            index = np.full((num_channels, size), -1, dtype=np.int64)
+            for shank in np.unique(shank_ids):
+                members = np.flatnonzero(shank_ids == shank)
+                tree = cKDTree(positions[members])
+                targets = positions[members][:, None, :] + lattice[None]
+                dist, nearest = tree.query(targets.reshape(-1, 2), distance_upper_bound=_TOLERANCE_UM)
+                found = np.isfinite(dist)
+                slot = np.full(len(dist), -1)
+                slot[found] = members[nearest[found]]
+                index[members] = slot.reshape(len(members), size)
+            self.index = index
+            self.offsets = np.broadcast_to(lattice.astype(np.float32), (num_channels, size, 2)).copy()
+        else:
+            self.regular = False
+            k = min(size, num_channels)
+            index = np.full((num_channels, size), -1, dtype=np.int64)
+            for shank in np.unique(shank_ids):
+                members = np.flatnonzero(shank_ids == shank)
+                kk = min(k, len(members))
+                _, nearest = cKDTree(positions[members]).query(positions[members], k=kk)
+                index[members, :kk] = members[np.asarray(nearest).reshape(len(members), kk)]
+            self.index = index
+            offsets = np.where(index[..., None] >= 0, positions[index] - positions[:, None, :], 0.0)
+            self.offsets = offsets.astype(np.float32)
+
+    @classmethod
+    def from_recording(cls, recording, size: int = 25) -> "Neighbourhood":
+        return cls(recording.get_channel_locations(), _shank_ids(recording), size)
+
+    @property
+    def real(self) -> np.ndarray:
+        """(C, K) bool: True where the slot holds a real contact."""
+        return self.index >= 0
+
+    @staticmethod
+    def _lattice_offsets(positions, shank_ids, size):
+        """The ``size`` nearest lattice offsets (including 0) if the contacts form a lattice."""
+        offsets = []
+        for shank in np.unique(shank_ids):
+            pos = positions[shank_ids == shank]
+            if len(pos) < 2:
+                continue
+            tree = cKDTree(pos)
+            pairs = tree.query_pairs(r=np.inf if len(pos) < 64 else 400.0, output_type="ndarray")
+            d = pos[pairs[:, 1]] - pos[pairs[:, 0]]
+            offsets.append(np.concatenate([d, -d]))
+        if not offsets:
+            return None
+        unique = np.unique(np.round(np.concatenate(offsets) * 2) / 2, axis=0)
+        norms = np.linalg.norm(unique, axis=1)
+        angles = np.arctan2(unique[:, 1], unique[:, 0])
+        order = np.lexsort((angles, np.round(norms, 3)))
+        candidates = np.vstack([[0.0, 0.0], unique[order][: size - 1]])
+        if len(candidates) < size:
+            return None
+        # a lattice is closed under addition: sums of small offsets are offsets too
+        small = candidates[1:9]
+        sums = (small[:, None, :] + small[None, :, :]).reshape(-1, 2)
+        sums = sums[np.linalg.norm(sums, axis=1) > _TOLERANCE_UM]
+        # sums beyond the probe's extent (e.g. 2 column pitches on a 2-column shank) cannot exist
+        span = np.abs(unique).max(axis=0) + _TOLERANCE_UM
+        within = sums[(np.linalg.norm(sums, axis=1) <= norms.max()) & np.all(np.abs(sums) <= span, axis=1)]
+        if len(within) == 0:
+            return None
+        hit, _ = cKDTree(unique).query(within, distance_upper_bound=_TOLERANCE_UM)
+        if np.mean(np.isfinite(hit)) < 0.95:
+            return None
+        return candidates
+
+    def channels_within(self, radius_um: float) -> np.ndarray:
+        """(C, M) channel indices (same shank, distance <= radius), padded with -1."""
+        tree = cKDTree(self.positions)
+        lists = tree.query_ball_point(self.positions, r=radius_um + 1e-6)
+        lists = [[j for j in sorted(lst) if self.shank_ids[j] == self.shank_ids[i]] for i, lst in enumerate(lists)]
+        width = max(len(lst) for lst in lists)
+        out = np.full((len(lists), width), -1, dtype=np.int64)
+        for i, lst in enumerate(lists):
+            out[i, : len(lst)] = lst
+        return out
+
+
+def gather_windows(traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, before: int, after: int) -> np.ndarray:
+    """(n, before+after, M) windows of ``traces`` (T, C) around ``rows`` on ``channels`` (n, M).
+
+    Channel -1 (virtual) reads zeros. Rows must leave ``before``/``after`` samples inside
+    ``traces`` (the chunk margin guarantees it).
+    """
+    padded = np.concatenate([traces, np.zeros((len(traces), 1), traces.dtype)], axis=1)
+    channels = np.where(channels < 0, traces.shape[1], channels)
+    times = rows[:, None] + np.arange(-before, after)[None, :]
+    return padded[times[:, :, None], channels[:, None, :]]
+
+
+def peak_amplitudes(windows: np.ndarray) -> np.ndarray:
+    """Negative-peak size on each channel (positive µV): minus the minimum over the window."""
+    return -windows.min(axis=1)

@@ -1,0 +1,81 @@
+"""Every default of the pipeline in one place, with what it means and why it has that value.
+
+``Params`` is a plain dataclass: build one with keyword overrides (``Params(detect_threshold=6)``)
+or from a dict (``Params.from_dict(d)``, unknown keys are an error), and ``asdict()`` is what
+``run.json`` records.
+"""
+
+from dataclasses import asdict, dataclass, fields
+
+from .errors import UsageError
+
+
+@dataclass
+class Params:
+    # --- preprocessing (SpikeInterface) ---
+    preprocess: bool = True  # band-pass + common reference; turn off for already-filtered data
+    freq_min: float = 300.0  # Hz, high-pass edge: removes LFP below the spike band
+    freq_max: float = 6000.0  # Hz, low-pass edge: spikes carry little power above
+    common_reference: str = "median"  # "median", "average" or "none": removes noise shared by all channels
+
+    # --- chunking (every pass over the traces) ---
+    chunk_duration: float = 1.0  # s of traces per chunk: memory per chunk, independent of duration
+    chunk_margin_ms: float = 2.0  # ms read on each side of a chunk so that windows never cut a spike
+
+    # --- detection ---
+    detect_threshold: float = 5.0  # x noise level (MAD-based SD) of each channel: negative peaks below
+    detect_sweep_ms: float = 0.3  # ms: a peak must be the minimum within +/- this time ...
+    detect_radius_um: float = 40.0  # ... and among the channels within this distance
+    noise_chunks: int = 20  # random 1 s chunks used to estimate per-channel noise levels
+
+    # --- neighbourhood (fixed-shape channel window around the centre channel) ---
+    neighbourhood_channels: int = 25  # lattice positions per neighbourhood (5 x 5 on a square grid)
+    amplitude_window_ms: float = 0.17  # ms: channel amplitude = min within +/- this of the centre peak (the paper's +/- 5 samples)
+    snippet_ms_before: float = 0.6  # ms of waveform kept before the peak for waveform features
+    snippet_ms_after: float = 1.0  # ms after
+
+    # --- localization ---
+    localization_method: str = "center_of_mass"  # see locsort.localize.METHODS
+    com_channels: int = 9  # centre-of-mass baseline: number of nearest real channels
+
+    # --- training sample (bounded, drawn across the whole recording) ---
+    sample_chunks: int = 30  # chunks read to fit waveform PCA / models: bounded, spread over the recording
+    max_training_spikes: int = 50_000  # spikes kept from those chunks
+
+    # --- clustering ---
+    waveform_pcs: int = 3  # temporal principal components kept per neighbourhood channel
+    cluster_pcs: int = 2  # whitened PCs of the centre-channel waveform used for clustering (as the paper)
+    cluster_min_size: int = 25  # HDBSCAN min_cluster_size: fewer spikes than this is not a unit
+    cluster_sample: int = 40_000  # spikes clustered by HDBSCAN; the rest are assigned by nearest neighbours
+    cluster_location_scale_um: float = 5.0  # µm that count as one unit of distance in the clustering space
+
+    # --- execution ---
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    seed: int = 0  # every random choice (sampling, training, clustering) derives from this
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Params":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown parameter(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "Params":
+        return self.from_dict({**asdict(self), **changes})
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; an explicit 'cuda' without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return device

@@ -1,0 +1,134 @@
+"""One pass over the traces, chunk by chunk: detect spikes (or take the caller's peaks), find
+each spike's centre channel, extract its neighbourhood waveforms, and hand them to a consumer
+that keeps only what it needs. Memory is one chunk of traces plus what the consumer keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .detect import detect_chunk
+from .neighbourhood import Neighbourhood, gather_windows, peak_amplitudes
+from .parallel import Chunk, make_chunks, read_chunk
+from .params import Params
+from .spikes import PEAK_DTYPE
+
+
+@dataclass
+class SpikeBatch:
+    """The spikes of one chunk and their neighbourhood features.
+
+    peaks : (n,) PEAK_DTYPE, the caller's peaks or the detected ones (amplitude: signed µV)
+    centre : (n,) channel with the largest negative peak near the peak's channel
+    waveforms : (n, T, K) µV on the centre's neighbourhood (virtual slots are 0)
+    amplitudes : (n, K) negative-peak size per slot (positive µV), within the amplitude window
+    order : (n,) position of each spike in the caller's peak array (given peaks only)
+    """
+
+    peaks: np.ndarray
+    centre: np.ndarray
+    waveforms: np.ndarray
+    amplitudes: np.ndarray
+    order: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sample counts derived from Params at a given sampling rate."""
+
+    before: int
+    after: int
+    amp_half: int
+    sweep: int
+    margin: int
+    chunk_size: int
+
+    @classmethod
+    def from_params(cls, params: Params, fs: float) -> "Geometry":
+        ms = fs / 1000.0
+        before = max(1, int(round(params.snippet_ms_before * ms)))
+        after = max(1, int(round(params.snippet_ms_after * ms)))
+        amp_half = max(1, int(round(params.amplitude_window_ms * ms)))
+        sweep = max(1, int(round(params.detect_sweep_ms * ms)))
+        margin = max(before, after, amp_half, sweep, int(round(params.chunk_margin_ms * ms)))
+        return cls(before, after, amp_half, sweep, margin, max(1, int(round(params.chunk_duration * fs))))
+
+
+def scan(
+    recording,
+    consume: Callable[[SpikeBatch], dict],
+    *,
+    params: Params,
+    neighbourhood: Neighbourhood,
+    noise: np.ndarray,
+    peaks: np.ndarray | None = None,
+    chunks: list[Chunk] | None = None,
+    progress: bool = True,
+    desc: str = "scan",
+) -> dict:
+    """Run ``consume`` on every chunk's SpikeBatch; concatenate what it returns per spike.
+
+    With ``peaks`` (PEAK_DTYPE) no detection happens and the result is in the caller's order.
+    """
+    geo = Geometry.from_params(params, recording.get_sampling_frequency())
+    chunks = chunks if chunks is not None else make_chunks(recording, geo.chunk_size)
+    thresholds = (params.detect_threshold * noise).astype(np.float32)
+    detect_neighbours = neighbourhood.channels_within(params.detect_radius_um)
+    if peaks is not None:
+        sort = np.lexsort((peaks["sample_index"], peaks["segment_index"]))
+        sorted_peaks = peaks[sort]
+    parts: list[dict] = []
+    for chunk in tqdm(chunks, desc=desc, unit="chunk", disable=not progress, leave=False):
+        traces, first = read_chunk(recording, chunk, geo.margin)
+        # pad the recording's own edges with zeros so that every window fits
+        pad_left = geo.margin - (chunk.start - first)
+        pad_right = geo.margin - (first + len(traces) - chunk.end)
+        if pad_left or pad_right:
+            traces = np.pad(traces, ((pad_left, pad_right), (0, 0)))
+            first -= pad_left
+        lo, hi = chunk.start - first, chunk.end - first
+        order = None
+        if peaks is None:
+            rows, channels = detect_chunk(traces, thresholds, detect_neighbours, geo.sweep, lo, hi)
+            batch_peaks = np.zeros(len(rows), PEAK_DTYPE)
+            batch_peaks["sample_index"] = rows + first
+            batch_peaks["channel_index"] = channels
+            batch_peaks["segment_index"] = chunk.segment_index
+            batch_peaks["amplitude"] = traces[rows, channels]
+        else:
+            seg_lo, seg_hi = np.searchsorted(sorted_peaks["segment_index"], [chunk.segment_index, chunk.segment_index + 1])
+            samples = sorted_peaks["sample_index"][seg_lo:seg_hi]
+            i0, i1 = seg_lo + np.searchsorted(samples, [chunk.start, chunk.end])
+            selected = np.arange(i0, i1)
+            batch_peaks = sorted_peaks[selected].copy()
+            order = sort[selected]
+            rows = batch_peaks["sample_index"] - first
+            batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
+        parts.append(consume(_features(traces, rows, batch_peaks, order, neighbourhood, detect_neighbours, geo)))
+    return _concatenate(parts, peaks)
+
+
+def _features(traces, rows, peaks, order, neighbourhood, detect_neighbours, geo) -> SpikeBatch:
+    channels = peaks["channel_index"].astype(np.int64)
+    near = detect_neighbours[channels]
+    near_amp = peak_amplitudes(gather_windows(traces, rows, near, geo.amp_half, geo.amp_half + 1))
+    near_amp[near < 0] = -np.inf
+    centre = near[np.arange(len(rows)), near_amp.argmax(axis=1)] if len(rows) else channels
+    slots = neighbourhood.index[centre]
+    waveforms = gather_windows(traces, rows, slots, geo.before, geo.after)
+    window = waveforms[:, geo.before - geo.amp_half : geo.before + geo.amp_half + 1]
+    return SpikeBatch(peaks, centre, waveforms, peak_amplitudes(window), order)
+
+
+def _concatenate(parts: list[dict], peaks: np.ndarray | None) -> dict:
+    keys = parts[0].keys() if parts else []
+    out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    if peaks is not None and "order" in out:
+        # back to the caller's peak order
+        inverse = np.empty_like(out["order"])
+        inverse[out["order"]] = np.arange(len(out["order"]))
+        out = {k: v[inverse] for k, v in out.items()}
+    return out

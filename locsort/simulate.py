@@ -1,0 +1,93 @@
+"""Ground-truth recordings: SpikeInterface's generator on a locally built probe, and MEArec files.
+
+Probes are built here from their geometry, never downloaded (``probeinterface.get_probe``
+fetches from the internet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class GroundTruth:
+    """The true spike trains and the true source position of each unit.
+
+    ``unit_locations[i]`` is (x, y, z) in µm, SpikeInterface frame, for ``sorting.unit_ids[i]``.
+    """
+
+    sorting: object
+    unit_locations: np.ndarray
+
+
+def neuropixels_like_probe(num_channels: int = 64):
+    """A Neuropixels-1.0-like probe: 4 columns 16 µm apart, 40 µm row pitch, alternate columns
+    shifted by 20 µm (research.md §3), 12 µm square contacts, wired in contact order."""
+    import probeinterface as pi
+
+    if num_channels % 4:
+        raise ValueError("a Neuropixels-like probe needs a multiple of 4 channels")
+    probe = pi.generate_multi_columns_probe(
+        num_columns=4,
+        num_contact_per_column=num_channels // 4,
+        xpitch=16,
+        ypitch=40,
+        y_shift_per_column=[0, 20, 0, 20],
+        contact_shapes="square",
+        contact_shape_params={"width": 12},
+    )
+    probe.set_device_channel_indices(np.arange(num_channels))
+    return probe
+
+
+def generate_recording(
+    duration: float = 60.0,
+    num_units: int = 50,
+    noise_level: float = 5.0,
+    seed: int = 0,
+    num_channels: int = 64,
+    sampling_frequency: float = 30_000.0,
+    probe=None,
+):
+    """A seeded ground-truth recording (SpikeInterface's generator) and its GroundTruth.
+
+    Defaults reproduce research.md §3: 64-channel Neuropixels-like probe, 50 units, noise 5 µV.
+    """
+    from spikeinterface.core import generate_ground_truth_recording
+
+    probe = probe if probe is not None else neuropixels_like_probe(num_channels)
+    recording, sorting = generate_ground_truth_recording(
+        durations=[float(duration)],
+        sampling_frequency=sampling_frequency,
+        probe=probe,
+        num_units=num_units,
+        seed=seed,
+        noise_kwargs={"noise_levels": float(noise_level), "strategy": "on_the_fly"},
+    )
+    locations = np.asarray(sorting.get_property("gt_unit_locations"), dtype=float)
+    return recording, GroundTruth(sorting=sorting, unit_locations=locations)
+
+
+def read_mearec_ground_truth(path: str | Path):
+    """A MEArec .h5 file as (recording, GroundTruth) with soma positions in SpikeInterface's frame.
+
+    MEArec stores ``template_locations`` as (x, y, z) with x the distance from the probe
+    plane; in SpikeInterface's frame the same point is (y, z, |x|).
+    """
+    import h5py
+    import spikeinterface.extractors as se
+
+    recording, sorting = se.read_mearec(str(path))
+    with h5py.File(path, "r") as f:
+        if "template_locations" not in f:
+            raise ValueError(f"{path} has no template_locations: not a MEArec recording")
+        mearec_xyz = np.asarray(f["template_locations"][()], dtype=float)
+    if mearec_xyz.ndim == 3:  # drifting recordings store one position per drift step: take the first
+        mearec_xyz = mearec_xyz[:, 0, :]
+    locations = np.column_stack([mearec_xyz[:, 1], mearec_xyz[:, 2], np.abs(mearec_xyz[:, 0])])
+    # unit "#i" is spike train i, in the order of template_locations
+    order = [int(str(u).lstrip("#")) for u in sorting.unit_ids]
+    return recording, GroundTruth(sorting=sorting, unit_locations=locations[order])
