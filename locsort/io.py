@@ -210,8 +210,10 @@ def check_output_folder(out: str | Path, overwrite: bool) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to {parent}: choose an output folder you have write access to")
+    try:  # os.access says yes to root even on read-only mounts: really try
+        os.rmdir(tempfile.mkdtemp(prefix=".locsort-write-check-", dir=parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write to {parent} ({exc.strerror}): choose another output folder") from None
     return out
 
 

@@ -26,7 +26,7 @@ class Params:
     detect_threshold: float = 5.0  # x noise level (MAD-based SD) of each channel: negative peaks below
     detect_sweep_ms: float = 0.3  # ms: a peak must be the minimum within +/- this time ...
     detect_radius_um: float = 40.0  # ... and among the channels within this distance
-    noise_chunks: int = 20  # random 1 s chunks used to estimate per-channel noise levels
+    noise_chunks: int = 20  # random 10,000-sample slices per segment used to estimate per-channel noise
 
     # --- neighbourhood (fixed-shape channel window around the centre channel) ---
     neighbourhood_channels: int = 25  # lattice positions per neighbourhood (5 x 5 on a square grid)

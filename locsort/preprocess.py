@@ -32,15 +32,15 @@ def noise_levels(recording, params: Params | None = None) -> np.ndarray:
     from spikeinterface.core import get_noise_levels
 
     params = params or Params()
-    fs = recording.get_sampling_frequency()
-    total = sum(recording.get_num_samples(s) for s in range(recording.get_num_segments()))
-    chunk = int(min(fs, total))
-    num_chunks = max(1, min(params.noise_chunks, total // max(chunk, 1)))
+    shortest = min(recording.get_num_samples(s) for s in range(recording.get_num_segments()))
+    chunk = int(min(10_000, shortest))  # SpikeInterface's default slice length
+    num_chunks = max(1, min(params.noise_chunks, shortest // max(chunk, 1)))
     levels = get_noise_levels(
         recording,
         return_in_uV=False,
         method="mad",
         random_slices_kwargs=dict(num_chunks_per_segment=num_chunks, chunk_size=chunk, seed=params.seed),
+        progress_bar=False,
     )
     levels = np.asarray(levels, dtype=np.float32)
     if not np.all(np.isfinite(levels)):

@@ -1,0 +1,1 @@
+"""Spike sorting stages: clustering on locations + waveform features."""

@@ -1,0 +1,58 @@
+"""The fixed-shape neighbourhood follows the probe's own lattice, marks positions past the
+edge as virtual, and falls back to nearest contacts on irregular layouts."""
+
+import numpy as np
+import probeinterface as pi
+
+from locsort.neighbourhood import Neighbourhood, gather_windows
+from locsort.simulate import neuropixels_like_probe
+
+
+def _square(n=10, pitch=15.0):
+    return np.stack(np.meshgrid(np.arange(n) * pitch, np.arange(n) * pitch), -1).reshape(-1, 2)
+
+
+def test_square_grid_gives_a_5x5_box_with_virtual_channels_at_edges():
+    nb = Neighbourhood(_square(), size=25)
+    assert nb.regular
+    assert sorted(map(tuple, nb.offsets[0].astype(int).tolist())) == sorted(
+        (dx, dy) for dx in (-30, -15, 0, 15, 30) for dy in (-30, -15, 0, 15, 30)
+    )
+    counts = nb.real.sum(1).reshape(10, 10)
+    assert counts[5, 5] == 25 and counts[0, 0] == 9 and counts[0, 5] == 15
+    # every real slot holds the contact that sits at centre + offset
+    centre, slot = np.nonzero(nb.real)
+    np.testing.assert_allclose(nb.positions[nb.index[centre, slot]], nb.positions[centre] + nb.offsets[centre, slot])
+
+
+def test_staggered_neuropixels_columns_share_one_lattice():
+    nb = Neighbourhood(neuropixels_like_probe(64).contact_positions, size=25)
+    assert nb.regular
+    assert np.all(nb.index[:, 0] == np.arange(64))
+    assert nb.real.sum(1).max() <= 16  # 4 columns: many lattice points lie past the edges
+    assert (~nb.real).any(axis=1).all()
+
+
+def test_multi_shank_neighbourhoods_stay_on_their_shank():
+    probe = pi.generate_multi_shank(num_shank=2, num_columns=2, num_contact_per_column=8)
+    shanks = np.repeat([0, 1], 16)
+    nb = Neighbourhood(probe.contact_positions, shanks, size=25)
+    assert nb.regular
+    for c in range(32):
+        members = nb.index[c][nb.index[c] >= 0]
+        assert np.all(shanks[members] == shanks[c])
+
+
+def test_irregular_layout_falls_back_to_nearest_contacts():
+    positions = np.random.default_rng(0).uniform(0, 200, (50, 2))
+    nb = Neighbourhood(positions, size=25)
+    assert not nb.regular and nb.real.all()
+    d = np.linalg.norm(nb.offsets, axis=2)
+    assert np.all(np.diff(d, axis=1) >= -1e-6)  # ordered by distance
+
+
+def test_gather_windows_reads_zeros_for_virtual_channels():
+    traces = np.arange(40, dtype=np.float32).reshape(10, 4)
+    out = gather_windows(traces, np.array([5]), np.array([[2, -1]]), before=1, after=2)
+    np.testing.assert_array_equal(out[0, :, 0], traces[4:7, 2])
+    np.testing.assert_array_equal(out[0, :, 1], 0)
