@@ -72,7 +72,7 @@ def read_probe(path: str | Path):
         elif suffix == ".prb":
             group = pi.read_prb(path)
         elif suffix == ".csv":
-            return pi.read_csv(path)
+            return _read_probe_csv(path)
         else:
             raise UsageError(f"unknown probe file type {suffix!r}: use a probeinterface .json, .prb or .csv")
     except UsageError:
@@ -82,6 +82,41 @@ def read_probe(path: str | Path):
     if len(group.probes) == 1:
         return group.probes[0]
     return group
+
+
+def _read_probe_csv(path: Path):
+    """A probe from a CSV of contact positions, one row per channel in recording order.
+
+    Columns ``x, y`` in µm, optionally ``shank`` (or ``shank_id``) and ``channel`` (or
+    ``device_channel_index``: the recording channel each contact is wired to); a header row
+    is optional (without it: x, y[, shank]). probeinterface has no CSV reader.
+    """
+    import csv
+
+    import probeinterface as pi
+
+    rows = [r for r in csv.reader(path.read_text().splitlines()) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise UsageError(f"probe file {path} is empty")
+    try:
+        [float(v) for v in rows[0][:2]]
+        header = ["x", "y", "shank"][: len(rows[0])]
+    except ValueError:
+        header, rows = [h.strip().lower() for h in rows[0]], rows[1:]
+    if "x" not in header or "y" not in header:
+        raise UsageError(f"probe file {path} needs x and y columns")
+    columns = {name: [r[i].strip() for r in rows] for i, name in enumerate(header) if i < len(rows[0])}
+    try:
+        positions = np.column_stack([np.asarray(columns["x"], float), np.asarray(columns["y"], float)])
+    except ValueError as exc:
+        raise UsageError(f"probe file {path}: x and y must be numbers ({exc})") from None
+    probe = pi.Probe(ndim=2, si_units="um")
+    shank = columns.get("shank", columns.get("shank_id"))
+    probe.set_contacts(positions=positions, shapes="circle", shape_params={"radius": 6},
+                       shank_ids=np.asarray(shank).astype(str) if shank is not None else None)
+    wiring = columns.get("channel", columns.get("device_channel_index"))
+    probe.set_device_channel_indices(np.asarray(wiring, int) if wiring is not None else np.arange(len(positions)))
+    return probe
 
 
 def _attach_probe(recording, probe, probe_path):
@@ -99,7 +134,12 @@ def _attach_probe(recording, probe, probe_path):
             if len(probes) > 1:
                 raise UsageError(f"probe file {probe_path} has several probes but no channel wiring (device_channel_indices)")
             p.set_device_channel_indices(np.arange(num_contacts))
-    return recording.set_probegroup(probe, in_place=False) if len(probes) > 1 else recording.set_probe(probe, in_place=False)
+    recording = recording.clone()  # the reader's recording stays as it was
+    if len(probes) > 1:
+        recording.set_probegroup(probe)
+    else:
+        recording.set_probe(probe)
+    return recording
 
 
 def _read_binary(path, sampling_frequency, num_channels, dtype, probe):

@@ -168,7 +168,8 @@ def detect(recording, params: Params | dict | None = None, progress: bool = True
     def keep(batch: SpikeBatch) -> dict:
         return {"peaks": batch.peaks}
 
-    found = scan(prep.recording, keep, params=prep.params, neighbourhood=prep.neighbourhood, noise=prep.noise, progress=progress, desc="detect")
+    found = scan(prep.recording, keep, params=prep.params, neighbourhood=prep.neighbourhood, noise=prep.noise,
+                 progress=progress, desc="detect", features=False)
     return found["peaks"] if found else np.zeros(0, PEAK_DTYPE)
 
 

@@ -23,8 +23,8 @@ class SpikeBatch:
 
     peaks : (n,) PEAK_DTYPE, the caller's peaks or the detected ones (amplitude: signed µV)
     centre : (n,) channel with the largest negative peak near the peak's channel
-    waveforms : (n, T, K) µV on the centre's neighbourhood (virtual slots are 0)
-    amplitudes : (n, K) negative-peak size per slot (positive µV), within the amplitude window
+    waveforms : (n, T, K) µV on the centre's neighbourhood (virtual slots are 0); None when not extracted
+    amplitudes : (n, K) negative-peak size per slot (positive µV), within the amplitude window; idem
     order : (n,) position of each spike in the caller's peak array (given peaks only)
     """
 
@@ -68,10 +68,12 @@ def scan(
     chunks: list[Chunk] | None = None,
     progress: bool = True,
     desc: str = "scan",
+    features: bool = True,
 ) -> dict:
     """Run ``consume`` on every chunk's SpikeBatch; concatenate what it returns per spike.
 
     With ``peaks`` (PEAK_DTYPE) no detection happens and the result is in the caller's order.
+    With ``features=False`` batches carry only peaks (centre = peak channel, no waveforms).
     """
     geo = Geometry.from_params(params, recording.get_sampling_frequency())
     chunks = chunks if chunks is not None else make_chunks(recording, geo.chunk_size)
@@ -107,7 +109,11 @@ def scan(
             order = sort[selected]
             rows = batch_peaks["sample_index"] - first
             batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
-        parts.append(consume(_features(traces, rows, batch_peaks, order, neighbourhood, detect_neighbours, geo)))
+        if features:
+            batch = _features(traces, rows, batch_peaks, order, neighbourhood, detect_neighbours, geo)
+        else:
+            batch = SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
+        parts.append(consume(batch))
     return _concatenate(parts, peaks)
 
 

@@ -3,7 +3,8 @@
 Coordinates are in µm in SpikeInterface's frame: x, y in the probe plane (y along the shank),
 z away from the probe plane (z >= 0). ``alpha`` is the source amplitude of the point-source
 model (µV at zero distance for the exponential law, µV·µm for the monopole law) and
-``amplitude`` the observed negative peak on ``channel_index`` (µV, positive number).
+``amplitude`` the trace value at the peak on ``channel_index`` (signed µV, negative for the
+negative spikes locsort detects, as in SpikeInterface's peaks).
 ``*_std`` are posterior standard deviations where the method gives a posterior, NaN
 otherwise. ``unit_index`` is -1 where the spike was not assigned to a unit.
 """

@@ -29,8 +29,9 @@ def _probe_file(folder: Path, kind: str, num_channels: int = 64) -> Path:
         group = pi.ProbeGroup()
         group.add_probe(probe)
         pi.write_prb(path, group)
-    else:
-        pi.write_csv(path, probe)
+    else:  # x, y per channel in recording order (probeinterface has no CSV writer)
+        rows = ["x,y"] + [f"{x:g},{y:g}" for x, y in probe.contact_positions]
+        path.write_text("\n".join(rows) + "\n")
     return path
 
 

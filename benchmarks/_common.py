@@ -1,0 +1,47 @@
+"""Shared by the benchmark scripts: machine description and writing a section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+DATA = ROOT / "benchmarks" / "data"
+SHARED = ROOT.parent / "shared"
+
+
+def machine() -> str:
+    import numpy
+    import spikeinterface
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} cores ({cpu}), no GPU used, Python {platform.python_version()}, numpy {numpy.__version__}, "
+            f"torch {torch.__version__}, spikeinterface {spikeinterface.__version__}")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section ``name`` of BENCHMARKS.md, keeping the others."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nEvery number here is written by a script under `benchmarks/`; re-run it to refresh its section.\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS_MD.write_text(text)
+
+
+def command_line() -> str:
+    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
