@@ -15,6 +15,9 @@ from .io import open_recording
 from .params import Params
 from .pipeline import detect, localize, run, sort
 from .spikes import SPIKE_DTYPE
+from . import plugins as _plugins
+
+_plugins.register()
 
 __all__ = [
     "LocsortError",

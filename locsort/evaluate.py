@@ -7,18 +7,46 @@ import numpy as np
 from .simulate import GroundTruth
 
 
+def unit_peak_channels(recording, ground_truth: GroundTruth, spikes_per_unit: int = 50, seed: int = 0) -> np.ndarray:
+    """The largest (most negative) channel of each true unit's waveform: the per-channel median,
+    over up to ``spikes_per_unit`` of its spikes, of the minimum within +/- 0.5 ms (a median so
+    that overlapping spikes of other units do not decide it; bounded reads)."""
+    from .parallel import make_chunks, read_chunk
+
+    fs = recording.get_sampling_frequency()
+    half = int(round(fs / 2000))  # +/- 0.5 ms
+    vector = ground_truth.sorting.to_spike_vector()
+    rng = np.random.default_rng(seed)
+    picked = np.concatenate([
+        rng.choice(np.flatnonzero(vector["unit_index"] == u), size=min(spikes_per_unit, int(np.sum(vector["unit_index"] == u))), replace=False)
+        for u in range(len(ground_truth.sorting.unit_ids))
+    ]).astype(np.int64)
+    spikes = vector[picked]
+    minima = np.zeros((len(spikes), recording.get_num_channels()), np.float32)
+    for chunk in make_chunks(recording, int(fs)):  # one read per chunk that holds picked spikes
+        inside = np.flatnonzero((spikes["segment_index"] == chunk.segment_index)
+                                & (spikes["sample_index"] >= chunk.start) & (spikes["sample_index"] < chunk.end))
+        if len(inside) == 0:
+            continue
+        traces, first = read_chunk(recording, chunk, half)
+        rows = np.clip(spikes["sample_index"][inside] - first, half, len(traces) - half - 1)
+        window = traces[rows[:, None] + np.arange(-half, half + 1)[None, :]]  # (n, W, C)
+        minima[inside] = window.min(axis=1)
+    channels = np.zeros(len(ground_truth.sorting.unit_ids), dtype=np.int64)
+    for unit in range(len(channels)):
+        mine = spikes["unit_index"] == unit
+        if mine.any():
+            channels[unit] = int(np.argmin(np.median(minima[mine], axis=0)))
+    return channels
+
+
 def ground_truth_peaks(recording, ground_truth: GroundTruth) -> tuple[np.ndarray, np.ndarray]:
-    """Peaks at the true spike times on each unit's largest channel (by distance to its
-    position), and the true (x, y, z) of each peak's unit: localization judged apart from
-    detection."""
+    """Peaks at the true spike times on each unit's largest channel, and the true (x, y, z) of
+    each peak's unit: localization judged apart from detection."""
     from .spikes import PEAK_DTYPE
 
-    sorting = ground_truth.sorting
-    channel_xy = recording.get_channel_locations()[:, :2]
-    unit_channel = np.argmin(
-        np.linalg.norm(channel_xy[None] - ground_truth.unit_locations[:, None, :2], axis=2), axis=1
-    )
-    vector = sorting.to_spike_vector()
+    unit_channel = unit_peak_channels(recording, ground_truth)
+    vector = ground_truth.sorting.to_spike_vector()
     peaks = np.zeros(len(vector), PEAK_DTYPE)
     peaks["sample_index"] = vector["sample_index"]
     peaks["segment_index"] = vector["segment_index"]

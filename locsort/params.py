@@ -35,8 +35,19 @@ class Params:
     snippet_ms_after: float = 1.0  # ms after
 
     # --- localization ---
-    localization_method: str = "center_of_mass"  # see locsort.localize.METHODS
-    com_channels: int = 9  # centre-of-mass baseline: number of nearest real channels
+    localization_method: str = "locsort"  # "locsort" (amortized Bayesian) or "center_of_mass"
+    com_channels: int = 9  # centre-of-mass baseline (and fallback): number of nearest real channels
+    decay_law: str = "exponential"  # amplitude vs distance: "exponential" or "monopole" (1/r)
+    jitter_uv: float = 10.0  # amplitude jitter: channels within this many µV of the largest also serve as centre (0: off)
+    max_jitter_centres: int = 4  # at most this many centres per spike
+    encoder_hidden: int = 256  # width of the encoder MLP
+    encoder_batch_size: int = 512  # spikes per ELBO step
+    encoder_max_epochs: int = 100  # upper bound; early stopping usually ends sooner
+    encoder_patience: int = 8  # epochs without held-out ELBO improvement before stopping
+    encoder_lr: float = 2e-3  # Adam learning rate
+    encoder_max_seconds: float = 60.0  # training time budget
+    min_training_spikes: int = 300  # fewer spikes: fall back to centre of mass (and say so)
+    encoder_path: str = ""  # a saved encoder (.safetensors) to use instead of training one
 
     # --- training sample (bounded, drawn across the whole recording) ---
     sample_chunks: int = 30  # chunks read to fit waveform PCA / models: bounded, spread over the recording

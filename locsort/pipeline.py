@@ -70,9 +70,9 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
     return Prepared(processed, params, noise, neighbourhood, timer)
 
 
-def _training_sample(prep: Prepared, peaks, progress: bool) -> SpikeBatch:
-    """Spikes (with full neighbourhood waveforms) from chunks spread over the whole recording,
-    at most ``max_training_spikes``: what every learned stage is fitted on."""
+def _training_sample(prep: Prepared, localizer, peaks, progress: bool) -> tuple[dict, np.ndarray]:
+    """What the localizer observes, and centre-channel waveforms, for spikes from chunks spread
+    over the whole recording, at most ``max_training_spikes``: what learned stages fit on."""
     params = prep.params
     chunks = spread_chunks(make_chunks(prep.recording, prep.geometry.chunk_size), params.sample_chunks)
     cap = max(1, math.ceil(params.max_training_spikes / max(len(chunks), 1)))
@@ -81,50 +81,56 @@ def _training_sample(prep: Prepared, peaks, progress: bool) -> SpikeBatch:
     def keep(batch: SpikeBatch) -> dict:
         n = len(batch.centre)
         pick = np.sort(rng.choice(n, size=min(n, cap), replace=False)) if n else np.zeros(0, int)
-        return {
-            "peaks": batch.peaks[pick],
-            "centre": batch.centre[pick],
-            "waveforms": batch.waveforms[pick],
-            "amplitudes": batch.amplitudes[pick],
-        }
+        batch = batch.subset(pick)
+        return {"centre_waveforms": batch.waveforms[:, :, 0], **localizer.observe(batch, prep.neighbourhood)}
 
     found = scan(
         prep.recording, keep, params=params, neighbourhood=prep.neighbourhood, noise=prep.noise,
         peaks=peaks, chunks=chunks, progress=progress, desc="training sample",
     )
     if not found:
-        geo = prep.geometry
-        k = prep.neighbourhood.size
-        return SpikeBatch(np.zeros(0, PEAK_DTYPE), np.zeros(0, int), np.zeros((0, geo.before + geo.after, k), np.float32), np.zeros((0, k), np.float32))
-    return SpikeBatch(found["peaks"], found["centre"], found["waveforms"], found["amplitudes"])
+        empty = localizer.observe(_empty_batch(prep), prep.neighbourhood)
+        return empty, np.zeros((0, prep.geometry.before + prep.geometry.after), np.float32)
+    waveforms = found.pop("centre_waveforms")
+    return found, waveforms
+
+
+def _empty_batch(prep: Prepared) -> SpikeBatch:
+    geo, k = prep.geometry, prep.neighbourhood.size
+    return SpikeBatch(np.zeros(0, PEAK_DTYPE), np.zeros(0, np.int64), np.zeros((0, geo.before + geo.after, k), np.float32),
+                      np.zeros((0, k), np.float32))
 
 
 def fit_waveform_basis(waveforms: np.ndarray, num_components: int) -> np.ndarray | None:
-    """(T, P) temporal principal components of centre-channel waveforms (None if too few)."""
-    centre = waveforms[:, :, 0].astype(np.float64)
+    """(T, P) temporal principal components of (n, T) centre-channel waveforms (None if too few)."""
+    centre = waveforms.astype(np.float64)
     if len(centre) < max(num_components, 2):
         return None
     _, _, vt = np.linalg.svd(centre - centre.mean(0), full_matrices=False)
     return vt[:num_components].T.astype(np.float32)
 
 
-def _locate(prep: Prepared, peaks, method: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Spike records with locations, plus (n, P) centre-channel waveform PCs for clustering."""
+def _locate(prep: Prepared, peaks, method: str, progress: bool, localizer=None):
+    """Spike records with locations, (n, P) centre-channel waveform PCs for clustering, and the
+    fitted localizer."""
     params = prep.params
     timer = prep.timer
-    localizer = make_localizer(method, params)
+    localizer = localizer if localizer is not None else make_localizer(method, params)
     with timer.stage("fit"):
-        sample = _training_sample(prep, peaks, progress)
-        basis = fit_waveform_basis(sample.waveforms, params.waveform_pcs)
-        localizer.fit(sample, prep.neighbourhood, prep.noise, params, progress=progress)
-    del sample
+        sample, waveforms = _training_sample(prep, localizer, peaks, progress)
+        basis = fit_waveform_basis(waveforms, params.waveform_pcs)
+        if getattr(localizer, "net", None) is not None:
+            localizer.use_recording(prep.neighbourhood, prep.noise)  # a loaded encoder: no training
+        else:
+            localizer.fit(sample, prep.neighbourhood, prep.noise, params, progress=progress)
+    del sample, waveforms
     num_pcs = params.waveform_pcs
     localize_seconds = 0.0
 
     def consume(batch: SpikeBatch) -> dict:
         nonlocal localize_seconds
         start = time.perf_counter()
-        location = localizer.transform(batch, prep.neighbourhood)
+        location = localizer.transform(localizer.observe(batch, prep.neighbourhood), prep.neighbourhood)
         localize_seconds += time.perf_counter() - start
         centre = batch.waveforms[:, :, 0]
         pcs = centre @ basis if basis is not None else np.zeros((len(centre), num_pcs), np.float32)
@@ -142,11 +148,11 @@ def _locate(prep: Prepared, peaks, method: str, progress: bool) -> tuple[np.ndar
     timer["detect"] = timer.get("detect", 0.0) + scan_seconds - localize_seconds
     timer["localize"] = timer.get("localize", 0.0) + localize_seconds
     if not found:
-        return spikes_from_peaks(np.zeros(0, PEAK_DTYPE)), np.zeros((0, num_pcs), np.float32)
+        return spikes_from_peaks(np.zeros(0, PEAK_DTYPE)), np.zeros((0, num_pcs), np.float32), localizer
     spikes = spikes_from_peaks(found["peaks"])
     for name in ("x", "y", "z", "alpha", "x_std", "y_std", "z_std"):
         spikes[name] = found[name]
-    return spikes, found["pcs"]
+    return spikes, found["pcs"], localizer
 
 
 def _as_params(params, **overrides) -> Params:
@@ -184,13 +190,13 @@ def localize(
 
     Without ``peaks`` spikes are detected first. Given ``peaks`` are honoured one to one and in
     order (e.g. ground-truth spike times on their largest channel); a peak's neighbourhood is
-    centred on the channel with the largest negative peak near its ``channel_index``.
+    centred on its ``channel_index``.
     """
     params = _as_params(params, localization_method=method)
     prep = prepare(recording, params)
     if peaks is not None:
         peaks = _checked_peaks(prep.recording, peaks)
-    spikes, _ = _locate(prep, peaks, params.localization_method, progress)
+    spikes, _, _ = _locate(prep, peaks, params.localization_method, progress)
     return spikes
 
 
@@ -229,7 +235,7 @@ def sorting_from_spikes(spikes: np.ndarray, recording):
 def sort(recording, params: Params | dict | None = None, progress: bool = True):
     """A SpikeInterface sorting of the recording (unit ids 0..U-1)."""
     prep = prepare(recording, _as_params(params))
-    spikes, pcs = _locate(prep, None, prep.params.localization_method, progress)
+    spikes, pcs, _ = _locate(prep, None, prep.params.localization_method, progress)
     spikes = _sort_spikes(prep, spikes, pcs)
     return sorting_from_spikes(spikes, prep.recording)
 
@@ -267,7 +273,7 @@ def run(
     timer = Timer()
     started = time.time()
     prep = prepare(recording, params, timer)
-    spikes, pcs = _locate(prep, None, params.localization_method, progress)
+    spikes, pcs, localizer = _locate(prep, None, params.localization_method, progress)
     spikes = _sort_spikes(prep, spikes, pcs)
     sorting = sorting_from_spikes(spikes, prep.recording)
     evaluation = None

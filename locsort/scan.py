@@ -22,17 +22,33 @@ class SpikeBatch:
     """The spikes of one chunk and their neighbourhood features.
 
     peaks : (n,) PEAK_DTYPE, the caller's peaks or the detected ones (amplitude: signed µV)
-    centre : (n,) channel with the largest negative peak near the peak's channel
+    centre : (n,) the neighbourhood's centre channel: the peak's channel
     waveforms : (n, T, K) µV on the centre's neighbourhood (virtual slots are 0); None when not extracted
     amplitudes : (n, K) negative-peak size per slot (positive µV), within the amplitude window; idem
     order : (n,) position of each spike in the caller's peak array (given peaks only)
+
+    While the chunk is being processed, ``amplitudes_around`` reads the neighbourhood
+    amplitudes around other centre channels (amplitude jitter) from the chunk's traces.
     """
 
     peaks: np.ndarray
     centre: np.ndarray
-    waveforms: np.ndarray
-    amplitudes: np.ndarray
+    waveforms: np.ndarray | None
+    amplitudes: np.ndarray | None
     order: np.ndarray | None = None
+    _traces: np.ndarray | None = None
+    _rows: np.ndarray | None = None
+    _amp_half: int = 0
+
+    def subset(self, rows: np.ndarray) -> "SpikeBatch":
+        pick = lambda a: None if a is None else a[rows]
+        return SpikeBatch(self.peaks[rows], self.centre[rows], pick(self.waveforms), pick(self.amplitudes),
+                          pick(self.order), self._traces, pick(self._rows), self._amp_half)
+
+    def amplitudes_around(self, channels: np.ndarray, neighbourhood: Neighbourhood) -> np.ndarray:
+        """(n, K) negative-peak sizes on the neighbourhood of ``channels`` (n,), same window."""
+        windows = gather_windows(self._traces, self._rows, neighbourhood.index[channels], self._amp_half, self._amp_half + 1)
+        return peak_amplitudes(windows)
 
 
 @dataclass(frozen=True)
@@ -110,23 +126,21 @@ def scan(
             rows = batch_peaks["sample_index"] - first
             batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
         if features:
-            batch = _features(traces, rows, batch_peaks, order, neighbourhood, detect_neighbours, geo)
+            batch = _features(traces, rows, batch_peaks, order, neighbourhood, geo)
         else:
             batch = SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
         parts.append(consume(batch))
     return _concatenate(parts, peaks)
 
 
-def _features(traces, rows, peaks, order, neighbourhood, detect_neighbours, geo) -> SpikeBatch:
-    channels = peaks["channel_index"].astype(np.int64)
-    near = detect_neighbours[channels]
-    near_amp = peak_amplitudes(gather_windows(traces, rows, near, geo.amp_half, geo.amp_half + 1))
-    near_amp[near < 0] = -np.inf
-    centre = near[np.arange(len(rows)), near_amp.argmax(axis=1)] if len(rows) else channels
-    slots = neighbourhood.index[centre]
-    waveforms = gather_windows(traces, rows, slots, geo.before, geo.after)
+def _features(traces, rows, peaks, order, neighbourhood, geo) -> SpikeBatch:
+    """Neighbourhood waveforms and amplitudes around each peak's channel. Detected peaks are
+    already the largest channel within the detection radius; caller-given peaks keep their
+    channel (honoured one to one)."""
+    centre = peaks["channel_index"].astype(np.int64)
+    waveforms = gather_windows(traces, rows, neighbourhood.index[centre], geo.before, geo.after)
     window = waveforms[:, geo.before - geo.amp_half : geo.before + geo.amp_half + 1]
-    return SpikeBatch(peaks, centre, waveforms, peak_amplitudes(window), order)
+    return SpikeBatch(peaks, centre, waveforms, peak_amplitudes(window), order, traces, rows, geo.amp_half)
 
 
 def _concatenate(parts: list[dict], peaks: np.ndarray | None) -> dict:

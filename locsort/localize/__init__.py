@@ -1,7 +1,11 @@
-"""Spike localization methods. Each is an object with ``fit(sample, neighbourhood, noise,
-params)`` (learn from a bounded sample of the recording's spikes) and ``transform(batch,
-neighbourhood) -> dict`` of per-spike x, y, z, alpha, x_std, y_std, z_std (µm, SpikeInterface
-frame)."""
+"""Spike localization methods, interchangeable objects with three steps:
+
+- ``observe(batch, neighbourhood) -> dict``: per-spike arrays taken while the chunk's traces
+  are in memory (centre channels and neighbourhood amplitudes);
+- ``fit(observations, neighbourhood, noise, params, progress)``: learn from a bounded sample;
+- ``transform(observations, neighbourhood) -> dict``: per-spike x, y, z, alpha, x_std, y_std,
+  z_std (µm, SpikeInterface frame; NaN where the method has no such output).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,24 @@ from ..errors import UsageError
 from ..params import Params
 from .baseline import CenterOfMass
 
-METHODS = ("center_of_mass",)
+METHODS = ("locsort", "center_of_mass")
 
 
 def make_localizer(method: str, params: Params):
+    from ..params import resolve_device
+
     if method == "center_of_mass":
         return CenterOfMass(params.com_channels)
+    if method == "locsort":
+        from .amortized import AmortizedLocalizer
+
+        if params.encoder_path:
+            return AmortizedLocalizer.load(params.encoder_path, device=resolve_device(params.device))
+        return AmortizedLocalizer(
+            decay=params.decay_law, jitter_uv=params.jitter_uv, max_centres=params.max_jitter_centres,
+            hidden=params.encoder_hidden, batch_size=params.encoder_batch_size, max_epochs=params.encoder_max_epochs,
+            patience=params.encoder_patience, lr=params.encoder_lr, max_seconds=params.encoder_max_seconds,
+            min_training_spikes=params.min_training_spikes, fallback_channels=params.com_channels,
+            device=resolve_device(params.device), seed=params.seed,
+        )
     raise UsageError(f"unknown localization method {method!r}: use one of {', '.join(METHODS)}")

@@ -17,26 +17,30 @@ class CenterOfMass:
     def __init__(self, num_channels: int = 9):
         self.num_channels = int(num_channels)
 
-    def fit(self, sample, neighbourhood, noise, params=None, progress=False) -> "CenterOfMass":
+    def observe(self, batch, neighbourhood) -> dict:
+        return {"centres": batch.centre[:, None], "amplitudes": batch.amplitudes[:, None]}
+
+    def fit(self, observations, neighbourhood, noise, params=None, progress=False) -> "CenterOfMass":
         return self
 
-    def transform(self, batch, neighbourhood) -> dict:
-        real = neighbourhood.real[batch.centre]
+    def transform(self, observations, neighbourhood) -> dict:
+        return self.transform_centres(observations["centres"][:, 0], observations["amplitudes"][:, 0], neighbourhood)
+
+    def transform_centres(self, centres, amplitudes, neighbourhood) -> dict:
+        real = neighbourhood.real[centres]
         # slots are ordered by distance from the centre: keep the first N real ones
         nearest = real & (np.cumsum(real, axis=1) <= self.num_channels)
-        weights = np.where(nearest, np.clip(batch.amplitudes, 0.0, None), 0.0)
+        weights = np.where(nearest, np.clip(amplitudes, 0.0, None), 0.0)
         total = weights.sum(axis=1)
         total = np.where(total > 0, total, 1.0)
-        offsets = neighbourhood.offsets[batch.centre]
-        rel = (weights[..., None] * offsets).sum(axis=1) / total[:, None]
-        xy = neighbourhood.positions[batch.centre] + rel
-        n = len(batch.centre)
-        nan = np.full(n, np.nan, np.float32)
+        rel = (weights[..., None] * neighbourhood.offsets[centres]).sum(axis=1) / total[:, None]
+        xy = neighbourhood.positions[centres] + rel
+        nan = np.full(len(centres), np.nan, np.float32)
         return {
             "x": xy[:, 0].astype(np.float32),
             "y": xy[:, 1].astype(np.float32),
             "z": nan,
-            "alpha": batch.amplitudes[:, 0].astype(np.float32),
+            "alpha": amplitudes[:, 0].astype(np.float32),
             "x_std": nan,
             "y_std": nan,
             "z_std": nan,

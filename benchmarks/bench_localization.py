@@ -1,0 +1,215 @@
+"""Localization accuracy, speed and calibration (issue 3), every method on the same spikes.
+
+Peaks are the true spike times on each unit's largest channel, so localization is judged
+apart from detection; errors are to the true source (soma) position. Recordings:
+
+- MEArec square MEA (10 x 10, 15 µm pitch; 60 s; 40 exc + 10 inh cells; noise 10, 20, 30 µV),
+  made from ../shared/data/mearec templates (the localization paper's setting);
+- SpikeInterface's generated 64-channel Neuropixels-like recording of research.md §3;
+- a MEArec Neuropixels (128 channels) recording, noise 10 µV.
+
+Methods: locsort (amortized, jitter 10 and 0, exponential and monopole decay), locsort's
+centre of mass over 4 / 9 / 16 / 25 channels, NUTS (Pyro) on a random subset, and
+SpikeInterface's center_of_mass, monopolar_triangulation and grid_convolution. All read the
+same preprocessed recording, saved once to a binary folder; single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from _common import DATA, SHARED, command_line, machine, write_section
+
+PAPER = {  # Hurwitz et al. 2019, square MEA, mean ± SD 2-D error (µm)
+    "center of mass, 4 ch": {10: "15.84 ± 10.08", 20: "16.46 ± 10.39", 30: "17.18 ± 10.97"},
+    "center of mass, 25 ch": {10: "23.44 ± 14.81", 20: "24.31 ± 15.43", 30: "25.18 ± 15.98"},
+    "MCMC (HMC)": {10: "9.87 ± 8.64", 20: "11.30 ± 9.85", 30: "13.31 ± 11.67"},
+    "VAE, jitter 10": {10: "8.79 ± 7.49", 20: "9.79 ± 8.31", 30: "11.18 ± 9.56"},
+    "VAE, jitter 0": {10: "8.94 ± 7.91", 20: "10.48 ± 9.33", 30: "12.43 ± 11.22"},
+}
+
+RECORDINGS = {
+    "sq_10uV": ("mearec", "templates_sqmea_10x10_15um.h5", 10),
+    "sq_20uV": ("mearec", "templates_sqmea_10x10_15um.h5", 20),
+    "sq_30uV": ("mearec", "templates_sqmea_10x10_15um.h5", 30),
+    "np64_generated": ("generated", None, 5),
+    "np128_mearec_10uV": ("mearec", "templates_neuropixels1_128.h5", 10),
+}
+
+
+def load(name: str, duration: float):
+    """(preprocessed recording saved to a binary folder, ground truth); cached under benchmarks/data."""
+    from spikeinterface.core import load as si_load
+
+    from locsort.preprocess import preprocess
+    from locsort.simulate import GroundTruth, generate_recording, read_mearec_ground_truth
+
+    kind, templates, noise = RECORDINGS[name]
+    DATA.mkdir(parents=True, exist_ok=True)
+    tag = f"{name}_{duration:g}s"
+    if kind == "mearec":
+        path = DATA / f"mearec_{tag}.h5"
+        if not path.exists():
+            subprocess.run([sys.executable, str(SHARED / "data" / "mearec" / "make_recording.py"),
+                            str(SHARED / "data" / "mearec" / templates), str(path), "--noise", str(noise),
+                            "--duration", str(duration), "--seed", "0"], check=True, capture_output=True)
+        recording, truth = read_mearec_ground_truth(path)
+    else:
+        recording, truth = generate_recording(duration=duration, num_units=50, noise_level=noise, seed=0)
+    folder = DATA / f"pre_{tag}"
+    if not (folder / "si_folder.json").exists():
+        preprocess(recording).save(folder=folder, n_jobs=1, progress_bar=False, chunk_duration="1s", overwrite=True)
+    return si_load(folder), GroundTruth(truth.sorting, truth.unit_locations)
+
+
+def errors(x, y, true):
+    e = np.hypot(x - true[:, 0], y - true[:, 1])
+    e = e[np.isfinite(e)]
+    return {"mean": float(e.mean()), "sd": float(e.std()), "median": float(np.median(e)), "n": int(len(e))}
+
+
+def coverage(spikes, true) -> dict:
+    out = {}
+    for k in (1, 2):
+        out[f"x_{k}sd"] = float(np.mean(np.abs(spikes["x"] - true[:, 0]) <= k * spikes["x_std"]))
+        out[f"y_{k}sd"] = float(np.mean(np.abs(spikes["y"] - true[:, 1]) <= k * spikes["y_std"]))
+    return out
+
+
+def run_locsort(recording, peaks, true, **params):
+    """(spikes, training s, inference s incl. amplitude extraction, fitted localizer)."""
+    from locsort.params import Params
+    from locsort.pipeline import _locate, prepare
+
+    prep = prepare(recording, Params(preprocess=False, **params))
+    spikes, _, localizer = _locate(prep, peaks, prep.params.localization_method, progress=False)
+    return spikes, prep.timer["fit"], prep.timer["detect"] + prep.timer["localize"], localizer, prep
+
+
+def run_spikeinterface(recording, peaks, method):
+    from spikeinterface.sortingcomponents.peak_localization import localize_peaks
+
+    start = time.perf_counter()
+    loc = localize_peaks(recording, peaks, method=method, job_kwargs=dict(n_jobs=1, chunk_duration="1s", progress_bar=False))
+    return loc, time.perf_counter() - start
+
+
+def run_mcmc(prep, localizer, peaks, true, count, seed):
+    """NUTS and the amortized posterior on the same random subset of spikes."""
+    from locsort.localize.mcmc import nuts_localize
+    from locsort.scan import scan
+
+    rng = np.random.default_rng(seed)
+    subset = np.sort(rng.choice(len(peaks), size=min(count, len(peaks)), replace=False))
+    obs = scan(prep.recording, lambda b: {**localizer.observe(b, prep.neighbourhood), "order": b.order},
+               params=prep.params, neighbourhood=prep.neighbourhood, noise=prep.noise, peaks=peaks[subset], progress=False)
+    obs.pop("order")
+    amortized = localizer.transform(obs, prep.neighbourhood)
+    nuts = nuts_localize(obs["centres"][:, 0], obs["amplitudes"][:, 0], prep.neighbourhood, prep.noise, localizer.globals, seed=seed)
+    agree = {
+        "mean_abs_diff_xy_um": float(np.median(np.hypot(amortized["x"] - nuts["x"], amortized["y"] - nuts["y"]))),
+        "sd_ratio_x": float(np.median(amortized["x_std"] / nuts["x_std"])),
+        "sd_ratio_y": float(np.median(amortized["y_std"] / nuts["y_std"])),
+    }
+    return nuts, amortized, true[subset], agree
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recordings", nargs="+", default=list(RECORDINGS))
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--mcmc-spikes", type=int, default=100)
+    parser.add_argument("--skip-monopolar", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from locsort.evaluate import ground_truth_peaks
+
+    results = {}
+    for name in args.recordings:
+        recording, truth = load(name, args.duration)
+        peaks, true = ground_truth_peaks(recording, truth)
+        rows = {}
+        speed = {}
+        spikes, fit_s, infer_s, localizer, prep = run_locsort(recording, peaks, true)
+        rows["locsort (exponential, jitter 10)"] = errors(spikes["x"], spikes["y"], true)
+        speed["locsort (exponential, jitter 10)"] = (len(peaks) / infer_s, fit_s)
+        calib = coverage(spikes, true)
+        z_err = float(np.median(np.abs(spikes["z"] - true[:, 2])))
+        for label, extra in [("locsort (exponential, jitter 0)", dict(jitter_uv=0.0)), ("locsort (monopole, jitter 10)", dict(decay_law="monopole"))]:
+            other, f_s, i_s, _, _ = run_locsort(recording, peaks, true, **extra)
+            rows[label] = errors(other["x"], other["y"], true)
+            speed[label] = (len(peaks) / i_s, f_s)
+        # centre of mass over N channels, on the same observations
+        for n in (4, 9, 16, 25):
+            com, _, com_s, _, _ = run_locsort(recording, peaks, true, localization_method="center_of_mass", com_channels=n)
+            rows[f"locsort centre of mass, {n} ch"] = errors(com["x"], com["y"], true)
+            speed[f"locsort centre of mass, {n} ch"] = (len(peaks) / com_s, 0.0)
+        for method in ("center_of_mass", "grid_convolution", "monopolar_triangulation"):
+            if method == "monopolar_triangulation" and args.skip_monopolar:
+                continue
+            loc, seconds = run_spikeinterface(recording, peaks, method)
+            rows[f"SpikeInterface {method}"] = errors(loc["x"], loc["y"], true)
+            speed[f"SpikeInterface {method}"] = (len(peaks) / seconds, 0.0)
+        nuts, amortized_subset, true_subset, agree = run_mcmc(prep, localizer, peaks, true, args.mcmc_spikes, args.seed)
+        rows[f"NUTS (Pyro), {len(true_subset)} random spikes"] = errors(nuts["x"], nuts["y"], true_subset)
+        rows[f"locsort on the same {len(true_subset)} spikes"] = errors(amortized_subset["x"], amortized_subset["y"], true_subset)
+        speed[f"NUTS (Pyro), {len(true_subset)} random spikes"] = (len(true_subset) / nuts["seconds"], 0.0)
+        results[name] = {"rows": rows, "speed": speed, "coverage": calib, "median_z_error_um": z_err,
+                         "mcmc_agreement": agree, "num_spikes": int(len(peaks)), "globals": localizer.globals.asdict(),
+                         "training": localizer.history.get("epochs"), "fallback": localizer.fallback_reason}
+        print(name, json.dumps(results[name], indent=1, default=float), flush=True)
+    write_report(results, args)
+
+
+def write_report(results, args):
+    lines = [f"## Localization: accuracy, speed, calibration (issue 3)", "", f"`{command_line()}`", "",
+             f"Machine: {machine()}. Peaks = true spike times on each unit's largest channel; error = 2-D distance "
+             f"to the true soma (MEArec) or unit position (generator); {args.duration:g} s recordings; single process.", ""]
+    for name, r in results.items():
+        best_si = min(v["median"] for k, v in r["rows"].items() if k.startswith("SpikeInterface"))
+        ours = r["rows"]["locsort (exponential, jitter 10)"]["median"]
+        lines += [f"### {name} ({r['num_spikes']} spikes)", "",
+                  "| method | mean ± SD 2-D error (µm) | median (µm) | spikes/s (inference) | training s |", "|---|---|---|---|---|"]
+        for method, e in r["rows"].items():
+            sps, fit = r["speed"].get(method, (float("nan"), 0.0))
+            lines.append(f"| {method} | {e['mean']:.2f} ± {e['sd']:.2f} | {e['median']:.2f} | {sps:,.0f} | {fit:.1f} |")
+        cov = r["coverage"]
+        grid = r["speed"].get("SpikeInterface grid_convolution", (np.nan,))[0]
+        mono = r["speed"].get("SpikeInterface monopolar_triangulation", (np.nan,))[0]
+        mine = r["speed"]["locsort (exponential, jitter 10)"][0]
+        lines += ["",
+                  f"- median error, locsort / best SpikeInterface method: {ours:.2f} / {best_si:.2f} = {ours / best_si:.2f} "
+                  f"(target <= 0.8: {'met' if ours / best_si <= 0.8 else 'MISSED'})",
+                  f"- inference speed, locsort / grid_convolution: {mine / grid:.1f} x (target >= 5); / monopolar_triangulation: "
+                  f"{mine / mono:.1f} x (target >= 50)",
+                  f"- calibration (fraction of true x / y within the posterior mean ± k SD): ±1 SD {cov['x_1sd']:.2f} / {cov['y_1sd']:.2f} "
+                  f"(target 0.55–0.80), ±2 SD {cov['x_2sd']:.2f} / {cov['y_2sd']:.2f} (target 0.85–0.99)",
+                  f"- median |z| error: {r['median_z_error_um']:.1f} µm; NUTS vs amortized on the same spikes: median |Δ mean| "
+                  f"{r['mcmc_agreement']['mean_abs_diff_xy_um']:.2f} µm, SD ratio (amortized / NUTS) x {r['mcmc_agreement']['sd_ratio_x']:.2f}, "
+                  f"y {r['mcmc_agreement']['sd_ratio_y']:.2f}",
+                  f"- fitted model globals: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r['globals'].items()})}"
+                  + (f"; fallback: {r['fallback']}" if r["fallback"] else ""), ""]
+    sq = [n for n in results if n.startswith("sq_")]
+    if sq:
+        lines += ["### The paper's table (square MEA) next to ours", "",
+                  "| method | " + " | ".join(f"{int(RECORDINGS[n][2])} µV" for n in sq) + " |", "|---|" + "---|" * len(sq)]
+        for method, values in PAPER.items():
+            lines.append(f"| paper: {method} | " + " | ".join(values.get(int(RECORDINGS[n][2]), "") for n in sq) + " |")
+        for method in results[sq[0]]["rows"]:
+            if method.startswith(("NUTS", "locsort on the same")):
+                continue
+            lines.append(f"| {method} | " + " | ".join(
+                f"{results[n]['rows'][method]['mean']:.2f} ± {results[n]['rows'][method]['sd']:.2f}" for n in sq) + " |")
+        lines.append("")
+    write_section("localization", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The generative model of spike amplitudes given a point source, written once (Pyro) and used
+by both amortized variational inference (amortized.py) and NUTS (mcmc.py).
+
+Per spike, relative to its centre channel (µm, SpikeInterface frame):
+
+    x, y       ~ Normal(0, prior_xy)                 position in the probe plane
+    z          ~ LogNormal(log prior_z, prior_z_sd)  distance from the probe plane: z > 0 by construction
+    log_alpha  ~ Normal(prior_log_alpha, prior_log_alpha_sd)   source amplitude (a posterior, not a point estimate)
+    log_length ~ Normal(log decay_length, decay_length_sd)     exponential law only: each cell's own decay length
+    d_k        = |(x, y, z) - (u_k, v_k, 0)|         distance to neighbourhood slot k
+    s_k        = decay(d_k, alpha)                   exponential: alpha * exp(-d / length); monopole: alpha / d
+    a_k        ~ Normal(sqrt(s_k^2 + (floor * sigma_k)^2), sqrt(sigma_k^2 + (rel_error * s_k)^2))   real slots only
+
+``a_k`` is the observed negative-peak size on slot k (minus the minimum within a few samples
+of the centre's peak). ``sigma_k`` is that channel's noise level measured on the recording,
+so posterior widths are in µm and mean something. Taking the minimum over a window makes a
+silent channel read about ``floor * sigma`` rather than 0, hence the sqrt(s^2 + floor^2 sigma^2)
+mean; ``rel_error`` absorbs what a point source cannot explain of a real cell (dendrites).
+Virtual slots (past the probe edge) are masked out of the likelihood.
+
+Real cells do not share one decay length (MEArec's biophysical cells: 14-32 µm interquartile),
+hence a per-spike length around a recording-wide median. The global quantities (median decay
+length, z prior, floor, rel_error) are fitted to the recording (empirical Bayes: learned with
+the encoder by maximizing the ELBO) and then held fixed, e.g. for MCMC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+DECAY_LAWS = ("exponential", "monopole")
+
+
+def latents(decay: str) -> tuple[str, ...]:
+    return ("x", "y", "z", "log_alpha") + (("log_length",) if decay == "exponential" else ())
+
+
+@dataclass
+class ModelGlobals:
+    """Recording-level constants of the model (fitted once, then fixed)."""
+
+    decay: str = "exponential"
+    decay_length_um: float = 28.6  # exponential law, median over cells; the paper fixed beta = -0.035 /µm (28.6 µm)
+    decay_length_sd: float = 0.35  # log-space SD of the per-cell decay length
+    floor: float = 1.0  # silent-channel reading, in noise SDs
+    rel_error: float = 0.15  # multiplicative model error of the point-source law
+    prior_xy_um: float = 40.0  # SD of x, y around the centre channel
+    prior_z_um: float = 30.0  # median distance from the probe plane
+    prior_z_sd: float = 0.8  # log-space SD of z
+    prior_log_alpha: float = 5.0  # mean log source amplitude (set from the data)
+    prior_log_alpha_sd: float = 1.0
+    min_distance_um: float = 1.0  # monopole: no singularity on a contact
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def expected_amplitude(x, y, z, log_alpha, log_length, slot_xy, g: ModelGlobals):
+    """Noise-free amplitude on each slot: (..., K) from per-spike (...,) latents and (..., K, 2) slots."""
+    dx = slot_xy[..., 0] - x[..., None]
+    dy = slot_xy[..., 1] - y[..., None]
+    d = torch.sqrt(dx * dx + dy * dy + z[..., None] ** 2 + g.min_distance_um**2)
+    if g.decay == "exponential":
+        return torch.exp(log_alpha[..., None] - d / torch.exp(log_length)[..., None])
+    return torch.exp(log_alpha[..., None]) / d
+
+
+def likelihood(expected, sigma, g: ModelGlobals, learned: dict | None = None):
+    floor = learned["floor"] if learned and "floor" in learned else g.floor
+    rel = learned["rel_error"] if learned and "rel_error" in learned else g.rel_error
+    mean = torch.sqrt(expected**2 + (floor * sigma) ** 2)
+    scale = torch.sqrt(sigma**2 + (rel * expected) ** 2)
+    return dist.Normal(mean, scale)
+
+
+def model(amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | None = None):
+    """The generative model for a batch of spikes.
+
+    amplitudes : (n, K) observed negative-peak sizes (µV, >= 0 mostly)
+    real : (n, K) bool, slot holds a real channel (virtual slots are masked out)
+    slot_xy : (n, K, 2) slot positions relative to the centre channel (µm)
+    sigma : (n, K) noise SD of each slot's channel (µV; any positive value for virtual slots)
+    learned : tensors replacing the fixed globals (decay_length, z prior, floor, rel_error)
+        while they are fitted
+    """
+    value = lambda name, fixed: learned[name] if learned and name in learned else fixed
+    n = amplitudes.shape[0]
+    with pyro.plate("spikes", n):
+        x = pyro.sample("x", dist.Normal(0.0, g.prior_xy_um))
+        y = pyro.sample("y", dist.Normal(0.0, g.prior_xy_um))
+        z_median = value("prior_z", torch.tensor(g.prior_z_um))
+        z = pyro.sample("z", dist.LogNormal(torch.log(z_median), value("prior_z_sd", g.prior_z_sd)))
+        log_alpha = pyro.sample("log_alpha", dist.Normal(g.prior_log_alpha, g.prior_log_alpha_sd))
+        log_length = None
+        if g.decay == "exponential":
+            length = value("decay_length", torch.tensor(g.decay_length_um))
+            log_length = pyro.sample("log_length", dist.Normal(torch.log(length), g.decay_length_sd))
+        expected = expected_amplitude(x, y, z, log_alpha, log_length, slot_xy, g)
+        obs = likelihood(expected, sigma, g, learned).mask(real).to_event(1)
+        pyro.sample("amplitudes", obs, obs=amplitudes)

@@ -1,0 +1,92 @@
+"""SpikeInterface plug-ins, registered on ``import locsort``:
+
+- ``localize_peaks(recording, peaks, method="locsort", method_kwargs={...})`` and the
+  SortingAnalyzer ``spike_locations`` extension (``method="locsort"``): x, y, z, alpha and the
+  posterior SDs x_std, y_std, z_std.
+
+The node trains the encoder on the peaks it is given (from its peak source) when it is built,
+then localizes chunk by chunk inside SpikeInterface's pipeline. ``recording`` is expected to be
+preprocessed already, as for SpikeInterface's own localizers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .params import Params
+
+LOCATION_DTYPE = [(name, "float32") for name in ("x", "y", "z", "alpha", "x_std", "y_std", "z_std")]
+
+
+def _localize_node_class():
+    from spikeinterface.sortingcomponents.peak_localization.base import LocalizeBase
+
+    class LocalizeLocsort(LocalizeBase):
+        """locsort's amortized Bayesian localization (see locsort.localize.amortized).
+
+        Any locsort.params.Params field can be given in method_kwargs (e.g. decay_law,
+        jitter_uv, encoder_path, device, max_training_spikes)."""
+
+        name = "locsort"
+        params_doc = """
+        params: dict
+            Any locsort.params.Params field, e.g. decay_law ("exponential" | "monopole"), jitter_uv,
+            encoder_path (a saved encoder to reuse), device ("auto" | "cpu" | "cuda"),
+            max_training_spikes.
+        """
+
+        def __init__(self, recording, parents, return_output=True, radius_um=75.0, **params):
+            from .localize import make_localizer
+            from .pipeline import _training_sample, prepare
+            from .spikes import check_peaks
+
+            LocalizeBase.__init__(self, recording, return_output=return_output, parents=parents, radius_um=radius_um)
+            self._dtype = np.dtype(LOCATION_DTYPE)
+            self._kwargs.update(params)
+            values = {"preprocess": False, **params, "localization_method": "locsort"}
+            self.prep = prepare(recording, Params.from_dict(values))
+            self.localizer = make_localizer("locsort", self.prep.params)
+            peaks = getattr(parents[0], "peaks", None)
+            if self.localizer.net is None:
+                if peaks is None:
+                    raise ValueError("locsort localization needs a peak source with peaks (PeakRetriever/SpikeRetriever)")
+                peaks = check_peaks(peaks, recording.get_num_channels(), recording.get_num_segments())
+                sample, _ = _training_sample(self.prep, self.localizer, peaks, progress=False)
+                self.localizer.fit(sample, self.prep.neighbourhood, self.prep.noise, self.prep.params)
+            else:
+                self.localizer.use_recording(self.prep.neighbourhood, self.prep.noise)
+
+        def get_trace_margin(self):
+            return 0
+
+        def compute(self, traces, peaks, waveforms):
+            from .scan import _features
+
+            geo = self.prep.geometry
+            out = np.zeros(len(peaks), dtype=self._dtype)
+            if len(peaks) == 0:
+                return out
+            # our windows may reach further than SpikeInterface's margin: pad with zeros
+            padded = np.pad(np.asarray(traces, dtype=np.float32), ((geo.margin, geo.margin), (0, 0)))
+            rows = peaks["sample_index"].astype(np.int64) + geo.margin
+            batch = _features(padded, rows, peaks, None, self.prep.neighbourhood, geo)
+            location = self.localizer.transform(self.localizer.observe(batch, self.prep.neighbourhood), self.prep.neighbourhood)
+            for name, _ in LOCATION_DTYPE:
+                out[name] = location[name]
+            return out
+
+    return LocalizeLocsort
+
+
+def register() -> None:
+    """Make method="locsort" known to SpikeInterface's localization (idempotent)."""
+    from spikeinterface.sortingcomponents.peak_localization import method_list
+
+    node = _localize_node_class()
+    method_list.peak_localization_methods["locsort"] = node
+    try:  # spike_locations validates the method name against this dict
+        from spikeinterface.postprocessing import unit_locations
+
+        unit_locations.dtype_localize_by_method["locsort"] = LOCATION_DTYPE
+    except ImportError:
+        pass
