@@ -46,11 +46,8 @@ def _localize_node_class():
             values = {"preprocess": False, **params, "localization_method": "locsort"}
             self.prep = prepare(recording, Params.from_dict(values))
             self.localizer = make_localizer("locsort", self.prep.params)
-            peaks = getattr(parents[0], "peaks", None)
             if self.localizer.net is None:
-                if peaks is None:
-                    raise ValueError("locsort localization needs a peak source with peaks (PeakRetriever/SpikeRetriever)")
-                peaks = check_peaks(peaks, recording.get_num_channels(), recording.get_num_segments())
+                peaks = check_peaks(_source_peaks(parents[0]), recording.get_num_channels(), recording.get_num_segments())
                 sample, _ = _training_sample(self.prep, self.localizer, peaks, progress=False)
                 self.localizer.fit(sample, self.prep.neighbourhood, self.prep.noise, self.prep.params)
             else:
@@ -76,6 +73,22 @@ def _localize_node_class():
             return out
 
     return LocalizeLocsort
+
+
+def _source_peaks(source) -> np.ndarray:
+    """The peaks a SpikeInterface peak source will deliver (to train the encoder on)."""
+    from .spikes import PEAK_DTYPE
+
+    if getattr(source, "_peaks", None) is not None:  # PeakRetriever
+        return source._peaks
+    vector = getattr(source, "spike_vector", None)  # SpikeRetriever: each unit's main channel
+    if vector is None:
+        raise ValueError("locsort localization needs a PeakRetriever or SpikeRetriever peak source")
+    peaks = np.zeros(len(vector), PEAK_DTYPE)
+    peaks["sample_index"] = vector["sample_index"]
+    peaks["segment_index"] = vector["segment_index"]
+    peaks["channel_index"] = source.main_channel_indices[vector["unit_index"]]
+    return peaks
 
 
 def register() -> None:

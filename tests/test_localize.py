@@ -1,0 +1,148 @@
+"""Amortized Bayesian localization: trained on the recording's own spikes (short runs here),
+better than centre of mass, not pulled inward at the probe edge, saveable, with a NUTS
+reference and SpikeInterface plug-ins."""
+
+import numpy as np
+import pytest
+
+import locsort
+from locsort.errors import LocsortError, UsageError
+from locsort.evaluate import ground_truth_peaks, localization_errors
+from locsort.localize.amortized import AmortizedLocalizer
+from locsort.params import Params
+from locsort.pipeline import _locate, prepare
+from locsort.preprocess import preprocess
+
+QUICK = dict(encoder_max_epochs=25, encoder_patience=4)
+
+
+@pytest.fixture(scope="module")
+def processed(ground_truth_recording):
+    recording, truth = ground_truth_recording
+    processed = preprocess(recording)
+    peaks, true_xyz = ground_truth_peaks(processed, truth)
+    return processed, peaks, true_xyz
+
+
+@pytest.fixture(scope="module")
+def trained(processed):
+    recording, peaks, true_xyz = processed
+    prep = prepare(recording, Params(preprocess=False, **QUICK))
+    spikes, _, localizer = _locate(prep, peaks, "locsort", progress=False)
+    com = locsort.localize(recording, peaks=peaks, method="center_of_mass", params=Params(preprocess=False), progress=False)
+    return prep, spikes, localizer, com
+
+
+def test_amortized_posterior_is_more_accurate_than_centre_of_mass(processed, trained):
+    _, _, true_xyz = processed
+    _, spikes, localizer, com = trained
+    assert localizer.fallback is None and localizer.history["epochs"] >= 2
+    ours = localization_errors(spikes, true_xyz)["median_xy_um"]
+    baseline = localization_errors(com, true_xyz)["median_xy_um"]
+    assert ours < 0.8 * baseline, (ours, baseline)
+
+
+def test_posterior_fields_are_complete_and_z_is_positive(trained):
+    _, spikes, _, _ = trained
+    for name in ("x", "y", "z", "alpha", "x_std", "y_std", "z_std"):
+        assert np.all(np.isfinite(spikes[name])), name
+    assert np.all(spikes["z"] > 0)
+    assert np.all(spikes["x_std"] > 0) and np.all(spikes["z_std"] > 0)
+
+
+def test_edge_spikes_are_not_pulled_inward_like_centre_of_mass(processed, trained):
+    recording, _, true_xyz = processed
+    _, spikes, _, com = trained
+    x_min, x_max = recording.get_channel_locations()[:, 0].min(), recording.get_channel_locations()[:, 0].max()
+    outside = (true_xyz[:, 0] < x_min - 3) | (true_xyz[:, 0] > x_max + 3)
+    assert outside.sum() > 50, "the test recording needs units beyond the probe edge"
+    ours = np.abs(spikes["x"][outside] - true_xyz[outside, 0]).mean()
+    theirs = np.abs(com["x"][outside] - true_xyz[outside, 0]).mean()
+    assert ours < 0.7 * theirs, (ours, theirs)
+    # centre of mass can never leave the contacts' hull; the posterior does
+    assert np.mean((spikes["x"][outside] < x_min) | (spikes["x"][outside] > x_max)) > 0.3
+
+
+def test_saved_encoder_reproduces_and_checks_geometry(tmp_path, processed, trained):
+    recording, peaks, _ = processed
+    _, spikes, localizer, _ = trained
+    path = tmp_path / "encoder.safetensors"
+    localizer.save(path)
+    again = locsort.localize(recording, peaks=peaks, params=Params(preprocess=False, encoder_path=str(path)), progress=False)
+    np.testing.assert_allclose(again["x"], spikes["x"], atol=1e-3)
+    np.testing.assert_allclose(again["y_std"], spikes["y_std"], atol=1e-3)
+
+    from spikeinterface.core import generate_ground_truth_recording
+
+    square, _ = generate_ground_truth_recording(durations=[3.0], num_channels=16, num_units=3, seed=0,
+                                                generate_probe_kwargs=dict(num_columns=4, xpitch=20, ypitch=20))
+    with pytest.raises(UsageError, match="another probe geometry"):
+        locsort.localize(square, params=Params(encoder_path=str(path)), progress=False)
+
+
+def test_corrupt_or_foreign_encoder_files_are_refused(tmp_path, ground_truth_recording):
+    recording, _ = ground_truth_recording
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64 + b"not a model")
+    with pytest.raises(LocsortError, match="corrupt"):
+        AmortizedLocalizer.load(corrupt)
+    from safetensors.torch import save_file
+    import torch
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(LocsortError, match="not a locsort encoder"):
+        AmortizedLocalizer.load(foreign)
+    with pytest.raises(UsageError, match="not found"):
+        AmortizedLocalizer.load(tmp_path / "missing.safetensors")
+
+
+def test_too_few_spikes_falls_back_to_centre_of_mass_and_says_so(processed):
+    recording, peaks, _ = processed
+    prep = prepare(recording, Params(preprocess=False, min_training_spikes=10**6))
+    spikes, _, localizer = _locate(prep, peaks[:200], "locsort", progress=False)
+    assert "centre of mass" in localizer.fallback_reason
+    assert np.all(np.isnan(spikes["x_std"])) and np.all(np.isfinite(spikes["x"]))
+
+
+def test_nuts_reference_agrees_with_the_amortized_posterior(trained, processed):
+    from locsort.localize.mcmc import nuts_localize
+    from locsort.scan import scan
+
+    recording, peaks, true_xyz = processed
+    prep, spikes, localizer, _ = trained
+    subset = np.arange(0, len(peaks), len(peaks) // 4)[:4]
+    obs = scan(prep.recording, lambda b: {**localizer.observe(b, prep.neighbourhood), "order": b.order}, params=prep.params,
+               neighbourhood=prep.neighbourhood, noise=prep.noise, peaks=peaks[subset], progress=False)
+    obs.pop("order")
+    nuts = nuts_localize(obs["centres"][:, 0], obs["amplitudes"][:, 0], prep.neighbourhood, prep.noise, localizer.globals,
+                         num_samples=60, warmup_steps=60)
+    assert np.all(nuts["z"] > 0) and np.all(np.isfinite(nuts["x"])) and np.all(nuts["x_std"] > 0)
+    # the amortized mean lies within the exact posterior (in units of its SD)
+    gap = np.hypot(nuts["x"] - spikes["x"][subset], nuts["y"] - spikes["y"][subset])
+    spread = np.hypot(nuts["x_std"], nuts["y_std"])
+    assert np.median(gap / spread) < 2.0, (gap, spread)
+
+
+def test_spikeinterface_localize_peaks_plugin(processed):
+    from spikeinterface.sortingcomponents.peak_localization import localize_peaks
+
+    recording, peaks, true_xyz = processed
+    locations = localize_peaks(recording, peaks, method="locsort", method_kwargs=dict(encoder_max_epochs=3),
+                               job_kwargs=dict(n_jobs=1, progress_bar=False))
+    assert len(locations) == len(peaks)
+    assert {"x", "y", "z", "alpha", "x_std", "y_std", "z_std"} <= set(locations.dtype.names)
+    assert np.median(np.hypot(locations["x"] - true_xyz[:, 0], locations["y"] - true_xyz[:, 1])) < 30
+
+
+def test_spikeinterface_spike_locations_extension(ground_truth_recording):
+    from spikeinterface.core import create_sorting_analyzer
+
+    recording, truth = ground_truth_recording
+    analyzer = create_sorting_analyzer(truth.sorting, preprocess(recording), sparse=False, format="memory")
+    analyzer.compute(["random_spikes", "templates"], n_jobs=1, progress_bar=False)
+    analyzer.compute("spike_locations", method="locsort", method_kwargs=dict(encoder_max_epochs=2),
+                     n_jobs=1, progress_bar=False)
+    locations = analyzer.get_extension("spike_locations").get_data()
+    assert len(locations) == truth.sorting.to_spike_vector().size
+    assert np.all(np.isfinite(locations["x"]))
