@@ -84,8 +84,11 @@ Machine: {machine()}.
 
 {chr(10).join(table)}
 
-"time / locsort's" > 1 means locsort is faster. Detection is never the bottleneck: it runs
-far faster than real time, while preprocessing (band-pass + common reference) costs more.
+"time / locsort's" < 1 means the peer is faster: SpikeInterface's numba `locally_exclusive`
+detector alone is faster than locsort's torch detector. locsort's runs inside the one pass
+over the traces that also extracts every spike's neighbourhood features (no second read), and
+stays many times faster than real time, so it is not the pipeline's bottleneck (see the stage
+timings in any run.json).
 """
     write_section("detection", body)
     print(body)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-from pathlib import Path
 
 from .errors import LocsortError, UsageError
 from .params import Params
@@ -92,6 +90,8 @@ def _params(args) -> Params:
 def _print_summary(result, title: str) -> None:
     print(f"\n{title}")
     print(f"  spikes: {len(result.spikes)}   units: {len(result.sorting.unit_ids)}   output: {result.out}")
+    if result.note:
+        print(f"  note: {result.note}")
     if result.evaluation:
         loc = result.evaluation["localization"]
         srt = result.evaluation["sorting"]

@@ -247,6 +247,7 @@ class RunResult:
     sorting: object
     timings: dict
     evaluation: dict | None
+    note: str | None = None  # e.g. why the localizer fell back to centre of mass
 
 
 def run(
@@ -283,10 +284,14 @@ def run(
                 "localization": detected_localization_errors(spikes, prep.recording, ground_truth),
                 "sorting": sorting_accuracy(sorting, ground_truth),
             }
+    localization = {"method": params.localization_method, "fallback": getattr(localizer, "fallback_reason", "") or None,
+                    "training": getattr(localizer, "history", None) or None}
     with atomic_folder(out, overwrite) as tmp:
         with timer.stage("write"):
             save_npy_atomic(tmp / "spikes.npy", spikes)
             sorting.save(folder=tmp / "sorting")
+            if getattr(localizer, "net", None) is not None:  # reusable on recordings of the same probe type
+                localizer.save(tmp / "encoder.safetensors")
             if phy:
                 _export_phy(prep.recording, sorting, tmp / "phy")
         with timer.stage("report"):
@@ -311,11 +316,12 @@ def run(
             },
             "num_spikes": int(len(spikes)),
             "num_units": int(len(sorting.unit_ids)),
+            "localization": localization,
             "evaluation": evaluation,
             "versions": _versions(),
         }
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=_json_default))
-    return RunResult(out, spikes, sorting, dict(timer), evaluation)
+    return RunResult(out, spikes, sorting, dict(timer), evaluation, localization["fallback"])
 
 
 def _export_phy(recording, sorting, folder: Path) -> None:
