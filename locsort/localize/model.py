@@ -20,8 +20,8 @@ Virtual slots (past the probe edge) are masked out of the likelihood.
 
 Real cells do not share one decay length (MEArec's biophysical cells: 14-32 µm interquartile),
 hence a per-spike length around a recording-wide median. The global quantities (median decay
-length, z prior, floor, rel_error) are fitted to the recording (empirical Bayes: learned with
-the encoder by maximizing the ELBO) and then held fixed, e.g. for MCMC.
+length, floor, rel_error) are fitted to the recording (empirical Bayes: learned with the
+encoder by maximizing the ELBO) and then held fixed, e.g. for MCMC; the priors are fixed.
 """
 
 from __future__ import annotations
