@@ -179,7 +179,7 @@ def write_report(results, args):
                   "| method | mean ± SD 2-D error (µm) | median (µm) | spikes/s (inference) | training s |", "|---|---|---|---|---|"]
         for method, e in r["rows"].items():
             sps, fit = r["speed"].get(method, (float("nan"), 0.0))
-            lines.append(f"| {method} | {e['mean']:.2f} ± {e['sd']:.2f} | {e['median']:.2f} | {sps:,.0f} | {fit:.1f} |")
+            lines.append(f"| {method} | {e['mean']:.2f} ± {e['sd']:.2f} | {e['median']:.2f} | {sps:,.{0 if sps >= 10 else 2}f} | {fit:.1f} |")
         cov = r["coverage"]
         grid = r["speed"].get("SpikeInterface grid_convolution", (np.nan,))[0]
         mono = r["speed"].get("SpikeInterface monopolar_triangulation", (np.nan,))[0]

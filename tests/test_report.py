@@ -1,7 +1,6 @@
 """locsort.report.write_report on a tiny generated recording (5 s, 32 channels, 5 units)."""
 
 import re
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,25 +8,7 @@ import numpy as np
 import pytest
 
 from locsort.report import write_report
-
-SPIKE_DTYPE = np.dtype(
-    [
-        ("sample_index", "int64"),
-        ("segment_index", "int32"),
-        ("channel_index", "int32"),
-        ("amplitude", "float32"),
-        ("x", "float32"),
-        ("y", "float32"),
-        ("z", "float32"),
-        ("alpha", "float32"),
-        ("x_std", "float32"),
-        ("y_std", "float32"),
-        ("z_std", "float32"),
-        ("unit_index", "int32"),
-    ]
-)
-
-CHECK_DIR = Path("/tmp/report_check")
+from locsort.spikes import SPIKE_DTYPE
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +125,6 @@ def test_report_with_ground_truth(data, tmp_path):
     assert "mean_accuracy" in page and "median_xy_um" in page
     assert "could not be made" not in page
     assert ">4.75<" in page  # timings total
-    # keep a copy of the figures for a visual check
-    CHECK_DIR.mkdir(parents=True, exist_ok=True)
-    for png in (html_path.parent / "figures").glob("*.png"):
-        shutil.copy(png, CHECK_DIR / png.name)
-    shutil.copy(html_path, CHECK_DIR / "report.html")
 
 
 def test_report_without_ground_truth(data, tmp_path):
