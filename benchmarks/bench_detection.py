@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 import locsort
 from locsort.evaluate import match_spikes

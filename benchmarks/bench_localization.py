@@ -169,7 +169,7 @@ def main():
 
 
 def write_report(results, args):
-    lines = [f"## Localization: accuracy, speed, calibration (issue 3)", "", f"`{command_line()}`", "",
+    lines = ["## Localization: accuracy, speed, calibration (issue 3)", "", f"`{command_line()}`", "",
              f"Machine: {machine()}. Peaks = true spike times on each unit's largest channel; error = 2-D distance "
              f"to the true soma (MEArec) or unit position (generator); {args.duration:g} s recordings; single process.", ""]
     for name, r in results.items():

@@ -25,7 +25,6 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro.infer import Trace_ELBO
 from torch import nn
 from tqdm.auto import tqdm
