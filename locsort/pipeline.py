@@ -95,6 +95,18 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool) -> tuple[
     return found, waveforms
 
 
+def fit_localizer(prep: Prepared, localizer, peaks, progress: bool) -> np.ndarray:
+    """Train ``localizer`` on the bounded training sample or, for an encoder loaded from a file,
+    adapt it to this recording (probe geometry checked, noise levels replaced). Returns the
+    sample's centre-channel waveforms (for the waveform basis)."""
+    sample, waveforms = _training_sample(prep, localizer, peaks, progress)
+    if getattr(localizer, "net", None) is not None:
+        localizer.use_recording(prep.neighbourhood, prep.noise)
+    else:
+        localizer.fit(sample, prep.neighbourhood, prep.noise, prep.params, progress=progress)
+    return waveforms
+
+
 def _empty_batch(prep: Prepared) -> SpikeBatch:
     geo, k = prep.geometry, prep.neighbourhood.size
     return SpikeBatch(np.zeros(0, PEAK_DTYPE), np.zeros(0, np.int64), np.zeros((0, geo.before + geo.after, k), np.float32),
@@ -117,13 +129,9 @@ def _locate(prep: Prepared, peaks, method: str, progress: bool, localizer=None):
     timer = prep.timer
     localizer = localizer if localizer is not None else make_localizer(method, params)
     with timer.stage("fit"):
-        sample, waveforms = _training_sample(prep, localizer, peaks, progress)
+        waveforms = fit_localizer(prep, localizer, peaks, progress)
         basis = fit_waveform_basis(waveforms, params.waveform_pcs)
-        if getattr(localizer, "net", None) is not None:
-            localizer.use_recording(prep.neighbourhood, prep.noise)  # a loaded encoder: no training
-        else:
-            localizer.fit(sample, prep.neighbourhood, prep.noise, params, progress=progress)
-    del sample, waveforms
+    del waveforms
     num_pcs = params.waveform_pcs
     localize_seconds = 0.0
 

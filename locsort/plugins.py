@@ -37,7 +37,7 @@ def _localize_node_class():
 
         def __init__(self, recording, parents, return_output=True, radius_um=75.0, **params):
             from .localize import make_localizer
-            from .pipeline import _training_sample, prepare
+            from .pipeline import fit_localizer, prepare
             from .spikes import check_peaks
 
             LocalizeBase.__init__(self, recording, return_output=return_output, parents=parents, radius_um=radius_um)
@@ -46,12 +46,8 @@ def _localize_node_class():
             values = {"preprocess": False, **params, "localization_method": "locsort"}
             self.prep = prepare(recording, Params.from_dict(values))
             self.localizer = make_localizer("locsort", self.prep.params)
-            if self.localizer.net is None:
-                peaks = check_peaks(_source_peaks(parents[0]), recording.get_num_channels(), recording.get_num_segments())
-                sample, _ = _training_sample(self.prep, self.localizer, peaks, progress=False)
-                self.localizer.fit(sample, self.prep.neighbourhood, self.prep.noise, self.prep.params)
-            else:
-                self.localizer.use_recording(self.prep.neighbourhood, self.prep.noise)
+            peaks = check_peaks(_source_peaks(parents[0]), recording.get_num_channels(), recording.get_num_segments())
+            fit_localizer(self.prep, self.localizer, peaks, progress=False)
 
         def get_trace_margin(self):
             return 0

@@ -193,23 +193,9 @@ class AmortizedLocalizer:
 
     # ------------------------------------------------------------------ fit
 
-    def _set_geometry(self, neighbourhood):
-        nonzero = np.linalg.norm(neighbourhood.offsets[neighbourhood.real], axis=-1)
-        pitch = float(np.min(nonzero[nonzero > 0])) if np.any(nonzero > 0) else 20.0
-        geometry = {
-            "regular": bool(neighbourhood.regular),
-            "num_slots": int(neighbourhood.size),
-            "pitch_um": pitch,
-            "reach_um": float(np.abs(neighbourhood.offsets).max()) + pitch,
-            "offsets": neighbourhood.offsets[0].round(2).tolist() if neighbourhood.regular else None,
-        }
-        if self.geometry is not None:
-            _check_geometry(self.geometry, geometry)
-        self.geometry = geometry
-
     def fit(self, observations: dict, neighbourhood, noise, params=None, progress: bool = False) -> "AmortizedLocalizer":
         self.noise = np.asarray(noise, dtype=np.float32)
-        self._set_geometry(neighbourhood)
+        self.geometry = _geometry_of(neighbourhood)
         centres, amplitudes = _flatten(observations)
         num_spikes = len(observations["centres"])
         if num_spikes < self.min_training_spikes:
@@ -380,11 +366,22 @@ class AmortizedLocalizer:
 
     def use_recording(self, neighbourhood, noise) -> "AmortizedLocalizer":
         """Apply a loaded encoder to another recording: same probe geometry, its own noise."""
-        geometry = self.geometry
-        self._set_geometry(neighbourhood)
-        self.geometry = geometry
+        _check_geometry(self.geometry, _geometry_of(neighbourhood))
         self.noise = np.asarray(noise, dtype=np.float32)
         return self
+
+
+def _geometry_of(neighbourhood) -> dict:
+    """What an encoder depends on in the probe: slot layout, pitch and reach (µm)."""
+    nonzero = np.linalg.norm(neighbourhood.offsets[neighbourhood.real], axis=-1)
+    pitch = float(np.min(nonzero[nonzero > 0])) if np.any(nonzero > 0) else 20.0
+    return {
+        "regular": bool(neighbourhood.regular),
+        "num_slots": int(neighbourhood.size),
+        "pitch_um": pitch,
+        "reach_um": float(np.abs(neighbourhood.offsets).max()) + pitch,
+        "offsets": neighbourhood.offsets[0].round(2).tolist() if neighbourhood.regular else None,
+    }
 
 
 def _check_geometry(saved: dict, current: dict) -> None:
