@@ -44,6 +44,7 @@ def _common(parser: argparse.ArgumentParser, default_out: str | None) -> None:
     parser.add_argument("--phy", action="store_true", help="also export a Phy folder (out/phy)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where torch runs")
     parser.add_argument("--method", default=None, help="localization method (default: Params.localization_method)")
+    parser.add_argument("--sorter", default=None, choices=["neural", "cluster"], help="sorting path (default: neural)")
     parser.add_argument("--param", action="append", metavar="NAME=VALUE", help="override any locsort.params.Params field")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sampling-frequency", type=float, help="Hz (raw binary)")
     run.add_argument("--num-channels", type=int, help="channels (raw binary)")
     run.add_argument("--dtype", help="sample type, e.g. int16 (raw binary)")
+    run.add_argument("--labels", help="a sorting to train the neural sorter on (SpikeInterface folder or .npz): "
+                     "ground truth, another sorter's output, a curated sorting")
+    run.add_argument("--labels-k", type=int, metavar="K", help="use only the first K labelled spikes of each unit")
     _common(run, default_out=None)
     return parser
 
@@ -84,6 +88,12 @@ def _params(args) -> Params:
     overrides["device"] = args.device
     if args.method:
         overrides["localization_method"] = args.method
+    if args.sorter:
+        overrides["sorter"] = args.sorter
+    if getattr(args, "labels_k", None) is not None:
+        if args.labels_k < 1:
+            raise UsageError("--labels-k must be at least 1")
+        overrides["label_max_spikes_per_unit"] = args.labels_k
     return Params.from_dict({**Params().asdict(), **overrides})
 
 
@@ -125,16 +135,19 @@ def _demo(args) -> int:
 
 
 def _run(args) -> int:
-    from .io import open_recording
+    from .io import open_labels, open_recording
     from .pipeline import run
 
     params = _params(args)
+    if args.labels_k is not None and not args.labels:
+        raise UsageError("--labels-k needs --labels")
     recording, ground_truth = open_recording(
         args.recording, args.format, probe=args.probe, sampling_frequency=args.sampling_frequency,
         num_channels=args.num_channels, dtype=args.dtype,
     )
+    labels = open_labels(args.labels) if args.labels else None
     result = run(recording, args.out, params, ground_truth=ground_truth, overwrite=args.overwrite, phy=args.phy,
-                 progress=not args.quiet, source=str(args.recording))
+                 progress=not args.quiet, source=str(args.recording), labels=labels)
     _print_summary(result, f"locsort run: {args.recording}")
     return 0
 

@@ -229,6 +229,28 @@ def open_recording(
     return recording, ground_truth
 
 
+def open_labels(path: str | Path):
+    """A sorting to train the neural sorter on: a SpikeInterface sorting folder (e.g. a
+    locsort output's ``sorting/``, ``run_sorter``'s output) or an .npz sorting."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"labels not found: {path}")
+    try:
+        if path.suffix == ".npz":
+            from spikeinterface.core import NpzSortingExtractor
+
+            sorting = NpzSortingExtractor(path)
+        else:
+            from spikeinterface.core import load
+
+            sorting = load(path)
+    except Exception as exc:
+        raise UsageError(f"cannot read labels from {path}: not a SpikeInterface sorting folder or .npz file ({exc})") from None
+    if not hasattr(sorting, "get_unit_spike_train"):
+        raise UsageError(f"{path} holds a {type(sorting).__name__}, not a sorting")
+    return sorting
+
+
 def check_recording(recording, path="the recording"):
     """Refuse recordings locsort cannot process, with the reason and what to do."""
     if not recording.has_probe():

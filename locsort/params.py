@@ -38,6 +38,7 @@ class Params:
     localization_method: str = "locsort"  # "locsort" (amortized Bayesian) or "center_of_mass"
     com_channels: int = 9  # centre-of-mass baseline (and fallback): number of nearest real channels
     decay_law: str = "exponential"  # amplitude vs distance: "exponential" or "monopole" (1/r)
+    source_offset_um: float = 8.0  # SD per axis of soma vs point source (model.py): widens x/y posterior SDs
     jitter_uv: float = 10.0  # amplitude jitter: channels within this many µV of the largest also serve as centre (0: off)
     max_jitter_centres: int = 4  # at most this many centres per spike
     encoder_hidden: int = 256  # width of the encoder MLP
@@ -52,6 +53,18 @@ class Params:
     # --- training sample (bounded, drawn across the whole recording) ---
     sample_chunks: int = 30  # chunks read to fit waveform PCA / models: bounded, spread over the recording
     max_training_spikes: int = 50_000  # spikes kept from those chunks
+
+    # --- sorting ---
+    sorter: str = "neural"  # "neural": cluster a training sample, train the network on it, let it assign every spike; "cluster": cluster every spike
+    neural_backbone: str = "pretrained"  # backbone to fine-tune: "pretrained" (shipped), "none" (from scratch) or a .safetensors path
+    neural_epochs: int = 30  # upper bound; early stopping on held-out loss usually ends sooner
+    neural_lr: float = 3e-3  # Adam learning rate of the head (a pretrained backbone learns at 0.3 x this)
+    neural_batch_size: int = 256  # candidate windows per step
+    neural_max_seconds: float = 120.0  # training time budget
+    neural_threshold: float = 0.5  # a candidate is a spike of its most probable unit above this probability
+    neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)
+    label_max_spikes_per_unit: int = 0  # with user labels: train on the first K spikes of each unit (0: all)
+    label_tolerance_ms: float = 0.4  # a labelled spike marks the nearest candidate within this (SpikeInterface's match tolerance)
 
     # --- clustering ---
     waveform_pcs: int = 3  # temporal principal components kept per neighbourhood channel
@@ -71,6 +84,19 @@ class Params:
         if unknown:
             raise UsageError(f"unknown parameter(s): {', '.join(unknown)}")
         return cls(**values)
+
+    @classmethod
+    def descriptions(cls) -> dict:
+        """{field: its comment in this file}: the meaning of every parameter, for help texts."""
+        import inspect
+        import re
+
+        found = {}
+        for line in inspect.getsource(cls).splitlines():
+            match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+            if match:
+                found[match.group(1)] = match.group(2).strip()
+        return {f.name: found.get(f.name, "") for f in fields(cls)}
 
     def replace(self, **changes) -> "Params":
         return self.from_dict({**asdict(self), **changes})

@@ -70,41 +70,85 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
     return Prepared(processed, params, noise, neighbourhood, timer)
 
 
-def _training_sample(prep: Prepared, localizer, peaks, progress: bool) -> tuple[dict, np.ndarray]:
-    """What the localizer observes, and centre-channel waveforms, for spikes from chunks spread
-    over the whole recording, at most ``max_training_spikes``: what learned stages fit on."""
+@dataclass
+class TrainingSample:
+    """A bounded sample of spikes from chunks spread over the (labelled part of the) recording:
+    what every learned stage fits on.
+
+    observations : the localizer's observations (localize/*: centres, amplitudes)
+    centre_waveforms : (n, T) µV on the centre channel (waveform basis, clustering PCs)
+    peaks : (n,) PEAK_DTYPE
+    windows : neural-sorter inputs (sort/neural.Windows), when asked for
+    targets, mask : (n, U) labels matched to these spikes, when labels were given
+    """
+
+    observations: dict
+    centre_waveforms: np.ndarray
+    peaks: np.ndarray
+    windows: object = None
+    targets: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+
+def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, windows: bool = False,
+                     labels=None, chunks=None) -> TrainingSample:
+    """At most ``max_training_spikes`` spikes from ``sample_chunks`` chunks spread over
+    ``chunks`` (default: the whole recording). With ``labels`` every labelled spike of a chunk
+    is kept and the rest are drawn at random."""
+    from .sort.labels import match, segment_offsets
+    from .sort.neural import Windows
+
     params = prep.params
-    chunks = spread_chunks(make_chunks(prep.recording, prep.geometry.chunk_size), params.sample_chunks)
+    chunks = spread_chunks(chunks if chunks is not None else make_chunks(prep.recording, prep.geometry.chunk_size),
+                           params.sample_chunks)
     cap = max(1, math.ceil(params.max_training_spikes / max(len(chunks), 1)))
     rng = np.random.default_rng(params.seed)
+    offsets = segment_offsets(prep.recording)
+    tolerance = int(round(params.label_tolerance_ms * prep.recording.get_sampling_frequency() / 1000))
 
     def keep(batch: SpikeBatch) -> dict:
         n = len(batch.centre)
-        pick = np.sort(rng.choice(n, size=min(n, cap), replace=False)) if n else np.zeros(0, int)
+        out = {}
+        priority = np.zeros(n)
+        if labels is not None:
+            times = batch.peaks["sample_index"] + offsets[batch.peaks["segment_index"]]
+            targets, mask = match(labels, times, tolerance)
+            priority = targets.max(axis=1) if n else priority
+        pick = np.argsort(priority + rng.random(n) * 0.5)[::-1][:cap] if n else np.zeros(0, int)
+        pick = np.sort(pick)
+        if labels is not None:
+            out.update(targets=targets[pick], mask=mask[pick])
         batch = batch.subset(pick)
-        return {"centre_waveforms": batch.waveforms[:, :, 0], **localizer.observe(batch, prep.neighbourhood)}
+        if windows:
+            out["windows"] = Windows.from_batch(batch, prep.neighbourhood, prep.noise)
+        out.update(centre_waveforms=batch.waveforms[:, :, 0], peaks=batch.peaks, **localizer.observe(batch, prep.neighbourhood))
+        return out
 
     found = scan(
         prep.recording, keep, params=params, neighbourhood=prep.neighbourhood, noise=prep.noise,
-        peaks=peaks, chunks=chunks, progress=progress, desc="training sample",
+        peaks=peaks, chunks=chunks, progress=progress, desc="training sample", concatenate=False,
     )
     if not found:
-        empty = localizer.observe(_empty_batch(prep), prep.neighbourhood)
-        return empty, np.zeros((0, prep.geometry.before + prep.geometry.after), np.float32)
-    waveforms = found.pop("centre_waveforms")
-    return found, waveforms
+        empty = _empty_batch(prep)
+        return TrainingSample(localizer.observe(empty, prep.neighbourhood), empty.waveforms[:, :, 0], empty.peaks,
+                              Windows.from_batch(empty, prep.neighbourhood, prep.noise) if windows else None,
+                              np.zeros((0, labels.num_units), np.float32) if labels is not None else None,
+                              np.zeros((0, labels.num_units), bool) if labels is not None else None)
+    win = Windows.concatenate([part.pop("windows") for part in found]) if windows else None
+    merged = {k: np.concatenate([part[k] for part in found]) for k in found[0]}
+    sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win,
+                            merged.pop("targets", None), merged.pop("mask", None))
+    sample.observations = merged
+    return sample
 
 
-def fit_localizer(prep: Prepared, localizer, peaks, progress: bool) -> np.ndarray:
-    """Train ``localizer`` on the bounded training sample or, for an encoder loaded from a file,
-    adapt it to this recording (probe geometry checked, noise levels replaced). Returns the
-    sample's centre-channel waveforms (for the waveform basis)."""
-    sample, waveforms = _training_sample(prep, localizer, peaks, progress)
+def fit_localizer(prep: Prepared, localizer, sample: TrainingSample, progress: bool) -> None:
+    """Train ``localizer`` on the training sample or, for an encoder loaded from a file, adapt
+    it to this recording (probe geometry checked, noise levels replaced)."""
     if getattr(localizer, "net", None) is not None:
         localizer.use_recording(prep.neighbourhood, prep.noise)
     else:
-        localizer.fit(sample, prep.neighbourhood, prep.noise, prep.params, progress=progress)
-    return waveforms
+        localizer.fit(sample.observations, prep.neighbourhood, prep.noise, prep.params, progress=progress)
 
 
 def _empty_batch(prep: Prepared) -> SpikeBatch:
@@ -122,27 +166,30 @@ def fit_waveform_basis(waveforms: np.ndarray, num_components: int) -> np.ndarray
     return vt[:num_components].T.astype(np.float32)
 
 
-def _locate(prep: Prepared, peaks, method: str, progress: bool, localizer=None):
-    """Spike records with locations, (n, P) centre-channel waveform PCs for clustering, and the
-    fitted localizer."""
-    params = prep.params
-    timer = prep.timer
-    localizer = localizer if localizer is not None else make_localizer(method, params)
-    with timer.stage("fit"):
-        waveforms = fit_localizer(prep, localizer, peaks, progress)
-        basis = fit_waveform_basis(waveforms, params.waveform_pcs)
-    del waveforms
-    num_pcs = params.waveform_pcs
-    localize_seconds = 0.0
+def _waveform_pcs(waveforms: np.ndarray, basis: np.ndarray | None, num_pcs: int) -> np.ndarray:
+    return (waveforms @ basis).astype(np.float32) if basis is not None else np.zeros((len(waveforms), num_pcs), np.float32)
+
+
+def _main_pass(prep: Prepared, localizer, basis, peaks, progress: bool, neural=None):
+    """One pass over every chunk: detect (unless ``peaks``), localize, waveform PCs and, with a
+    trained neural sorter, units. Returns spike records and (n, P) centre-channel PCs."""
+    from .sort.neural import Windows
+    from .sort.postprocess import assign_units
+
+    params, timer = prep.params, prep.timer
+    refractory = int(round(params.neural_refractory_ms * prep.recording.get_sampling_frequency() / 1000))
+    seconds = {"localize": 0.0, "neural": 0.0}
 
     def consume(batch: SpikeBatch) -> dict:
-        nonlocal localize_seconds
         start = time.perf_counter()
         location = localizer.transform(localizer.observe(batch, prep.neighbourhood), prep.neighbourhood)
-        localize_seconds += time.perf_counter() - start
-        centre = batch.waveforms[:, :, 0]
-        pcs = centre @ basis if basis is not None else np.zeros((len(centre), num_pcs), np.float32)
-        out = {"peaks": batch.peaks, "pcs": pcs.astype(np.float32), **location}
+        seconds["localize"] += time.perf_counter() - start
+        out = {"peaks": batch.peaks, "pcs": _waveform_pcs(batch.waveforms[:, :, 0], basis, params.waveform_pcs), **location}
+        if neural is not None:
+            start = time.perf_counter()
+            proba = neural.predict_proba(Windows.from_batch(batch, prep.neighbourhood, prep.noise))
+            out["unit_index"], _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, refractory)
+            seconds["neural"] += time.perf_counter() - start
         if batch.order is not None:
             out["order"] = batch.order
         return out
@@ -152,15 +199,28 @@ def _locate(prep: Prepared, peaks, method: str, progress: bool, localizer=None):
         prep.recording, consume, params=params, neighbourhood=prep.neighbourhood, noise=prep.noise,
         peaks=peaks, progress=progress, desc="detect + localize" if peaks is None else "localize",
     )
-    scan_seconds = time.perf_counter() - scan_start
-    timer["detect"] = timer.get("detect", 0.0) + scan_seconds - localize_seconds
-    timer["localize"] = timer.get("localize", 0.0) + localize_seconds
+    timer["detect"] = timer.get("detect", 0.0) + time.perf_counter() - scan_start - sum(seconds.values())
+    timer["localize"] = timer.get("localize", 0.0) + seconds["localize"]
+    if neural is not None:
+        timer["neural"] = timer.get("neural", 0.0) + seconds["neural"]
     if not found:
-        return spikes_from_peaks(np.zeros(0, PEAK_DTYPE)), np.zeros((0, num_pcs), np.float32), localizer
+        return spikes_from_peaks(np.zeros(0, PEAK_DTYPE)), np.zeros((0, params.waveform_pcs), np.float32)
     spikes = spikes_from_peaks(found["peaks"])
-    for name in ("x", "y", "z", "alpha", "x_std", "y_std", "z_std"):
+    for name in ("x", "y", "z", "alpha", "x_std", "y_std", "z_std") + (("unit_index",) if neural is not None else ()):
         spikes[name] = found[name]
-    return spikes, found["pcs"], localizer
+    return spikes, found["pcs"]
+
+
+def _locate(prep: Prepared, peaks, method: str, progress: bool, localizer=None):
+    """Spike records with locations, (n, P) centre-channel waveform PCs and the fitted localizer."""
+    localizer = localizer if localizer is not None else make_localizer(method, prep.params)
+    with prep.timer.stage("fit"):
+        sample = _training_sample(prep, localizer, peaks, progress)
+        fit_localizer(prep, localizer, sample, progress)
+        basis = fit_waveform_basis(sample.centre_waveforms, prep.params.waveform_pcs)
+    del sample
+    spikes, pcs = _main_pass(prep, localizer, basis, peaks, progress)
+    return spikes, pcs, localizer
 
 
 def _as_params(params, **overrides) -> Params:
@@ -218,11 +278,121 @@ def _checked_peaks(recording, peaks):
     return peaks
 
 
-def _sort_spikes(prep: Prepared, spikes: np.ndarray, pcs: np.ndarray) -> np.ndarray:
+def _cluster_spikes(prep: Prepared, x, y, amplitude, pcs) -> np.ndarray:
     with prep.timer.stage("cluster"):
-        features = clustering_features(spikes["x"], spikes["y"], spikes["amplitude"], pcs, prep.params)
-        spikes["unit_index"] = cluster(features, prep.params)
-    return spikes
+        return cluster(clustering_features(x, y, amplitude, pcs, prep.params), prep.params)
+
+
+@dataclass
+class Sorted:
+    """What sorting produced besides the spikes: the fitted models and what to tell the user."""
+
+    localizer: object
+    neural: object = None  # the trained NeuralSorter (None for clustering only)
+    notes: list = field(default_factory=list)
+    label_source: str = ""  # "clustering", "labels" or "" (clustering only)
+
+
+def _backbone(params: Params):
+    """The backbone to fine-tune: the shipped pretrained one, one from a file, or None."""
+    from .sort.neural import load_backbone
+    from .sort.pretrained import BACKBONE_PATH
+
+    choice = params.neural_backbone
+    if choice in ("", "none"):
+        return None
+    path = BACKBONE_PATH if choice == "pretrained" else Path(choice)
+    if choice == "pretrained" and not path.exists():
+        raise LocsortError(f"the pretrained backbone is missing from the package ({path}); re-install locsort "
+                           "or run scripts/pretrain_backbone.py")
+    return load_backbone(path)
+
+
+def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, label_source: str, notes: list):
+    """A NeuralSorter trained on the training sample, or None when there is nothing to learn
+    (then the caller clusters every spike, and ``notes`` says why)."""
+    from .sort.neural import NeuralSorter
+
+    params = prep.params
+    if label_source == "clustering":
+        # locsort's own clustering of the sample; spikes it calls noise are unknown, not
+        # negatives (HDBSCAN leaves many real spikes out of its dense cores)
+        location = localizer.transform(sample.observations, prep.neighbourhood)
+        pcs = _waveform_pcs(sample.centre_waveforms, basis, params.waveform_pcs)
+        units = _cluster_spikes(prep, location["x"], location["y"], sample.peaks["amplitude"], pcs)
+        num_units = int(units.max()) + 1 if len(units) and units.max() >= 0 else 0
+        if num_units == 0:
+            notes.append("the clustering of the training sample found no units, so the neural sorter was not trained")
+            return None
+        targets = np.zeros((len(units), num_units), np.float32)
+        targets[np.flatnonzero(units >= 0), units[units >= 0]] = 1.0
+        mask = np.repeat((units >= 0)[:, None], num_units, axis=1)
+    else:
+        targets, mask = sample.targets, sample.mask
+    labelled = int(mask.any(axis=1).sum())
+    if labelled < params.min_training_spikes:
+        notes.append(f"only {labelled} labelled spikes to train the neural sorter on (at least {params.min_training_spikes} "
+                     "needed)" + (": every spike was clustered instead" if label_source == "clustering" else ""))
+        if label_source != "clustering":
+            raise LocsortError(notes[-1] + "; give labels covering more of the recording or a larger K")
+        return None
+    with prep.timer.stage("train neural"):
+        sorter = NeuralSorter(epochs=params.neural_epochs, lr=params.neural_lr, batch_size=params.neural_batch_size,
+                              max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed)
+        sorter.fit(sample.windows, targets, mask, backbone=_backbone(params), progress=False)
+    return sorter
+
+
+def _sort(prep: Prepared, progress: bool, labels=None) -> tuple[np.ndarray, Sorted]:
+    """Spike records with locations and units: the sorter of ``params.sorter``.
+
+    "neural" (default): models fit on a bounded training sample (localizer; labels from
+    ``labels`` or from clustering the sample; the neural sorter), then one streaming pass
+    assigns every spike. "cluster": one pass localizes every spike, then all are clustered.
+    """
+    from .sort.labels import labels_from_sorting
+    from .sort.postprocess import drop_border_duplicates
+
+    params = prep.params
+    if params.sorter not in ("neural", "cluster"):
+        raise UsageError(f"unknown sorter {params.sorter!r}: use neural or cluster")
+    if labels is not None and params.sorter != "neural":
+        raise UsageError("labels train the neural sorter: use sorter=neural")
+    localizer = make_localizer(params.localization_method, params)
+    result = Sorted(localizer)
+    chunks = None
+    label_set = None
+    if labels is not None:
+        label_set = labels_from_sorting(labels, prep.recording, params.label_max_spikes_per_unit)
+        result.notes += label_set.notes
+        chunks = _chunks_before(prep, label_set.end)
+    with prep.timer.stage("fit"):
+        sample = _training_sample(prep, localizer, None, progress, windows=params.sorter == "neural", labels=label_set,
+                                  chunks=chunks)
+        fit_localizer(prep, localizer, sample, progress)
+        basis = fit_waveform_basis(sample.centre_waveforms, params.waveform_pcs)
+    if params.sorter == "neural":
+        result.label_source = "labels" if labels is not None else "clustering"
+        result.neural = _train_neural(prep, sample, localizer, basis, result.label_source, result.notes)
+    del sample
+    spikes, pcs = _main_pass(prep, localizer, basis, None, progress, result.neural)
+    if result.neural is None:
+        spikes["unit_index"] = _cluster_spikes(prep, spikes["x"], spikes["y"], spikes["amplitude"], pcs)
+    else:
+        refractory = int(round(params.neural_refractory_ms * prep.recording.get_sampling_frequency() / 1000))
+        spikes["unit_index"] = drop_border_duplicates(spikes["segment_index"], spikes["sample_index"], spikes["unit_index"], refractory)
+    if params.sorter == "neural" and result.neural is not None and label_set is not None:
+        result.notes.append(f"neural sorter trained on {label_set.num_units} labelled units")
+    return spikes, result
+
+
+def _chunks_before(prep: Prepared, end: int):
+    """The chunks that start before global position ``end`` (the labelled stretch)."""
+    from .sort.labels import segment_offsets
+
+    offsets = segment_offsets(prep.recording)
+    chunks = make_chunks(prep.recording, prep.geometry.chunk_size)
+    return [c for c in chunks if offsets[c.segment_index] + c.start < end] or chunks[:1]
 
 
 def sorting_from_spikes(spikes: np.ndarray, recording):
@@ -240,11 +410,15 @@ def sorting_from_spikes(spikes: np.ndarray, recording):
     return NumpySorting.from_samples_and_labels(samples, labels, recording.get_sampling_frequency(), unit_ids=unit_ids)
 
 
-def sort(recording, params: Params | dict | None = None, progress: bool = True):
-    """A SpikeInterface sorting of the recording (unit ids 0..U-1)."""
+def sort(recording, params: Params | dict | None = None, progress: bool = True, labels=None):
+    """A SpikeInterface sorting of the recording (unit ids 0..U-1).
+
+    ``labels``: a SpikeInterface sorting of (part of) this recording (ground truth, another
+    sorter's output, a curated sorting) to train the neural sorter on instead of locsort's own
+    clustering; ``params.label_max_spikes_per_unit`` keeps only the first K spikes per unit.
+    """
     prep = prepare(recording, _as_params(params))
-    spikes, pcs, _ = _locate(prep, None, prep.params.localization_method, progress)
-    spikes = _sort_spikes(prep, spikes, pcs)
+    spikes, _ = _sort(prep, progress, labels)
     return sorting_from_spikes(spikes, prep.recording)
 
 
@@ -255,7 +429,7 @@ class RunResult:
     sorting: object
     timings: dict
     evaluation: dict | None
-    note: str | None = None  # e.g. why the localizer fell back to centre of mass
+    note: str | None = None  # what the user should know, e.g. why the localizer fell back to centre of mass
 
 
 def run(
@@ -269,8 +443,10 @@ def run(
     progress: bool = True,
     source: str | None = None,
     command: list[str] | None = None,
+    labels=None,
 ) -> RunResult:
-    """The whole pipeline; writes ``out`` (spikes.npy, sorting/, report.html, run.json[, phy/]).
+    """The whole pipeline; writes ``out`` (spikes.npy, sorting/, report.html, run.json,
+    encoder.safetensors, neural_sorter.safetensors[, phy/]). ``labels``: as for ``sort``.
 
     ``out`` appears only when complete (built under a temporary name, then renamed).
     """
@@ -282,8 +458,8 @@ def run(
     timer = Timer()
     started = time.time()
     prep = prepare(recording, params, timer)
-    spikes, pcs, localizer = _locate(prep, None, params.localization_method, progress)
-    spikes = _sort_spikes(prep, spikes, pcs)
+    spikes, result = _sort(prep, progress, labels)
+    localizer = result.localizer
     sorting = sorting_from_spikes(spikes, prep.recording)
     evaluation = None
     if ground_truth is not None:
@@ -294,12 +470,17 @@ def run(
             }
     localization = {"method": params.localization_method, "fallback": getattr(localizer, "fallback_reason", "") or None,
                     "training": getattr(localizer, "history", None) or None}
+    sorter = {"sorter": params.sorter, "labels": result.label_source or None, "notes": result.notes,
+              "neural_training": result.neural.history if result.neural is not None else None}
+    notes = ([localization["fallback"]] if localization["fallback"] else []) + result.notes
     with atomic_folder(out, overwrite) as tmp:
         with timer.stage("write"):
             save_npy_atomic(tmp / "spikes.npy", spikes)
             sorting.save(folder=tmp / "sorting")
             if getattr(localizer, "net", None) is not None:  # reusable on recordings of the same probe type
                 localizer.save(tmp / "encoder.safetensors")
+            if result.neural is not None:
+                result.neural.save(tmp / "neural_sorter.safetensors")
             if phy:
                 _export_phy(prep.recording, sorting, tmp / "phy")
         with timer.stage("report"):
@@ -325,11 +506,12 @@ def run(
             "num_spikes": int(len(spikes)),
             "num_units": int(len(sorting.unit_ids)),
             "localization": localization,
+            "sorting": sorter,
             "evaluation": evaluation,
             "versions": _versions(),
         }
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=_json_default))
-    return RunResult(out, spikes, sorting, dict(timer), evaluation, localization["fallback"])
+    return RunResult(out, spikes, sorting, dict(timer), evaluation, "; ".join(notes) or None)
 
 
 def _export_phy(recording, sorting, folder: Path) -> None:

@@ -1,5 +1,9 @@
 """SpikeInterface plug-ins, registered on ``import locsort``:
 
+- ``run_sorter("locsort", recording, folder=...)``: locsort.sort with any Params field as a
+  sorter parameter (``get_default_sorter_params("locsort")`` lists them with their meaning);
+  a GPU is used when present (``device="auto"``), the CPU otherwise.
+
 - ``localize_peaks(recording, peaks, method="locsort", method_kwargs={...})`` and the
   SortingAnalyzer ``spike_locations`` extension (``method="locsort"``): x, y, z, alpha and the
   posterior SDs x_std, y_std, z_std.
@@ -37,7 +41,7 @@ def _localize_node_class():
 
         def __init__(self, recording, parents, return_output=True, radius_um=75.0, **params):
             from .localize import make_localizer
-            from .pipeline import fit_localizer, prepare
+            from .pipeline import _training_sample, fit_localizer, prepare
             from .spikes import check_peaks
 
             LocalizeBase.__init__(self, recording, return_output=return_output, parents=parents, radius_um=radius_um)
@@ -47,7 +51,8 @@ def _localize_node_class():
             self.prep = prepare(recording, Params.from_dict(values))
             self.localizer = make_localizer("locsort", self.prep.params)
             peaks = check_peaks(_source_peaks(parents[0]), recording.get_num_channels(), recording.get_num_segments())
-            fit_localizer(self.prep, self.localizer, peaks, progress=False)
+            sample = _training_sample(self.prep, self.localizer, peaks, progress=False)
+            fit_localizer(self.prep, self.localizer, sample, progress=False)
 
         def get_trace_margin(self):
             return 0
@@ -71,6 +76,39 @@ def _localize_node_class():
     return LocalizeLocsort
 
 
+def _sorter_class():
+    from spikeinterface.sorters.internal.si_based import ComponentsBasedSorter
+
+    from . import __version__
+
+    class LocsortSorter(ComponentsBasedSorter):
+        """locsort: Bayesian spike localization, clustering and a neural sorter (locsort.sort)."""
+
+        sorter_name = "locsort"
+        gpu_capability = "nvidia-optional"
+        requires_locations = False
+        handle_multi_segment = True
+        compatible_with_parallel = {"loky": True, "multiprocessing": True, "threading": False}
+        _default_params = Params().asdict()
+        _params_description = Params.descriptions()
+        sorter_description = __doc__
+        installation_mesg = "pip install locsort"
+
+        @classmethod
+        def get_sorter_version(cls):
+            return __version__
+
+        @classmethod
+        def _run_from_folder(cls, sorter_output_folder, params, verbose):
+            from .pipeline import sort
+
+            recording = cls.load_recording_from_folder(sorter_output_folder.parent, with_warnings=False)
+            sorting = sort(recording, params=dict(params), progress=verbose)
+            sorting.save(folder=sorter_output_folder / "sorting")
+
+    return LocsortSorter
+
+
 def _source_peaks(source) -> np.ndarray:
     """The peaks a SpikeInterface peak source will deliver (to train the encoder on)."""
     from .spikes import PEAK_DTYPE
@@ -88,7 +126,13 @@ def _source_peaks(source) -> np.ndarray:
 
 
 def register() -> None:
-    """Make method="locsort" known to SpikeInterface's localization (idempotent)."""
+    """Make method="locsort" known to SpikeInterface's localization and sorters (idempotent)."""
+    from spikeinterface.sorters import sorterlist
+
+    if "locsort" not in sorterlist.sorter_dict:
+        sorter = _sorter_class()
+        sorterlist.sorter_full_list.append(sorter)
+        sorterlist.sorter_dict["locsort"] = sorter
     from spikeinterface.sortingcomponents.peak_localization import method_list
 
     node = _localize_node_class()

@@ -85,11 +85,14 @@ def scan(
     progress: bool = True,
     desc: str = "scan",
     features: bool = True,
-) -> dict:
+    concatenate: bool = True,
+) -> dict | list[dict]:
     """Run ``consume`` on every chunk's SpikeBatch; concatenate what it returns per spike.
 
     With ``peaks`` (PEAK_DTYPE) no detection happens and the result is in the caller's order.
     With ``features=False`` batches carry only peaks (centre = peak channel, no waveforms).
+    With ``concatenate=False`` the list of what ``consume`` returned, chunk by chunk (chunks
+    without spikes left out).
     """
     geo = Geometry.from_params(params, recording.get_sampling_frequency())
     chunks = chunks if chunks is not None else make_chunks(recording, geo.chunk_size)
@@ -129,8 +132,9 @@ def scan(
             batch = _features(traces, rows, batch_peaks, order, neighbourhood, geo)
         else:
             batch = SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
-        parts.append(consume(batch))
-    return _concatenate(parts, peaks)
+        if concatenate or len(batch.peaks):
+            parts.append(consume(batch))
+    return _concatenate(parts, peaks) if concatenate else parts
 
 
 def _features(traces, rows, peaks, order, neighbourhood, geo) -> SpikeBatch:

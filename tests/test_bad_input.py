@@ -177,3 +177,23 @@ def test_cuda_requested_without_gpu(tmp_path, probe_json, capsys):
     path = _write_binary(tmp_path / "rec.bin", np.zeros((30_000, 64), np.float32))
     code, lines = _run(_binary_args(path, probe_json, tmp_path / "o") + ["--device", "cuda"], capsys)
     _assert_one_line_error(code, lines, 2, "cuda")
+
+
+def test_labels_options(tmp_path, probe_json, ground_truth_recording, capsys):
+    from spikeinterface.core import NumpySorting
+
+    recording, _ = ground_truth_recording
+    path = _write_binary(tmp_path / "rec.bin", recording.get_traces(start_frame=0, end_frame=30_000))
+    out = tmp_path / "o"
+    code, lines = _run(_binary_args(path, probe_json, out) + ["--labels-k", "5"], capsys)
+    _assert_one_line_error(code, lines, 2, "--labels-k needs --labels")
+    code, lines = _run(_binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "nope")], capsys)
+    _assert_one_line_error(code, lines, 2, "labels not found")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    code, lines = _run(_binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "junk.npz")], capsys)
+    _assert_one_line_error(code, lines, 2, "cannot read labels")
+    other_rate = NumpySorting.from_samples_and_labels([np.array([100, 200])], [np.array([0, 0])], 20000.0)
+    other_rate.save(folder=tmp_path / "labels")
+    code, lines = _run(_binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "labels")], capsys)
+    _assert_one_line_error(code, lines, 2, "sampling frequency")
+    assert not out.exists()

@@ -27,7 +27,7 @@ def make_localizer(method: str, params: Params):
         if params.encoder_path:
             return AmortizedLocalizer.load(params.encoder_path, device=resolve_device(params.device))
         return AmortizedLocalizer(
-            decay=params.decay_law, jitter_uv=params.jitter_uv, max_centres=params.max_jitter_centres,
+            decay=params.decay_law, source_offset_um=params.source_offset_um, jitter_uv=params.jitter_uv, max_centres=params.max_jitter_centres,
             hidden=params.encoder_hidden, batch_size=params.encoder_batch_size, max_epochs=params.encoder_max_epochs,
             patience=params.encoder_patience, lr=params.encoder_lr, max_seconds=params.encoder_max_seconds,
             min_training_spikes=params.min_training_spikes, fallback_channels=params.com_channels,

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LocsortError, UsageError
 from .baseline import CenterOfMass
-from .model import ModelGlobals, latents, model
+from .model import ModelGlobals, latents, model, soma_sd
 
 FORMAT = "locsort-encoder"
 FORMAT_VERSION = 1
@@ -80,6 +80,7 @@ class AmortizedLocalizer:
     def __init__(
         self,
         decay: str = "exponential",
+        source_offset_um: float = 8.0,
         jitter_uv: float = 10.0,
         max_centres: int = 4,
         hidden: int = 256,
@@ -93,7 +94,7 @@ class AmortizedLocalizer:
         device: str = "cpu",
         seed: int = 0,
     ):
-        self.globals = ModelGlobals(decay=decay)
+        self.globals = ModelGlobals(decay=decay, source_offset_um=source_offset_um)
         self.jitter_uv = float(jitter_uv)
         self.max_centres = int(max_centres) if jitter_uv > 0 else 1
         self.hidden = hidden
@@ -300,7 +301,9 @@ class AmortizedLocalizer:
         count[count == 0] = 1
         pooled = np.stack([np.bincount(spike, weights=mean[:, c], minlength=n) for c in range(4)], 1) / count
         second = np.stack([np.bincount(spike, weights=var[:, c] + mean[:, c] ** 2, minlength=n) for c in range(4)], 1) / count
-        sd = np.sqrt(np.clip(second - pooled**2, 0, None))
+        var = np.clip(second - pooled**2, 0, None)
+        sd = np.sqrt(var)
+        sd[:, :2] = soma_sd(var[:, :2], self.globals)
         return {
             "x": pooled[:, 0].astype(np.float32),
             "y": pooled[:, 1].astype(np.float32),

@@ -12,12 +12,13 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_median
 
-from .model import ModelGlobals, model
+from .model import ModelGlobals, model, soma_sd
 
 
 def nuts_localize(centres, amplitudes, neighbourhood, noise, globals_: ModelGlobals, num_samples: int = 300,
                   warmup_steps: int = 300, seed: int = 0, progress: bool = False) -> dict:
-    """Posterior mean and SD of x, y, z (absolute, µm) and alpha for each spike, by NUTS.
+    """Posterior mean and SD of x, y, z (absolute, µm; x, y SDs of the soma, as the encoder's)
+    and alpha for each spike, by NUTS.
 
     ``centres`` (n,) and ``amplitudes`` (n, K) are the spikes' centre channels and their
     neighbourhood amplitudes (the localizer's observations, first centre).
@@ -43,5 +44,5 @@ def nuts_localize(centres, amplitudes, neighbourhood, noise, globals_: ModelGlob
     x, y = base[:, 0] + s["x"], base[:, 1] + s["y"]
     return {
         "x": x.mean(0), "y": y.mean(0), "z": s["z"].mean(0), "alpha": np.exp(s["log_alpha"]).mean(0),
-        "x_std": x.std(0), "y_std": y.std(0), "z_std": s["z"].std(0), "seconds": seconds,
+        "x_std": soma_sd(x.var(0), globals_), "y_std": soma_sd(y.var(0), globals_), "z_std": s["z"].std(0), "seconds": seconds,
     }

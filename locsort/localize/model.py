@@ -18,6 +18,15 @@ silent channel read about ``floor * sigma`` rather than 0, hence the sqrt(s^2 + 
 mean; ``rel_error`` absorbs what a point source cannot explain of a real cell (dendrites).
 Virtual slots (past the probe edge) are masked out of the likelihood.
 
+The point source is where the cell's current *appears* to come from; the soma is not exactly
+there (dendrites and axon pull the electrical centre away from it). The model therefore says
+soma = source + offset, offset ~ Normal(0, source_offset_um) per axis in the probe plane. The
+offset does not touch the amplitudes, so the soma's posterior is the source posterior widened
+by source_offset_um in quadrature (``soma_sd``). Its value, 8 µm, is the residual of the best
+noise-free point-source fit of MEArec's biophysical square-MEA templates (10.2 µm mean 2-D
+error = 8.1 µm per axis for a 2-D Gaussian): a property of real cells, not of noise, which is
+why posterior widths without it covered the true soma far too rarely (NOTES.md).
+
 Real cells do not share one decay length (MEArec's biophysical cells: 14-32 µm interquartile),
 hence a per-spike length around a recording-wide median. The global quantities (median decay
 length, floor, rel_error) are fitted to the recording (empirical Bayes: learned with the
@@ -54,9 +63,15 @@ class ModelGlobals:
     prior_log_alpha: float = 5.0  # mean log source amplitude (set from the data)
     prior_log_alpha_sd: float = 1.0
     min_distance_um: float = 1.0  # monopole: no singularity on a contact
+    source_offset_um: float = 8.0  # SD per axis of the soma's offset from the point source
 
     def asdict(self) -> dict:
         return asdict(self)
+
+
+def soma_sd(source_var, g: ModelGlobals):
+    """Posterior SD of the soma's x or y from the posterior variance of the source's."""
+    return (source_var + g.source_offset_um**2) ** 0.5
 
 
 def expected_amplitude(x, y, z, log_alpha, log_length, slot_xy, g: ModelGlobals):

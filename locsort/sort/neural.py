@@ -1,0 +1,395 @@
+"""The E-Sort-style neural sorter: a network that maps multi-channel snippets to per-unit
+spike probabilities, trained from labels (locsort's own clustering, ground truth or another
+sorter), with a backbone that can be pretrained once and fine-tuned with few labels.
+
+Differences from the published design (research.md §2), and why:
+
+- **Any probe.** E-Sort flattens 384 channels into its spatial layer. Here a spike is seen on
+  the fixed-shape neighbourhood of its centre channel (neighbourhood.py) and the spatial
+  stage is a set function over the neighbourhood's slots: every slot's temporal features are
+  tagged with the slot's position relative to the centre (µm) and pooled (masked mean and
+  max), so the backbone has no channel count or slot order in its weights and transfers
+  across probe geometries. Virtual slots are left out of the pooling.
+- **Replaceable head.** The head (one sigmoid output per unit) sees the backbone's embedding
+  plus the centre channel's absolute position on the probe (so that units alike in shape but
+  far apart differ). It belongs to one recording; a pretrained backbone gets a new head.
+- **Speed on CPU.** The published network runs at every sample of every window. Here it runs
+  once per candidate event (a threshold crossing that is a local minimum across time and
+  nearby channels, detect.py), which is a few thousand windows per second of recording
+  instead of 30,000 x channels. Spike-free stretches cost nothing; a candidate no unit claims
+  is rejected (all outputs low), so the detection threshold can stay permissive.
+- **Time axis in ms.** Snippets are resampled to ``NUM_TIME_POINTS`` over the snippet span, so
+  a backbone trained at one sampling rate serves another.
+
+Inputs are in noise units (each channel divided by its noise level): a backbone pretrained on
+one noise level applies to another.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ..errors import LocsortError, UsageError
+
+FORMAT = "locsort-neural-sorter"
+FORMAT_VERSION = 1
+NUM_TIME_POINTS = 40  # snippet samples after resampling to a rate-independent grid
+EMBEDDING = 128  # backbone output width
+SLOT_SCALES_UM = (15.0, 30.0, 60.0)  # Fourier features of slot offsets: near neighbours to neighbourhood edge
+PROBE_SCALES_UM = (20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0, 5120.0)  # of absolute position
+
+
+@dataclass
+class Windows:
+    """What the network sees of n candidate spikes.
+
+    waveforms : (n, NUM_TIME_POINTS, K) float16, traces in noise units on the centre channel's
+        neighbourhood (virtual slots 0), resampled over the snippet span
+    real : (n, K) bool, slot holds a real contact
+    slot_xy : (n, K, 2) float32, slot position relative to the centre channel (µm)
+    centre_xy : (n, 2) float32, the centre channel's position on the probe (µm)
+    """
+
+    waveforms: np.ndarray
+    real: np.ndarray
+    slot_xy: np.ndarray
+    centre_xy: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.waveforms)
+
+    @classmethod
+    def from_batch(cls, batch, neighbourhood, noise: np.ndarray) -> "Windows":
+        """From a scan.SpikeBatch (waveforms in µV)."""
+        index = neighbourhood.index[batch.centre]
+        real = index >= 0
+        scale = np.where(real, 1.0 / noise[np.maximum(index, 0)], 0.0).astype(np.float32)
+        waveforms = batch.waveforms * scale[:, None, :]
+        return cls(resample(waveforms), real, neighbourhood.offsets[batch.centre],
+                   neighbourhood.positions[batch.centre].astype(np.float32))
+
+    @classmethod
+    def concatenate(cls, parts: list["Windows"]) -> "Windows":
+        return cls(*[np.concatenate([getattr(p, name) for p in parts]) for name in ("waveforms", "real", "slot_xy", "centre_xy")])
+
+    def subset(self, rows) -> "Windows":
+        return Windows(self.waveforms[rows], self.real[rows], self.slot_xy[rows], self.centre_xy[rows])
+
+
+def resample(waveforms: np.ndarray) -> np.ndarray:
+    """(n, T, K) -> (n, NUM_TIME_POINTS, K) float16 by linear interpolation over the span."""
+    n, t, k = waveforms.shape
+    if t == NUM_TIME_POINTS:
+        return waveforms.astype(np.float16)
+    position = np.linspace(0, t - 1, NUM_TIME_POINTS)
+    lo = np.floor(position).astype(int)
+    hi = np.minimum(lo + 1, t - 1)
+    w = (position - lo).astype(np.float32)[None, :, None]
+    return (waveforms[:, lo] * (1 - w) + waveforms[:, hi] * w).astype(np.float16)
+
+
+def _fourier(values: torch.Tensor, scales) -> torch.Tensor:
+    """Sin/cos features of µm values (..., D) at the given length scales."""
+    freq = torch.tensor([2 * math.pi / s for s in scales], device=values.device, dtype=values.dtype)
+    angles = values[..., None] * freq  # (..., D, S)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+class Backbone(nn.Module):
+    """Temporal filter shared by all channels, then a spatial stage pooled over the slots."""
+
+    def __init__(self, temporal: int = 16, slot_hidden: int = 64):
+        super().__init__()
+        self.temporal = nn.Sequential(nn.Linear(NUM_TIME_POINTS, 32), nn.ReLU(), nn.Linear(32, temporal))
+        position_features = 3 + 2 * 2 * len(SLOT_SCALES_UM)
+        self.slot = nn.Sequential(nn.Linear(temporal + position_features, slot_hidden), nn.ReLU(),
+                                  nn.Linear(slot_hidden, slot_hidden), nn.ReLU())
+        self.spatial = nn.Sequential(nn.Linear(2 * slot_hidden, EMBEDDING), nn.ReLU(), nn.LayerNorm(EMBEDDING))
+
+    def forward(self, waveforms, real, slot_xy):
+        """waveforms (n, T, K), real (n, K), slot_xy (n, K, 2) -> (n, EMBEDDING)."""
+        per_slot = self.temporal(waveforms.transpose(1, 2))  # (n, K, temporal)
+        distance = slot_xy.norm(dim=-1, keepdim=True)
+        position = torch.cat([slot_xy / 50.0, distance / 50.0, _fourier(slot_xy, SLOT_SCALES_UM)], dim=-1)
+        h = self.slot(torch.cat([per_slot, position], dim=-1))  # (n, K, slot_hidden)
+        mask = real.unsqueeze(-1).to(h.dtype)
+        mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        peak = h.masked_fill(mask == 0, float("-inf")).amax(1)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        return self.spatial(torch.cat([mean, peak], dim=-1))
+
+
+class Head(nn.Module):
+    """One logit per unit of one recording, from the embedding and where the centre channel is."""
+
+    def __init__(self, num_units: int, hidden: int = 128):
+        super().__init__()
+        self.num_units = num_units
+        self.net = nn.Sequential(nn.Linear(EMBEDDING + 2 * 2 * len(PROBE_SCALES_UM), hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_units))
+
+    def forward(self, embedding, centre_xy):
+        return self.net(torch.cat([embedding, _fourier(centre_xy, PROBE_SCALES_UM)], dim=-1))
+
+
+class SpikeNet(nn.Module):
+    def __init__(self, num_units: int, backbone: Backbone | None = None):
+        super().__init__()
+        self.backbone = backbone if backbone is not None else Backbone()
+        self.head = Head(num_units)
+
+    def forward(self, waveforms, real, slot_xy, centre_xy):
+        return self.head(self.backbone(waveforms, real, slot_xy), centre_xy)
+
+
+def _shift(waveforms: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation: move each snippet by up to ``max_shift`` points in time (edge
+    padded), as candidate times wander by a sample or two around the true spike time."""
+    if max_shift <= 0:
+        return waveforms
+    n, t, _ = waveforms.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (n,), generator=generator).to(waveforms.device)
+    index = (torch.arange(t, device=waveforms.device)[None, :] - shift[:, None]).clamp(0, t - 1)
+    return torch.gather(waveforms, 1, index[:, :, None].expand_as(waveforms))
+
+
+class NeuralSorter:
+    """fit(windows, targets, mask) on labelled candidates, then predict_proba(windows).
+
+    targets : (n, U) 1 where candidate i is a spike of unit u
+    mask : (n, U) where the label of (i, u) is known; e.g. with only the first K spikes of a
+        unit labelled, candidates after its K-th spike are unknown for that unit, not negatives
+    """
+
+    def __init__(self, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256, max_seconds: float = 120.0,
+                 patience: int = 5, device: str = "cpu", seed: int = 0, backbone_lr_scale: float = 0.3):
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.max_seconds = max_seconds
+        self.patience = patience
+        self.device = torch.device(device)
+        self.seed = seed
+        self.backbone_lr_scale = backbone_lr_scale
+        self.net: SpikeNet | None = None
+        self.pretrained = False
+        self.history: dict = {}
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, windows: Windows, targets: np.ndarray, mask: np.ndarray | None = None,
+            backbone: Backbone | None = None, progress: bool = False) -> "NeuralSorter":
+        targets = np.asarray(targets, dtype=np.float32)
+        num_units = targets.shape[1]
+        if num_units == 0:
+            raise LocsortError("no units to train the neural sorter on: the labels have no unit with a labelled spike")
+        mask = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        self.pretrained = backbone is not None
+        self.net = SpikeNet(num_units, copy.deepcopy(backbone) if backbone is not None else None).to(self.device)
+        groups = [{"params": self.net.head.parameters(), "lr": self.lr},
+                  {"params": self.net.backbone.parameters(), "lr": self.lr * (self.backbone_lr_scale if self.pretrained else 1.0)}]
+        optimizer = torch.optim.Adam(groups)
+        # positives are rare next to negatives (E-Sort balances them with spike-free windows):
+        # weight each unit's positives up to the weight of its known negatives, at most 20 x
+        known_pos = (targets * mask).sum(0)
+        known_neg = ((1 - targets) * mask).sum(0)
+        pos_weight = torch.as_tensor(np.clip(known_neg / np.maximum(known_pos, 1), 1.0, 20.0), dtype=torch.float32, device=self.device)
+        order = rng.permutation(len(windows))
+        num_val = max(1, len(order) // 10) if len(order) >= 50 else 0
+        val, train = order[:num_val], order[num_val:]
+        if len(train) == 0:
+            raise LocsortError("too few labelled candidate spikes to train the neural sorter")
+        tensors = self._tensors(windows)
+        y = torch.as_tensor(targets, device=self.device)
+        m = torch.as_tensor(mask, dtype=torch.float32, device=self.device)
+
+        def loss_of(rows, augment):
+            rows = torch.as_tensor(rows, device=self.device)
+            wave, real, slot_xy, centre_xy = (t[rows] for t in tensors)
+            if augment:
+                wave = _shift(wave, 1, generator)
+            logits = self.net(wave, real, slot_xy, centre_xy)
+            loss = F.binary_cross_entropy_with_logits(logits, y[rows], pos_weight=pos_weight, reduction="none")
+            return (loss * m[rows]).sum() / m[rows].sum().clamp(min=1.0)
+
+        best, best_state, stale, history = math.inf, None, 0, []
+        start = time.perf_counter()
+        bar = tqdm(range(self.epochs), desc="train neural sorter", unit="epoch", disable=not progress, leave=False)
+        for _ in bar:
+            self.net.train()
+            rng.shuffle(train)
+            for i in range(0, len(train), self.batch_size):
+                loss = loss_of(train[i : i + self.batch_size], augment=True)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            self.net.eval()
+            if num_val:
+                with torch.no_grad():
+                    val_loss = float(loss_of(val, augment=False))
+            else:
+                val_loss = float(loss.detach())
+            history.append(val_loss)
+            bar.set_postfix(val_loss=f"{val_loss:.4f}")
+            if val_loss < best - 1e-4:
+                best, stale, best_state = val_loss, 0, copy.deepcopy(self.net.state_dict())
+            else:
+                stale += 1
+            if stale >= self.patience or time.perf_counter() - start > self.max_seconds:
+                break
+        if best_state is None or not math.isfinite(best):
+            raise LocsortError("neural sorter training diverged (non-finite loss)")
+        self.net.load_state_dict(best_state)
+        self.net.eval()
+        self.history = {"epochs": len(history), "val_loss": history, "train_windows": int(len(train)),
+                        "units": int(num_units), "pretrained_backbone": self.pretrained,
+                        "seconds": time.perf_counter() - start}
+        return self
+
+    def _tensors(self, windows: Windows):
+        t = lambda a, dtype=torch.float32: torch.as_tensor(np.ascontiguousarray(a), device=self.device).to(dtype)
+        return t(windows.waveforms), t(windows.real, torch.bool), t(windows.slot_xy), t(windows.centre_xy)
+
+    # ------------------------------------------------------------------ predict
+
+    @property
+    def num_units(self) -> int:
+        return 0 if self.net is None else self.net.head.num_units
+
+    def predict_proba(self, windows: Windows, batch_size: int = 8192) -> torch.Tensor:
+        """(n, U) spike probabilities per unit (a tensor on the sorter's device)."""
+        if self.net is None:
+            raise LocsortError("the neural sorter is not trained: call fit() or load() first")
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(windows), batch_size):
+                part = windows.subset(slice(i, i + batch_size))
+                out.append(torch.sigmoid(self.net(*self._tensors(part))))
+        return torch.cat(out) if out else torch.zeros((0, self.num_units), device=self.device)
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, path: str | Path, backbone_only: bool = False, info: dict | None = None) -> None:
+        """Weights (the backbone alone, or backbone + head) in one safetensors file, no pickle."""
+        from safetensors.torch import save_file
+
+        if self.net is None:
+            raise LocsortError("nothing to save: the neural sorter was not trained")
+        module = self.net.backbone if backbone_only else self.net
+        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "kind": "backbone" if backbone_only else "sorter",
+                "num_units": str(self.num_units), "num_time_points": str(NUM_TIME_POINTS), "info": json.dumps(info or {})}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", **kwargs) -> "NeuralSorter":
+        kind, state, meta = _read(path)
+        if kind != "sorter":
+            raise UsageError(f"{path} holds a backbone only (load it with load_backbone and fine-tune a head)")
+        sorter = cls(device=device, **kwargs)
+        sorter.net = SpikeNet(int(meta["num_units"]))
+        _load_state(sorter.net, state, path)
+        sorter.net.to(sorter.device).eval()
+        return sorter
+
+
+def load_backbone(path: str | Path) -> Backbone:
+    """A backbone from a file written by ``save(backbone_only=True)`` or a full sorter file."""
+    kind, state, _ = _read(path)
+    if kind == "sorter":
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    backbone = Backbone()
+    _load_state(backbone, state, path)
+    return backbone.eval()
+
+
+def backbone_info(path: str | Path) -> dict:
+    return json.loads(_read(path)[2].get("info", "{}"))
+
+
+def _read(path):
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"neural sorter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise LocsortError(f"cannot read neural sorter file {path}: it is corrupt or not a safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise LocsortError(f"{path} is not a locsort neural sorter file")
+    if int(meta.get("num_time_points", -1)) != NUM_TIME_POINTS:
+        raise LocsortError(f"{path} was made for {meta.get('num_time_points')} time points, this locsort uses {NUM_TIME_POINTS}")
+    return meta.get("kind"), state, meta
+
+
+def _load_state(module: nn.Module, state: dict, path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise LocsortError(f"{path} does not match this locsort's network ({str(exc).splitlines()[0]})") from None
+
+
+def pretrain_backbone(datasets: list[tuple[Windows, np.ndarray, np.ndarray]], epochs: int = 20, lr: float = 3e-3,
+                      batch_size: int = 256, seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[Backbone, dict]:
+    """A backbone trained on several labelled recordings at once, one head per recording
+    (each recording has its own units): batches alternate between recordings, so the backbone
+    learns what separates units on any of them. Returns the backbone and a training summary."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = torch.device(device)
+    backbone = Backbone().to(device)
+    heads = nn.ModuleList([Head(targets.shape[1]) for _, targets, _ in datasets]).to(device)
+    optimizer = torch.optim.Adam(list(backbone.parameters()) + list(heads.parameters()), lr=lr)
+    staged = []
+    for windows, targets, mask in datasets:
+        t = lambda a, dtype=torch.float32: torch.as_tensor(np.ascontiguousarray(a), device=device).to(dtype)
+        pos = (targets * mask).sum(0)
+        neg = ((1 - targets) * mask).sum(0)
+        staged.append(((t(windows.waveforms), t(windows.real, torch.bool), t(windows.slot_xy), t(windows.centre_xy)),
+                       t(targets), t(mask), t(np.clip(neg / np.maximum(pos, 1), 1.0, 20.0))))
+    losses = []
+    for _ in tqdm(range(epochs), desc="pretrain backbone", unit="epoch", disable=not progress):
+        steps = [(d, rows) for d, (inputs, *_rest) in enumerate(staged)
+                 for rows in np.array_split(rng.permutation(len(inputs[0])), max(1, len(inputs[0]) // batch_size))]
+        rng.shuffle(steps)
+        total = 0.0
+        for d, rows in steps:
+            (wave, real, slot_xy, centre_xy), y, m, pos_weight = staged[d]
+            rows = torch.as_tensor(rows, device=device)
+            logits = heads[d](backbone(_shift(wave[rows], 1, generator), real[rows], slot_xy[rows]), centre_xy[rows])
+            loss = F.binary_cross_entropy_with_logits(logits, y[rows], pos_weight=pos_weight, reduction="none")
+            loss = (loss * m[rows]).sum() / m[rows].sum().clamp(min=1.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        losses.append(total / max(len(steps), 1))
+    return backbone.eval(), {"epochs": epochs, "train_loss": losses}
+
+
+def save_backbone(backbone: Backbone, path: str | Path, info: dict) -> None:
+    """Write a pretrained backbone (safetensors, with ``info`` on how it was made)."""
+    sorter = NeuralSorter()
+    sorter.net = SpikeNet(1, backbone)
+    sorter.save(path, backbone_only=True, info=info)

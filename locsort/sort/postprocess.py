@@ -1,0 +1,66 @@
+"""Network outputs -> spike trains, with tensor operations over all units and times at once
+(no Python loop over spikes or units).
+
+Per chunk, the network gives every candidate event a probability per unit. A candidate is a
+spike of its most probable unit when that probability passes the threshold (cross-unit
+duplicates: one candidate is one spike). One spike seen as two candidates (on channels
+farther apart than the detection radius, or a few samples apart) would count twice, so per
+unit only the local maximum of the probability within +/- ``refractory`` samples is kept:
+the probabilities are scattered on a dense (units x time) grid and compared with their
+max-pooled grid, E-Sort's local-maximum step on the candidates' sparse trace.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+_MAX_GRID = 64_000_000  # units x samples per grid; larger spans are cut in time pieces
+
+
+def assign_units(samples: np.ndarray, proba: torch.Tensor, threshold: float, refractory: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unit per candidate, -1 when rejected; its probability) for candidates at ``samples``
+    (n,) of one segment with probabilities ``proba`` (n, U)."""
+    n = len(samples)
+    if n == 0 or proba.shape[1] == 0:
+        return np.full(n, -1, np.int64), np.zeros(n, np.float32)
+    score, unit = proba.max(dim=1)
+    keep = score > threshold
+    times = torch.as_tensor(samples, device=proba.device)
+    t0 = int(times.min())
+    span = int(times.max()) - t0 + 1
+    num_units = proba.shape[1]
+    if num_units * span > _MAX_GRID:  # e.g. a long sparse segment: process it in time pieces
+        order = np.argsort(samples, kind="stable")
+        pieces = np.array_split(order, int(np.ceil(num_units * span / _MAX_GRID)) + 1)
+        units, scores = np.full(n, -1, np.int64), np.zeros(n, np.float32)
+        for rows in pieces:
+            if len(rows):
+                units[rows], scores[rows] = assign_units(samples[rows], proba[torch.as_tensor(rows, device=proba.device)], threshold, refractory)
+        return units, scores
+    # ties between equal probabilities go to the earlier candidate
+    tie_break = torch.arange(n, device=proba.device, dtype=proba.dtype) * 1e-7 / max(n, 1)
+    value = torch.where(keep, score - tie_break, torch.zeros_like(score))
+    grid = torch.zeros(num_units, span, device=proba.device, dtype=proba.dtype)
+    flat = unit * span + (times - t0)
+    grid.view(-1).scatter_reduce_(0, flat, value, reduce="amax")
+    pooled = F.max_pool1d(grid[None], kernel_size=2 * refractory + 1, stride=1, padding=refractory)[0]
+    local_max = pooled.view(-1)[flat] <= value
+    chosen = keep & local_max
+    units = torch.where(chosen, unit, torch.full_like(unit, -1))
+    return units.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
+
+
+def drop_border_duplicates(segment: np.ndarray, samples: np.ndarray, units: np.ndarray, refractory: int) -> np.ndarray:
+    """Units with repeats of one unit closer than ``refractory`` samples removed (set to -1),
+    keeping the first: what the per-chunk local maximum cannot see across a chunk border."""
+    units = units.copy()
+    assigned = np.flatnonzero(units >= 0)
+    if len(assigned) < 2:
+        return units
+    order = assigned[np.lexsort((samples[assigned], segment[assigned], units[assigned]))]
+    same = (units[order][1:] == units[order][:-1]) & (segment[order][1:] == segment[order][:-1])
+    close = same & (np.diff(samples[order]) <= refractory)
+    units[order[1:][close]] = -1
+    return units

@@ -1,0 +1,161 @@
+"""Sorting: the neural sorter (labels, training, post-processing, pretrained backbone,
+save/load) and the SpikeInterface sorter plug-in, on the 10-second generated recording."""
+
+import numpy as np
+import pytest
+import torch
+
+import locsort
+from locsort.errors import LocsortError, UsageError
+from locsort.evaluate import sorting_accuracy
+from locsort.neighbourhood import Neighbourhood
+from locsort.sort.labels import labels_from_sorting, match
+from locsort.sort.neural import NUM_TIME_POINTS, NeuralSorter, Windows, backbone_info, load_backbone
+from locsort.sort.postprocess import assign_units, drop_border_duplicates
+from locsort.sort.pretrained import BACKBONE_PATH
+
+FAST = dict(neural_epochs=8, encoder_max_epochs=10)
+
+
+def test_assign_units_keeps_one_unit_per_candidate_and_local_maxima_in_time():
+    samples = np.array([100, 103, 100, 400, 900, 905])
+    proba = torch.tensor([
+        [0.9, 0.1],  # unit 0 ...
+        [0.7, 0.0],  # ... seen again 3 samples later: not a second spike
+        [0.2, 0.6],  # unit 1 at the same time as unit 0's spike: a spike of its own (other candidate)
+        [0.3, 0.4],  # below threshold: rejected
+        [0.6, 0.8],  # one candidate claimed by both: the more probable unit only
+        [0.55, 0.0],  # unit 0 five samples after a unit-1 spike: kept
+    ])
+    units, scores = assign_units(samples, proba, threshold=0.5, refractory=10)
+    np.testing.assert_array_equal(units, [0, -1, 1, -1, 1, 0])
+    np.testing.assert_allclose(scores, [0.9, 0.7, 0.6, 0.4, 0.8, 0.55], rtol=1e-6)
+
+
+def test_assign_units_handles_long_sparse_segments_in_pieces():
+    samples = np.array([0, 5, 10_000_000, 10_000_004])
+    proba = torch.tensor([[0.9], [0.8], [0.6], [0.7]])
+    units, _ = assign_units(samples, proba, threshold=0.5, refractory=10)
+    np.testing.assert_array_equal(units, [0, -1, -1, 0])
+
+
+def test_border_duplicates_are_dropped_per_unit_and_segment():
+    segment = np.array([0, 0, 0, 1, 0])
+    samples = np.array([100, 104, 300, 102, 104])
+    units = np.array([0, 0, 0, 0, 1])
+    out = drop_border_duplicates(segment, samples, units, refractory=10)
+    np.testing.assert_array_equal(out, [0, -1, 0, 0, 1])
+
+
+def _sorting(times_per_unit, fs=30000.0):
+    from spikeinterface.core import NumpySorting
+
+    samples = np.concatenate(times_per_unit)
+    labels = np.concatenate([np.full(len(t), i) for i, t in enumerate(times_per_unit)])
+    order = np.argsort(samples, kind="stable")
+    return NumpySorting.from_samples_and_labels([samples[order]], [labels[order]], fs, unit_ids=np.arange(len(times_per_unit)))
+
+
+def test_first_k_labels_make_later_candidates_unknown_not_negative(ground_truth_recording):
+    recording, _ = ground_truth_recording
+    sorting = _sorting([np.array([1000, 2000, 3000, 4000]), np.array([1500, 50_000]), np.array([], dtype=np.int64)])
+    labels = labels_from_sorting(sorting, recording, max_spikes_per_unit=3)
+    assert labels.num_units == 2 and any("no spikes" in n for n in labels.notes)
+    assert any("fewer than K = 3" in n for n in labels.notes)
+    assert labels.known_until[0] == 3000  # unit 0: complete up to its 3rd spike
+    assert labels.known_until[1] == recording.get_num_samples(0)  # unit 1: all its spikes are labelled
+    candidates = np.array([1002, 1499, 2500, 3001, 3990, 50_003])
+    targets, mask = match(labels, candidates, tolerance=12)
+    np.testing.assert_array_equal(targets[:, 0], [1, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(targets[:, 1], [0, 1, 0, 0, 0, 1])
+    np.testing.assert_array_equal(mask[:, 0], [True, True, True, True, False, False])
+    assert mask[:, 1].all()
+
+
+def test_labels_from_another_recording_are_refused(ground_truth_recording):
+    recording, _ = ground_truth_recording
+    with pytest.raises(UsageError, match="sampling frequency"):
+        labels_from_sorting(_sorting([np.array([10, 20])], fs=25000.0), recording)
+    with pytest.raises(UsageError, match="outside the recording"):
+        labels_from_sorting(_sorting([np.array([10, recording.get_num_samples(0) + 5])]), recording)
+    with pytest.raises(UsageError, match="no unit with spikes"):
+        labels_from_sorting(_sorting([np.array([], dtype=np.int64)]), recording)
+
+
+@pytest.fixture(scope="module")
+def trained_on_truth(ground_truth_recording):
+    recording, truth = ground_truth_recording
+    prep = locsort.pipeline.prepare(recording, locsort.Params(**FAST))
+    spikes, result = locsort.pipeline._sort(prep, progress=False, labels=truth.sorting)
+    return spikes, result, locsort.pipeline.sorting_from_spikes(spikes, prep.recording)
+
+
+def test_neural_sorter_trained_on_ground_truth_recovers_the_units(ground_truth_recording, trained_on_truth):
+    _, truth = ground_truth_recording
+    spikes, result, sorting = trained_on_truth
+    assert result.neural is not None and result.neural.pretrained and result.label_source == "labels"
+    score = sorting_accuracy(sorting, truth)
+    assert score["num_units"] <= 20  # at most one output unit per labelled unit
+    assert score["well_detected"] >= 14, score
+    assert score["mean_accuracy"] > 0.7, score
+    # spikes no unit claims are kept (localized) with unit -1
+    assert (spikes["unit_index"] == -1).any() and np.isfinite(spikes["x"]).all()
+
+
+def test_trained_neural_sorter_saves_and_loads_to_the_same_outputs(tmp_path, ground_truth_recording, trained_on_truth):
+    _, result, _ = trained_on_truth
+    recording, _ = ground_truth_recording
+    neighbourhood = Neighbourhood.from_recording(recording)
+    rng = np.random.default_rng(0)
+    windows = Windows(rng.normal(size=(50, NUM_TIME_POINTS, 25)).astype(np.float16), neighbourhood.real[:50],
+                      neighbourhood.offsets[:50], neighbourhood.positions[:50].astype(np.float32))
+    result.neural.save(tmp_path / "net.safetensors")
+    loaded = NeuralSorter.load(tmp_path / "net.safetensors")
+    torch.testing.assert_close(loaded.predict_proba(windows), result.neural.predict_proba(windows))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(LocsortError, match="corrupt"):
+        NeuralSorter.load(tmp_path / "bad.safetensors")
+    with pytest.raises(UsageError, match="not found"):
+        NeuralSorter.load(tmp_path / "missing.safetensors")
+
+
+def test_pretrained_backbone_is_shipped_documented_and_fits_any_geometry():
+    info = backbone_info(BACKBONE_PATH)
+    assert info["made_by"] == "scripts/pretrain_backbone.py" and info["labels"] == "ground truth"
+    backbone = load_backbone(BACKBONE_PATH)
+    # a 10 x 10 square MEA (another probe type than the pretraining's) and a 3-channel probe
+    for positions in (np.stack(np.meshgrid(np.arange(10) * 15.0, np.arange(10) * 15.0), -1).reshape(-1, 2),
+                      np.array([[0.0, 0.0], [0.0, 20.0], [0.0, 40.0]])):
+        hood = Neighbourhood(positions)
+        n = len(positions)
+        waves = torch.randn(n, NUM_TIME_POINTS, hood.size)
+        out = backbone(waves, torch.as_tensor(hood.real), torch.as_tensor(hood.offsets))
+        assert out.shape == (n, 128) and torch.isfinite(out).all()
+
+
+def test_default_sort_trains_on_its_own_clustering(ground_truth_recording):
+    recording, truth = ground_truth_recording
+    prep = locsort.pipeline.prepare(recording, locsort.Params(**FAST))
+    spikes, result = locsort.pipeline._sort(prep, progress=False)
+    assert result.label_source == "clustering" and result.neural is not None
+    score = sorting_accuracy(locsort.pipeline.sorting_from_spikes(spikes, prep.recording), truth)
+    assert score["well_detected"] >= 10, score
+
+
+def test_too_few_labelled_spikes_is_a_clear_error(ground_truth_recording):
+    recording, truth = ground_truth_recording
+    with pytest.raises(LocsortError, match="labelled spikes to train the neural sorter"):
+        locsort.sort(recording, params=dict(label_max_spikes_per_unit=2, min_training_spikes=300, **FAST),
+                     labels=truth.sorting, progress=False)
+
+
+def test_run_sorter_plugin(tmp_path, ground_truth_recording):
+    from spikeinterface.sorters import get_default_sorter_params, run_sorter, sorter_dict
+
+    recording, truth = ground_truth_recording
+    assert sorter_dict["locsort"].gpu_capability == "nvidia-optional"
+    assert "sorter" in get_default_sorter_params("locsort")
+    recording = recording.save(folder=tmp_path / "recording", progress_bar=False)  # run_sorter needs a serializable one
+    sorting = run_sorter("locsort", recording, folder=tmp_path / "si", sorter="cluster", encoder_max_epochs=10,
+                         verbose=False, remove_existing_folder=True)
+    assert sorting_accuracy(sorting, truth)["well_detected"] >= 8
