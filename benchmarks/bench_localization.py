@@ -24,7 +24,9 @@ import time
 
 import numpy as np
 
-from _common import DATA, SHARED, command_line, machine, write_section
+from _common import DATA, ROOT, SHARED, command_line, machine, write_section
+
+RESULTS = ROOT / "benchmarks" / "results" / "localization.json"  # per recording: a partial re-run updates its rows
 
 PAPER = {  # Hurwitz et al. 2019, square MEA, mean ± SD 2-D error (µm)
     "center of mass, 4 ch": {10: "15.84 ± 10.08", 20: "16.46 ± 10.39", 30: "17.18 ± 10.97"},
@@ -43,26 +45,31 @@ RECORDINGS = {
 }
 
 
+def simulate(name: str, duration: float):
+    """(raw recording, GroundTruth) of one of RECORDINGS; MEArec files are cached under benchmarks/data."""
+    from locsort.simulate import generate_recording, read_mearec_ground_truth
+
+    kind, templates, noise = RECORDINGS[name]
+    DATA.mkdir(parents=True, exist_ok=True)
+    if kind == "mearec":
+        path = DATA / f"mearec_{name}_{duration:g}s.h5"
+        if not path.exists():
+            subprocess.run([sys.executable, str(SHARED / "data" / "mearec" / "make_recording.py"),
+                            str(SHARED / "data" / "mearec" / templates), str(path), "--noise", str(noise),
+                            "--duration", str(duration), "--seed", "0"], check=True, capture_output=True)
+        return read_mearec_ground_truth(path)
+    return generate_recording(duration=duration, num_units=50, noise_level=noise, seed=0)
+
+
 def load(name: str, duration: float):
     """(preprocessed recording saved to a binary folder, ground truth); cached under benchmarks/data."""
     from spikeinterface.core import load as si_load
 
     from locsort.preprocess import preprocess
-    from locsort.simulate import GroundTruth, generate_recording, read_mearec_ground_truth
+    from locsort.simulate import GroundTruth
 
-    kind, templates, noise = RECORDINGS[name]
-    DATA.mkdir(parents=True, exist_ok=True)
-    tag = f"{name}_{duration:g}s"
-    if kind == "mearec":
-        path = DATA / f"mearec_{tag}.h5"
-        if not path.exists():
-            subprocess.run([sys.executable, str(SHARED / "data" / "mearec" / "make_recording.py"),
-                            str(SHARED / "data" / "mearec" / templates), str(path), "--noise", str(noise),
-                            "--duration", str(duration), "--seed", "0"], check=True, capture_output=True)
-        recording, truth = read_mearec_ground_truth(path)
-    else:
-        recording, truth = generate_recording(duration=duration, num_units=50, noise_level=noise, seed=0)
-    folder = DATA / f"pre_{tag}"
+    recording, truth = simulate(name, duration)
+    folder = DATA / f"pre_{name}_{duration:g}s"
     if not (folder / "si_folder.json").exists():
         preprocess(recording).save(folder=folder, n_jobs=1, progress_bar=False, chunk_duration="1s", overwrite=True)
     return si_load(folder), GroundTruth(truth.sorting, truth.unit_locations)
@@ -131,7 +138,7 @@ def main():
 
     from locsort.evaluate import ground_truth_peaks
 
-    results = {}
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name in args.recordings:
         recording, truth = load(name, args.duration)
         peaks, true = ground_truth_peaks(recording, truth)
@@ -142,7 +149,8 @@ def main():
         speed["locsort (exponential, jitter 10)"] = (len(peaks) / infer_s, fit_s)
         calib = coverage(spikes, true)
         z_err = float(np.median(np.abs(spikes["z"] - true[:, 2])))
-        for label, extra in [("locsort (exponential, jitter 0)", dict(jitter_uv=0.0)), ("locsort (monopole, jitter 10)", dict(decay_law="monopole"))]:
+        for label, extra in [("locsort (exponential, jitter 0)", dict(jitter_uv=0.0)), ("locsort (monopole, jitter 10)", dict(decay_law="monopole")),
+                             ("locsort (exponential, jitter 10, 60 s training budget)", dict(encoder_max_seconds=60.0))]:
             other, f_s, i_s, _, _ = run_locsort(recording, peaks, true, **extra)
             rows[label] = errors(other["x"], other["y"], true)
             speed[label] = (len(peaks) / i_s, f_s)
@@ -165,6 +173,8 @@ def main():
                          "mcmc_agreement": agree, "num_spikes": int(len(peaks)), "globals": localizer.globals.asdict(),
                          "training": localizer.history.get("epochs"), "fallback": localizer.fallback_reason}
         print(name, json.dumps(results[name], indent=1, default=float), flush=True)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1, default=float))
     write_report(results, args)
 
 
@@ -196,7 +206,7 @@ def write_report(results, args):
                   f"y {r['mcmc_agreement']['sd_ratio_y']:.2f}",
                   f"- fitted model globals: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r['globals'].items()})}"
                   + (f"; fallback: {r['fallback']}" if r["fallback"] else ""), ""]
-    sq = [n for n in results if n.startswith("sq_")]
+    sq = sorted((n for n in results if n.startswith("sq_")), key=lambda n: RECORDINGS[n][2])
     if sq:
         lines += ["### The paper's table (square MEA) next to ours", "",
                   "| method | " + " | ".join(f"{int(RECORDINGS[n][2])} µV" for n in sq) + " |", "|---|" + "---|" * len(sq)]

@@ -46,7 +46,7 @@ class Params:
     encoder_max_epochs: int = 100  # upper bound; early stopping usually ends sooner
     encoder_patience: int = 8  # epochs without held-out ELBO improvement before stopping
     encoder_lr: float = 2e-3  # Adam learning rate
-    encoder_max_seconds: float = 60.0  # training time budget
+    encoder_max_seconds: float = 10.0  # training time budget: longer budgets barely move sorting accuracy (BENCHMARKS.md)
     min_training_spikes: int = 300  # fewer spikes: fall back to centre of mass (and say so)
     encoder_path: str = ""  # a saved encoder (.safetensors) to use instead of training one
 
@@ -60,6 +60,7 @@ class Params:
     neural_epochs: int = 30  # upper bound; early stopping on held-out loss usually ends sooner
     neural_lr: float = 3e-3  # Adam learning rate of the head (a pretrained backbone learns at 0.3 x this)
     neural_batch_size: int = 256  # candidate windows per step
+    neural_patience: int = 3  # epochs without held-out loss improvement before stopping
     neural_max_seconds: float = 120.0  # training time budget
     neural_threshold: float = 0.5  # a candidate is a spike of its most probable unit above this probability
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)

@@ -6,7 +6,7 @@ the benchmarks' recordings (seed 0) and the tests' (seed 1) are not in the train
 are the generator's ground truth, matched to locsort's candidate events exactly as
 ``locsort.sort(labels=...)`` does; one head per recording, the backbone shared.
 
-Re-run on CPU (about 10 minutes on a 2-core machine):
+Re-run on CPU (about 3 minutes on a 2-core machine):
 
     python scripts/pretrain_backbone.py [--out locsort/sort/pretrained/backbone.safetensors]
 """

@@ -1,0 +1,163 @@
+"""Sorting accuracy and wall time (issue 4): locsort against SpyKING CIRCUS 2, Tridesclous 2,
+Kilosort4 (CPU) and MountainSort 5, side by side in one run, on the same recordings.
+
+Recordings (the sorters all get the same raw traces, saved once to a binary folder, and do
+their own preprocessing):
+- np64_generated: SpikeInterface's generated 60 s recording of research.md §3 (64-channel
+  Neuropixels-like probe, 50 units, noise 5, seed 0);
+- np128_mearec_10uV: a 60 s MEArec Neuropixels recording (128 channels) from the shared
+  templates, 40 exc + 10 inh cells, noise 10 µV.
+
+Per sorter: wall time, mean accuracy over ground-truth units, units with accuracy >= 0.8,
+false-positive units (SpikeInterface's compare_sorter_to_ground_truth, default tolerances).
+locsort runs as ``locsort.sort`` (what users call) in three configurations; the peers run
+through ``spikeinterface.sorters.run_sorter`` with n_jobs = the machine's cores. Results are
+kept per recording in benchmarks/results/sorting.json, so a partial re-run updates its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from _common import DATA, ROOT, command_line, machine, write_section
+from bench_localization import simulate
+
+RESULTS = ROOT / "benchmarks" / "results" / "sorting.json"
+RECORDINGS = ("np64_generated", "np128_mearec_10uV")
+LOCSORT = {
+    "locsort (default: neural sorter on its own clustering, pretrained backbone)": {},
+    "locsort (clustering only)": {"sorter": "cluster"},
+    "locsort (neural sorter from scratch)": {"neural_backbone": "none"},
+}
+PEERS = ("spykingcircus2", "tridesclous2", "kilosort4", "mountainsort5")
+
+
+def load_raw(name: str, duration: float):
+    """(raw recording in a binary folder, GroundTruth), saved once under benchmarks/data."""
+    from spikeinterface.core import load as si_load
+
+    from locsort.simulate import GroundTruth
+
+    recording, truth = simulate(name, duration)
+    folder = DATA / f"raw_{name}_{duration:g}s"
+    if not (folder / "si_folder.json").exists():
+        recording.save(folder=folder, n_jobs=1, progress_bar=False, chunk_duration="1s", overwrite=True)
+    return si_load(folder), GroundTruth(truth.sorting, truth.unit_locations)
+
+
+def score(sorting, truth) -> dict:
+    from locsort.evaluate import sorting_accuracy
+
+    result = sorting_accuracy(sorting, truth)
+    result.pop("accuracy_per_unit")
+    return result
+
+
+def run_locsort(recording, truth, params: dict) -> dict:
+    from locsort.params import Params
+    from locsort.pipeline import _sort, prepare, sorting_from_spikes
+
+    start = time.perf_counter()
+    prep = prepare(recording, Params(**params))
+    spikes, result = _sort(prep, progress=False)
+    sorting = sorting_from_spikes(spikes, prep.recording)
+    wall = time.perf_counter() - start
+    out = {"wall_s": wall, **score(sorting, truth), "stages_s": {k: round(v, 2) for k, v in prep.timer.items()}}
+    if result.neural is not None:
+        duration = sum(recording.get_duration(s) for s in range(recording.get_num_segments()))
+        out["neural_x_realtime"] = duration / prep.timer["neural"]
+    return out
+
+
+def run_peer(recording, truth, name: str, workdir) -> dict:
+    from spikeinterface.sorters import run_sorter
+
+    folder = workdir / name
+    shutil.rmtree(folder, ignore_errors=True)
+    extra = {"torch_device": "cpu"} if name == "kilosort4" else {}
+    start = time.perf_counter()
+    try:
+        sorting = run_sorter(name, recording, folder=folder, remove_existing_folder=True, verbose=False, **extra)
+    except Exception as exc:  # a peer failing is a result to report, not a reason to stop
+        return {"wall_s": time.perf_counter() - start, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    return {"wall_s": time.perf_counter() - start, **score(sorting, truth)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS))
+    parser.add_argument("--sorters", nargs="+", default=list(LOCSORT) + list(PEERS))
+    parser.add_argument("--duration", type=float, default=60.0)
+    args = parser.parse_args()
+
+    from spikeinterface.core import set_global_job_kwargs
+
+    import locsort  # noqa: F401  (registers the plug-ins)
+
+    set_global_job_kwargs(n_jobs=os.cpu_count(), chunk_duration="1s", progress_bar=False)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    workdir = DATA / "sorter_runs"
+    for name in args.recordings:
+        recording, truth = load_raw(name, args.duration)
+        rows = results.setdefault(name, {})
+        for sorter in args.sorters:
+            if sorter in LOCSORT:
+                rows[sorter] = run_locsort(recording, truth, LOCSORT[sorter])
+            else:
+                rows[sorter] = run_peer(recording, truth, sorter, workdir)
+            print(name, sorter, json.dumps(rows[sorter], default=float), flush=True)
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=1, default=float))
+    write_report(results, args)
+
+
+def write_report(results, args):
+    lines = ["## Sorting: locsort against the field (issue 4)", "", f"`{command_line()}`", "",
+             f"Machine: {machine()}. Same raw traces for every sorter; peers through `run_sorter` with n_jobs = "
+             f"{os.cpu_count()}; locsort single process. Accuracy: SpikeInterface `compare_sorter_to_ground_truth` "
+             "(0.4 ms, Hungarian matching); well detected = accuracy >= 0.8.", ""]
+    default = next(iter(LOCSORT))
+    for name, rows in results.items():
+        lines += [f"### {name}", "", "| sorter | wall s | mean accuracy | units >= 0.8 | false-positive units | units found |",
+                  "|---|---|---|---|---|---|"]
+        for sorter, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {sorter} | {r['wall_s']:.1f} | failed: {r['error']} | | | |")
+                continue
+            lines.append(f"| {sorter} | {r['wall_s']:.1f} | {r['mean_accuracy']:.3f} | {r['well_detected']}/{r['num_gt_units']} | "
+                         f"{r['false_positive_units']} | {r['num_units']} |")
+        ours = rows.get(default)
+        peers = {k: v for k, v in rows.items() if k in ("spykingcircus2", "tridesclous2", "kilosort4") and "error" not in v}
+        lines.append("")
+        if ours and peers:
+            best = max(peers, key=lambda k: (peers[k]["mean_accuracy"], peers[k]["well_detected"]))
+            b = peers[best]
+            met = (ours["mean_accuracy"] >= b["mean_accuracy"] and ours["well_detected"] >= b["well_detected"]
+                   and ours["false_positive_units"] <= b["false_positive_units"])
+            lines.append(f"- accuracy target (default locsort >= best of SC2/TDC2/KS4 = {best}: mean {b['mean_accuracy']:.3f}, "
+                         f"{b['well_detected']} well detected, {b['false_positive_units']} FP units): {'met' if met else 'MISSED'}")
+            if "spykingcircus2" in peers:
+                ratio = ours["wall_s"] / peers["spykingcircus2"]["wall_s"]
+                lines.append(f"- wall time, default locsort / spykingcircus2: {ratio:.2f} (target <= 0.25: {'met' if ratio <= 0.25 else 'MISSED'})")
+        if ours:
+            lines.append(f"- locsort stages (s): {json.dumps(ours['stages_s'])}")
+            if "neural_x_realtime" in ours:
+                x = ours["neural_x_realtime"]
+                lines.append(f"- neural sorter alone (windows + inference + post-processing): {x:.0f} x real time"
+                             f" (target >= 20 on the 64-channel recording: {'met' if x >= 20 else 'MISSED'})")
+        lines.append("")
+    missing = [name for name in RECORDINGS if name not in results]
+    if missing:
+        lines.append(f"Not run yet: {', '.join(missing)} (`python benchmarks/bench_sorting.py --recordings {' '.join(missing)}`).")
+    write_section("sorting", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

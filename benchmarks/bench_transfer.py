@@ -1,0 +1,97 @@
+"""Transfer learning of the neural sorter (issue 4), as in the E-Sort paper: labels are the
+ground truth of the first half of the recording, restricted to the first K spikes of each
+unit (K = 5, 10, 20); the sorting is scored on the second half only. The shipped pretrained
+backbone (scripts/pretrain_backbone.py: generated 64-channel Neuropixels-like recordings,
+seeds 100-105) is fine-tuned, against the same network trained from scratch.
+
+- same probe type as the pretraining: the generated 64-channel recording (seed 0, not in the
+  pretraining set);
+- another probe type: the MEArec square MEA (10 x 10, 15 µm pitch, 10 µV), biophysical
+  templates from another simulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from _common import ROOT, command_line, machine, write_section
+from bench_sorting import load_raw
+
+RESULTS = ROOT / "benchmarks" / "results" / "transfer.json"
+RECORDINGS = {"np64_generated": "same probe type as pretraining", "sq_10uV": "other probe type (square MEA, MEArec)"}
+BACKBONES = {"pretrained": "pretrained backbone", "none": "from scratch"}
+
+
+def first_half(sorting, half: int):
+    from spikeinterface.core import NumpySorting
+
+    vector = sorting.to_spike_vector()
+    keep = vector["sample_index"] < half
+    return NumpySorting.from_samples_and_labels([vector["sample_index"][keep]], [sorting.unit_ids[vector["unit_index"][keep]]],
+                                                sorting.get_sampling_frequency(), unit_ids=sorting.unit_ids)
+
+
+def score_second_half(sorting, truth, half: int, end: int) -> dict:
+    from locsort.evaluate import sorting_accuracy
+    from locsort.simulate import GroundTruth
+
+    result = sorting_accuracy(sorting.frame_slice(half, end), GroundTruth(truth.sorting.frame_slice(half, end), truth.unit_locations))
+    result.pop("accuracy_per_unit")
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS))
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--duration", type=float, default=60.0)
+    args = parser.parse_args()
+
+    import locsort
+
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name in args.recordings:
+        recording, truth = load_raw(name, args.duration)
+        end = recording.get_num_samples(0)
+        half = end // 2
+        labels = first_half(truth.sorting, half)
+        rows = results.setdefault(name, {})
+        for k in args.k:
+            for backbone in BACKBONES:
+                sorting = locsort.sort(recording, params={"label_max_spikes_per_unit": k, "neural_backbone": backbone},
+                                       labels=labels, progress=False)
+                rows[f"{backbone}, K={k}"] = score_second_half(sorting, truth, half, end)
+                print(name, backbone, k, json.dumps(rows[f"{backbone}, K={k}"]), flush=True)
+                RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                RESULTS.write_text(json.dumps(results, indent=1))
+    write_report(results, args)
+
+
+def write_report(results, args):
+    lines = ["## Neural sorter: transfer learning (issue 4)", "", f"`{command_line()}`", "",
+             f"Machine: {machine()}. Labels: ground truth of the first half, first K spikes per unit; scored on the second "
+             "half (mean accuracy / units with accuracy >= 0.8 / false-positive units).", ""]
+    for name, rows in results.items():
+        ks = sorted({int(key.split("K=")[1]) for key in rows})
+        lines += [f"### {name}: {RECORDINGS[name]}", "", "| | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for backbone, label in BACKBONES.items():
+            cells = []
+            for k in ks:
+                r = rows.get(f"{backbone}, K={k}")
+                cells.append(f"{r['mean_accuracy']:.3f} / {r['well_detected']} / {r['false_positive_units']}" if r else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        p10, s20 = rows.get("pretrained, K=10"), rows.get("none, K=20")
+        if p10 and s20:
+            met = p10["mean_accuracy"] >= s20["mean_accuracy"]
+            lines += ["", f"- target (pretrained at K = 10 >= scratch at K = 20): {p10['mean_accuracy']:.3f} vs "
+                          f"{s20['mean_accuracy']:.3f}: {'met' if met else 'MISSED'}"]
+        lines.append("")
+    write_section("transfer", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
