@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -12,6 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DATA = ROOT / "benchmarks" / "data"
 SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "results"  # raw results per benchmark and recording: a partial re-run updates its rows
+
+
+def load_results(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(name: str, results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1, default=float))
 
 
 def machine() -> str:

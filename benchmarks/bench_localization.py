@@ -24,9 +24,8 @@ import time
 
 import numpy as np
 
-from _common import DATA, ROOT, SHARED, command_line, machine, write_section
+from _common import DATA, SHARED, command_line, load_results, machine, save_results, write_section
 
-RESULTS = ROOT / "benchmarks" / "results" / "localization.json"  # per recording: a partial re-run updates its rows
 
 PAPER = {  # Hurwitz et al. 2019, square MEA, mean ± SD 2-D error (µm)
     "center of mass, 4 ch": {10: "15.84 ± 10.08", 20: "16.46 ± 10.39", 30: "17.18 ± 10.97"},
@@ -138,7 +137,7 @@ def main():
 
     from locsort.evaluate import ground_truth_peaks
 
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = load_results("localization")
     for name in args.recordings:
         recording, truth = load(name, args.duration)
         peaks, true = ground_truth_peaks(recording, truth)
@@ -173,8 +172,7 @@ def main():
                          "mcmc_agreement": agree, "num_spikes": int(len(peaks)), "globals": localizer.globals.asdict(),
                          "training": localizer.history.get("epochs"), "fallback": localizer.fallback_reason}
         print(name, json.dumps(results[name], indent=1, default=float), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1, default=float))
+        save_results("localization", results)
     write_report(results, args)
 
 

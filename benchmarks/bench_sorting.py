@@ -25,10 +25,9 @@ import time
 
 import numpy as np
 
-from _common import DATA, ROOT, command_line, machine, write_section
+from _common import DATA, command_line, load_results, machine, save_results, write_section
 from bench_localization import simulate
 
-RESULTS = ROOT / "benchmarks" / "results" / "sorting.json"
 RECORDINGS = ("np64_generated", "np128_mearec_10uV")
 LOCSORT = {
     "locsort (default: neural sorter on its own clustering, pretrained backbone)": {},
@@ -101,7 +100,7 @@ def main():
     import locsort  # noqa: F401  (registers the plug-ins)
 
     set_global_job_kwargs(n_jobs=os.cpu_count(), chunk_duration="1s", progress_bar=False)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = load_results("sorting")
     workdir = DATA / "sorter_runs"
     for name in args.recordings:
         recording, truth = load_raw(name, args.duration)
@@ -112,8 +111,7 @@ def main():
             else:
                 rows[sorter] = run_peer(recording, truth, sorter, workdir)
             print(name, sorter, json.dumps(rows[sorter], default=float), flush=True)
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=1, default=float))
+            save_results("sorting", results)
     write_report(results, args)
 
 

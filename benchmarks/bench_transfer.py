@@ -17,10 +17,9 @@ import json
 
 import numpy as np
 
-from _common import ROOT, command_line, machine, write_section
+from _common import command_line, load_results, machine, save_results, write_section
 from bench_sorting import load_raw
 
-RESULTS = ROOT / "benchmarks" / "results" / "transfer.json"
 RECORDINGS = {"np64_generated": "same probe type as pretraining", "sq_10uV": "other probe type (square MEA, MEArec)"}
 BACKBONES = {"pretrained": "pretrained backbone", "none": "from scratch"}
 
@@ -52,7 +51,7 @@ def main():
 
     import locsort
 
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = load_results("transfer")
     for name in args.recordings:
         recording, truth = load_raw(name, args.duration)
         end = recording.get_num_samples(0)
@@ -65,8 +64,7 @@ def main():
                                        labels=labels, progress=False)
                 rows[f"{backbone}, K={k}"] = score_second_half(sorting, truth, half, end)
                 print(name, backbone, k, json.dumps(rows[f"{backbone}, K={k}"]), flush=True)
-                RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                RESULTS.write_text(json.dumps(results, indent=1))
+                save_results("transfer", results)
     write_report(results, args)
 
 

@@ -104,7 +104,7 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
     cap = max(1, math.ceil(params.max_training_spikes / max(len(chunks), 1)))
     rng = np.random.default_rng(params.seed)
     offsets = segment_offsets(prep.recording)
-    tolerance = int(round(params.label_tolerance_ms * prep.recording.get_sampling_frequency() / 1000))
+    tolerance = prep.geometry.label_tolerance
 
     def keep(batch: SpikeBatch) -> dict:
         n = len(batch.centre)
@@ -128,12 +128,7 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
         prep.recording, keep, params=params, neighbourhood=prep.neighbourhood, noise=prep.noise,
         peaks=peaks, chunks=chunks, progress=progress, desc="training sample", concatenate=False,
     )
-    if not found:
-        empty = _empty_batch(prep)
-        return TrainingSample(localizer.observe(empty, prep.neighbourhood), empty.waveforms[:, :, 0], empty.peaks,
-                              Windows.from_batch(empty, prep.neighbourhood, prep.noise) if windows else None,
-                              np.zeros((0, labels.num_units), np.float32) if labels is not None else None,
-                              np.zeros((0, labels.num_units), bool) if labels is not None else None)
+    found = found or [keep(_empty_batch(prep))]  # no spikes: an empty sample of the same shape
     win = Windows.concatenate([part.pop("windows") for part in found]) if windows else None
     merged = {k: np.concatenate([part[k] for part in found]) for k in found[0]}
     sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win,
@@ -177,7 +172,6 @@ def _main_pass(prep: Prepared, localizer, basis, peaks, progress: bool, neural=N
     from .sort.postprocess import assign_units
 
     params, timer = prep.params, prep.timer
-    refractory = int(round(params.neural_refractory_ms * prep.recording.get_sampling_frequency() / 1000))
     seconds = {"localize": 0.0, "neural": 0.0}
 
     def consume(batch: SpikeBatch) -> dict:
@@ -188,7 +182,8 @@ def _main_pass(prep: Prepared, localizer, basis, peaks, progress: bool, neural=N
         if neural is not None:
             start = time.perf_counter()
             proba = neural.predict_proba(Windows.from_batch(batch, prep.neighbourhood, prep.noise))
-            out["unit_index"], _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, refractory)
+            out["unit_index"], _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold,
+                                                 prep.geometry.refractory)
             seconds["neural"] += time.perf_counter() - start
         if batch.order is not None:
             out["order"] = batch.order
@@ -379,9 +374,9 @@ def _sort(prep: Prepared, progress: bool, labels=None) -> tuple[np.ndarray, Sort
     if result.neural is None:
         spikes["unit_index"] = _cluster_spikes(prep, spikes["x"], spikes["y"], spikes["amplitude"], pcs)
     else:
-        refractory = int(round(params.neural_refractory_ms * prep.recording.get_sampling_frequency() / 1000))
-        spikes["unit_index"] = drop_border_duplicates(spikes["segment_index"], spikes["sample_index"], spikes["unit_index"], refractory)
-    if params.sorter == "neural" and result.neural is not None and label_set is not None:
+        spikes["unit_index"] = drop_border_duplicates(spikes["segment_index"], spikes["sample_index"], spikes["unit_index"],
+                                                      prep.geometry.refractory)
+    if result.neural is not None and label_set is not None:
         result.notes.append(f"neural sorter trained on {label_set.num_units} labelled units")
     return spikes, result
 

@@ -61,6 +61,8 @@ class Geometry:
     sweep: int
     margin: int
     chunk_size: int
+    refractory: int  # neural sorter: one unit's candidates closer than this are one spike
+    label_tolerance: int  # a labelled spike marks the nearest candidate within this
 
     @classmethod
     def from_params(cls, params: Params, fs: float) -> "Geometry":
@@ -70,7 +72,8 @@ class Geometry:
         amp_half = max(1, int(round(params.amplitude_window_ms * ms)))
         sweep = max(1, int(round(params.detect_sweep_ms * ms)))
         margin = max(before, after, amp_half, sweep, int(round(params.chunk_margin_ms * ms)))
-        return cls(before, after, amp_half, sweep, margin, max(1, int(round(params.chunk_duration * fs))))
+        return cls(before, after, amp_half, sweep, margin, max(1, int(round(params.chunk_duration * fs))),
+                   int(round(params.neural_refractory_ms * ms)), int(round(params.label_tolerance_ms * ms)))
 
 
 def scan(

@@ -164,6 +164,20 @@ def _shift(waveforms: torch.Tensor, max_shift: int, generator: torch.Generator) 
     return torch.gather(waveforms, 1, index[:, :, None].expand_as(waveforms))
 
 
+def _positive_weight(targets: np.ndarray, mask: np.ndarray, device) -> torch.Tensor:
+    """Per-unit weight of positives: they are rare next to negatives (E-Sort balances them with
+    spike-free windows), so each unit's positives weigh up to its known negatives, at most 20 x."""
+    known_pos = (targets * mask).sum(0)
+    known_neg = ((1 - targets) * mask).sum(0)
+    return torch.as_tensor(np.clip(known_neg / np.maximum(known_pos, 1), 1.0, 20.0), dtype=torch.float32, device=device)
+
+
+def _masked_bce(logits, targets, mask, pos_weight) -> torch.Tensor:
+    """Binary cross-entropy averaged over the (candidate, unit) pairs whose label is known."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 class NeuralSorter:
     """fit(windows, targets, mask) on labelled candidates, then predict_proba(windows).
 
@@ -203,11 +217,7 @@ class NeuralSorter:
         groups = [{"params": self.net.head.parameters(), "lr": self.lr},
                   {"params": self.net.backbone.parameters(), "lr": self.lr * (self.backbone_lr_scale if self.pretrained else 1.0)}]
         optimizer = torch.optim.Adam(groups)
-        # positives are rare next to negatives (E-Sort balances them with spike-free windows):
-        # weight each unit's positives up to the weight of its known negatives, at most 20 x
-        known_pos = (targets * mask).sum(0)
-        known_neg = ((1 - targets) * mask).sum(0)
-        pos_weight = torch.as_tensor(np.clip(known_neg / np.maximum(known_pos, 1), 1.0, 20.0), dtype=torch.float32, device=self.device)
+        pos_weight = _positive_weight(targets, mask, self.device)
         order = rng.permutation(len(windows))
         num_val = max(1, len(order) // 10) if len(order) >= 50 else 0
         val, train = order[:num_val], order[num_val:]
@@ -222,9 +232,7 @@ class NeuralSorter:
             wave, real, slot_xy, centre_xy = (t[rows] for t in tensors)
             if augment:
                 wave = _shift(wave, 1, generator)
-            logits = self.net(wave, real, slot_xy, centre_xy)
-            loss = F.binary_cross_entropy_with_logits(logits, y[rows], pos_weight=pos_weight, reduction="none")
-            return (loss * m[rows]).sum() / m[rows].sum().clamp(min=1.0)
+            return _masked_bce(self.net(wave, real, slot_xy, centre_xy), y[rows], m[rows], pos_weight)
 
         best, best_state, stale, history = math.inf, None, 0, []
         start = time.perf_counter()
@@ -364,10 +372,8 @@ def pretrain_backbone(datasets: list[tuple[Windows, np.ndarray, np.ndarray]], ep
     staged = []
     for windows, targets, mask in datasets:
         t = lambda a, dtype=torch.float32: torch.as_tensor(np.ascontiguousarray(a), device=device).to(dtype)
-        pos = (targets * mask).sum(0)
-        neg = ((1 - targets) * mask).sum(0)
         staged.append(((t(windows.waveforms), t(windows.real, torch.bool), t(windows.slot_xy), t(windows.centre_xy)),
-                       t(targets), t(mask), t(np.clip(neg / np.maximum(pos, 1), 1.0, 20.0))))
+                       t(targets), t(mask), _positive_weight(targets, mask, device)))
     losses = []
     for _ in tqdm(range(epochs), desc="pretrain backbone", unit="epoch", disable=not progress):
         steps = [(d, rows) for d, (inputs, *_rest) in enumerate(staged)
@@ -378,8 +384,7 @@ def pretrain_backbone(datasets: list[tuple[Windows, np.ndarray, np.ndarray]], ep
             (wave, real, slot_xy, centre_xy), y, m, pos_weight = staged[d]
             rows = torch.as_tensor(rows, device=device)
             logits = heads[d](backbone(_shift(wave[rows], 1, generator), real[rows], slot_xy[rows]), centre_xy[rows])
-            loss = F.binary_cross_entropy_with_logits(logits, y[rows], pos_weight=pos_weight, reduction="none")
-            loss = (loss * m[rows]).sum() / m[rows].sum().clamp(min=1.0)
+            loss = _masked_bce(logits, y[rows], m[rows], pos_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
