@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from .errors import LocsortError, UsageError
 from .params import Params
@@ -45,6 +46,11 @@ def _common(parser: argparse.ArgumentParser, default_out: str | None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where torch runs")
     parser.add_argument("--method", default=None, help="localization method (default: Params.localization_method)")
     parser.add_argument("--sorter", default=None, choices=["neural", "cluster"], help="sorting path (default: neural)")
+    parser.add_argument("--workers", type=int, metavar="N", help="run the chunk work on a local Dask cluster of N processes")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the chunk work on the Dask cluster at ADDRESS "
+                        "(e.g. tcp://10.0.0.5:8786); workers must see the recording at the same path")
+    parser.add_argument("--connect-timeout", type=float, default=20.0, metavar="S",
+                        help="seconds to wait for --scheduler before giving up (default 20)")
     parser.add_argument("--param", action="append", metavar="NAME=VALUE", help="override any locsort.params.Params field")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -64,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo, default_out="locsort_demo")
 
     run = sub.add_parser("run", help="run the pipeline on a recording")
-    run.add_argument("recording", help="SpikeGLX / Open Ephys folder, .nwb, MEArec .h5, SpikeInterface folder or raw binary")
+    run.add_argument("recording", nargs="+",
+                     help="SpikeGLX / Open Ephys folder, .nwb, MEArec .h5, SpikeInterface folder or raw binary; several "
+                          "(or a quoted glob such as 'data/*.bin') are each sorted into their own folder under --out")
     run.add_argument("--format", choices=["spikeglx", "openephys", "nwb", "mearec", "si", "binary"], help="override format detection")
     run.add_argument("--probe", help="probe file (.json probeinterface, .prb, .csv): required for raw binary")
     run.add_argument("--sampling-frequency", type=float, help="Hz (raw binary)")
@@ -129,27 +137,106 @@ def _demo(args) -> int:
     # the demo replaces its own default folder; an explicit --out follows the usual rule
     overwrite = args.overwrite or args.out == "locsort_demo"
     result = run(recording, args.out, params, ground_truth=ground_truth, overwrite=overwrite, phy=args.phy,
-                 progress=not args.quiet, source=f"demo ({args.duration:g} s, {args.units} units, noise {args.noise:g})")
+                 progress=not args.quiet, source=f"demo ({args.duration:g} s, {args.units} units, noise {args.noise:g})",
+                 workers=args.workers, scheduler=args.scheduler, connect_timeout=args.connect_timeout)
     _print_summary(result, f"locsort demo: {args.duration:g} s, {args.channels} channels, {args.units} units, noise {args.noise:g} µV")
     return 0
 
 
 def _run(args) -> int:
-    from .io import open_labels, open_recording
-    from .pipeline import run
+    from .distribute import open_runner
 
     params = _params(args)
     if args.labels_k is not None and not args.labels:
         raise UsageError("--labels-k needs --labels")
+    paths, several = _expand_recordings(args.recording)
+    if several and args.labels:
+        raise UsageError("--labels belong to one recording: sort several recordings without --labels")
+    with open_runner(args.workers, args.scheduler, args.connect_timeout) as runner:
+        if not several:
+            result = _run_one(args, params, paths[0], Path(args.out), runner)
+            _print_summary(result, f"locsort run: {paths[0]}")
+            return 0
+        return _run_several(args, params, paths, runner)
+
+
+def _run_one(args, params, path: str, out: Path, runner):
+    from .io import open_labels, open_recording
+    from .pipeline import run
+
     recording, ground_truth = open_recording(
-        args.recording, args.format, probe=args.probe, sampling_frequency=args.sampling_frequency,
+        path, args.format, probe=args.probe, sampling_frequency=args.sampling_frequency,
         num_channels=args.num_channels, dtype=args.dtype,
     )
     labels = open_labels(args.labels) if args.labels else None
-    result = run(recording, args.out, params, ground_truth=ground_truth, overwrite=args.overwrite, phy=args.phy,
-                 progress=not args.quiet, source=str(args.recording), labels=labels)
-    _print_summary(result, f"locsort run: {args.recording}")
-    return 0
+    return run(recording, out, params, ground_truth=ground_truth, overwrite=args.overwrite, phy=args.phy,
+               progress=not args.quiet, source=str(path), labels=labels, runner=runner)
+
+
+def _run_several(args, params, paths: list[str], runner) -> int:
+    """Each recording into OUT/<its name>, one after the other (the chunk work of each spread
+    over the Dask workers, if any); a failure is reported and the others go on."""
+    import time
+
+    out = Path(args.out)
+    names = _output_names(paths)
+    rows = []
+    for i, (path, name) in enumerate(zip(paths, names), 1):
+        print(f"[{i}/{len(paths)}] {path} -> {out / name}", file=sys.stderr)
+        start = time.perf_counter()
+        try:
+            result = _run_one(args, params, path, out / name, runner)
+            rows.append((path, "ok", f"{len(result.spikes)} spikes, {len(result.sorting.unit_ids)} units -> {result.out}",
+                         time.perf_counter() - start))
+        except KeyboardInterrupt:
+            raise
+        except LocsortError as exc:
+            rows.append((path, "failed", str(exc), time.perf_counter() - start))
+        except Exception as exc:  # a bug on one recording must not stop the others
+            if args.debug:
+                raise
+            rows.append((path, "failed", f"internal error: {type(exc).__name__}: {exc}", time.perf_counter() - start))
+        if rows[-1][1] == "failed":
+            print(f"locsort: error: {path}: {rows[-1][2]}", file=sys.stderr)
+    failed = sum(row[1] == "failed" for row in rows)
+    print(f"\nlocsort run: {len(rows) - failed} of {len(rows)} recordings sorted")
+    width = max(len(row[0]) for row in rows)
+    for path, status, detail, seconds in rows:
+        print(f"  {path:<{width}}  {status:<6}  {seconds:7.1f} s  {detail}")
+    return 1 if failed else 0
+
+
+def _expand_recordings(items: list[str]) -> tuple[list[str], bool]:
+    """Paths from the command line, quoted globs expanded (sorted); and whether they are
+    several recordings (then --out is the parent of one folder per recording)."""
+    import glob
+
+    paths, pattern = [], False
+    for item in items:
+        if not Path(item).exists() and glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise UsageError(f"no recording matches {item}")
+            paths += matches
+            pattern = True
+        else:
+            paths.append(item)
+    return paths, pattern or len(paths) > 1
+
+
+def _output_names(paths: list[str]) -> list[str]:
+    """One folder name per recording: its file or folder name without the format's suffix,
+    made unique with -2, -3, ..."""
+    names, seen = [], {}
+    for path in paths:
+        name = Path(path.rstrip("/")).name
+        for suffix in (".ap.bin", ".lf.bin", ".bin", ".dat", ".raw", ".nwb", ".h5", ".hdf5"):
+            if name.lower().endswith(suffix) and len(name) > len(suffix):
+                name = name[: -len(suffix)]
+                break
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ binary      ``*.bin``/``*.dat``/``*.raw`` + sampling rate, channels,     ``read_
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -261,6 +262,33 @@ def check_recording(recording, path="the recording"):
         raise UsageError(f"{path} is empty (0 samples)")
 
 
+def recording_files(recording) -> list[Path]:
+    """The files and folders a (possibly preprocessed) SpikeInterface recording reads from."""
+    found: list[Path] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("file_path", "file_paths", "folder_path", "filename") and isinstance(value, (str, Path, list)):
+                    found.extend(Path(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, (str, Path)))
+                else:
+                    walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    try:
+        walk(recording.to_dict(recursive=True))
+    except Exception:  # an extractor that cannot describe itself: nothing to name
+        pass
+    return list(dict.fromkeys(found))
+
+
+def describe_files(recording) -> str:
+    files = recording_files(recording)
+    return ", ".join(str(f) for f in files) if files else "the recording"
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -301,13 +329,47 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in NO_SPACE:
+            raise LocsortError(f"no space left to write {out} ({exc.strerror}); nothing was written there. Free some "
+                               "space and run the same command again: the finished work is kept") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
+
+
+def write_atomic(path: str | Path, write) -> None:
+    """``write(file)`` to ``path`` through a temporary name, flushed to disk before the
+    rename: a file that exists is complete. A full disk is reported as such and leaves no
+    partial file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in NO_SPACE:
+            raise LocsortError(f"no space left to write {path} ({exc.strerror}); free some space and run the same "
+                               "command again: finished work is kept") from exc
+        raise
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    write_atomic(path, lambda f: np.save(f, array))
+
+
+def save_safetensors_atomic(path: str | Path, state_dict: dict, metadata: dict) -> None:
+    """Torch weights as one safetensors file (no pickle), written atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    write_atomic(path, lambda f: f.write(save(tensors, metadata=metadata)))

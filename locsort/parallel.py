@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import LocsortError
+from .io import describe_files
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,17 @@ def read_chunk(recording, chunk: Chunk, margin: int) -> tuple[np.ndarray, int]:
     n = recording.get_num_samples(chunk.segment_index)
     first = max(chunk.start - margin, 0)
     last = min(chunk.end + margin, n)
-    traces = recording.get_traces(segment_index=chunk.segment_index, start_frame=first, end_frame=last)
-    traces = np.asarray(traces, dtype=np.float32)
+    try:
+        traces = recording.get_traces(segment_index=chunk.segment_index, start_frame=first, end_frame=last)
+        traces = np.asarray(traces, dtype=np.float32)
+    except Exception as exc:  # a file removed, truncated or unreadable while the run goes on
+        raise LocsortError(
+            f"cannot read {describe_files(recording)} at segment {chunk.segment_index}, samples {first}..{last}: "
+            f"{exc}; was the file moved, truncated or changed during the run?"
+        ) from exc
+    if traces.shape[0] != last - first:
+        raise LocsortError(f"{describe_files(recording)} ended early: {traces.shape[0]} samples read at segment "
+                           f"{chunk.segment_index}, sample {first}, where {last - first} were expected (truncated file?)")
     if not np.isfinite(traces.sum(dtype=np.float64)):  # one reduction instead of a boolean copy
         row = int(np.flatnonzero(~np.isfinite(traces).all(axis=1))[0])
         raise LocsortError(

@@ -13,22 +13,27 @@ import math
 import platform
 import sys
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .errors import LocsortError, UsageError
-from .io import atomic_folder, check_output_folder, check_recording, save_npy_atomic
+from .io import atomic_folder, check_output_folder, check_recording, save_npy_atomic, write_atomic
 from .localize import make_localizer
+from .localize.baseline import CenterOfMass
 from .neighbourhood import Neighbourhood
+from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
 from .params import Params, resolve_device
 from .preprocess import noise_levels, preprocess
-from .scan import Geometry, SpikeBatch, scan
+from .scan import Geometry, Scanner, SpikeBatch, concatenate_parts, scan
 from .sort.cluster import cluster, clustering_features
 from .spikes import PEAK_DTYPE, check_peaks, spikes_from_peaks
+from .workarea import WorkArea, digest, recording_identity
 
 
 class Timer(dict):
@@ -90,45 +95,65 @@ class TrainingSample:
     mask: np.ndarray | None = None
 
 
+@dataclass
+class SampleJob:
+    """One chunk's share of the training sample (at most ``cap`` spikes): what a worker returns
+    for ``_training_sample``. With labels every labelled spike of the chunk is kept first."""
+
+    scanner: Scanner
+    localizer: object
+    cap: int
+    seed: int
+    windows: bool = False
+    labels: object = None  # sort/labels.Labels
+    offsets: np.ndarray | None = None  # global position of each segment's first sample
+    tolerance: int = 0
+
+    def __call__(self, chunk) -> dict:
+        # one generator per chunk: the sample does not depend on where or in what order chunks ran
+        return self.keep(self.scanner.batch(chunk), np.random.default_rng([self.seed, chunk.segment_index, chunk.start]))
+
+    def keep(self, batch: SpikeBatch, rng) -> dict:
+        from .sort.labels import match
+        from .sort.neural import Windows
+
+        n = len(batch.centre)
+        out, priority = {}, np.zeros(n)
+        if self.labels is not None:
+            times = batch.peaks["sample_index"] + self.offsets[batch.peaks["segment_index"]]
+            targets, mask = match(self.labels, times, self.tolerance)
+            priority = targets.max(axis=1) if n else priority
+        pick = np.sort(np.argsort(priority + rng.random(n) * 0.5)[::-1][: self.cap]) if n else np.zeros(0, int)
+        if self.labels is not None:
+            out.update(targets=targets[pick], mask=mask[pick])
+        batch = batch.subset(pick)
+        if self.windows:
+            out["windows"] = Windows.from_batch(batch, self.scanner.neighbourhood, self.scanner.noise)
+        out.update(centre_waveforms=batch.waveforms[:, :, 0], peaks=batch.peaks,
+                   **self.localizer.observe(batch, self.scanner.neighbourhood))
+        return out
+
+
 def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, windows: bool = False,
-                     labels=None, chunks=None) -> TrainingSample:
+                     labels=None, chunks=None, runner=None) -> TrainingSample:
     """At most ``max_training_spikes`` spikes from ``sample_chunks`` chunks spread over
     ``chunks`` (default: the whole recording). With ``labels`` every labelled spike of a chunk
     is kept and the rest are drawn at random."""
-    from .sort.labels import match, segment_offsets
+    from .sort.labels import segment_offsets
     from .sort.neural import Windows
 
     params = prep.params
     chunks = spread_chunks(chunks if chunks is not None else make_chunks(prep.recording, prep.geometry.chunk_size),
                            params.sample_chunks)
-    cap = max(1, math.ceil(params.max_training_spikes / max(len(chunks), 1)))
-    rng = np.random.default_rng(params.seed)
-    offsets = segment_offsets(prep.recording)
-    tolerance = prep.geometry.label_tolerance
-
-    def keep(batch: SpikeBatch) -> dict:
-        n = len(batch.centre)
-        out = {}
-        priority = np.zeros(n)
-        if labels is not None:
-            times = batch.peaks["sample_index"] + offsets[batch.peaks["segment_index"]]
-            targets, mask = match(labels, times, tolerance)
-            priority = targets.max(axis=1) if n else priority
-        pick = np.argsort(priority + rng.random(n) * 0.5)[::-1][:cap] if n else np.zeros(0, int)
-        pick = np.sort(pick)
-        if labels is not None:
-            out.update(targets=targets[pick], mask=mask[pick])
-        batch = batch.subset(pick)
-        if windows:
-            out["windows"] = Windows.from_batch(batch, prep.neighbourhood, prep.noise)
-        out.update(centre_waveforms=batch.waveforms[:, :, 0], peaks=batch.peaks, **localizer.observe(batch, prep.neighbourhood))
-        return out
-
-    found = scan(
-        prep.recording, keep, params=params, neighbourhood=prep.neighbourhood, noise=prep.noise,
-        peaks=peaks, chunks=chunks, progress=progress, desc="training sample", concatenate=False,
-    )
-    found = found or [keep(_empty_batch(prep))]  # no spikes: an empty sample of the same shape
+    job = SampleJob(Scanner(prep.recording, params, prep.neighbourhood, prep.noise, peaks), localizer,
+                    cap=max(1, math.ceil(params.max_training_spikes / max(len(chunks), 1))), seed=params.seed,
+                    windows=windows, labels=labels, offsets=segment_offsets(prep.recording),
+                    tolerance=prep.geometry.label_tolerance)
+    runner = runner or LocalRunner()
+    found = dict(runner.map(job, chunks, list(range(len(chunks))), desc="training sample", progress=progress))
+    found = [found[i] for i in sorted(found) if len(found[i]["peaks"])]
+    if not found:  # no spikes: an empty sample of the same shape
+        found = [job.keep(_empty_batch(prep), np.random.default_rng(0))]
     win = Windows.concatenate([part.pop("windows") for part in found]) if windows else None
     merged = {k: np.concatenate([part[k] for part in found]) for k in found[0]}
     sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win,
@@ -165,57 +190,116 @@ def _waveform_pcs(waveforms: np.ndarray, basis: np.ndarray | None, num_pcs: int)
     return (waveforms @ basis).astype(np.float32) if basis is not None else np.zeros((len(waveforms), num_pcs), np.float32)
 
 
-def _main_pass(prep: Prepared, localizer, basis, peaks, progress: bool, neural=None):
-    """One pass over every chunk: detect (unless ``peaks``), localize, waveform PCs and, with a
-    trained neural sorter, units. Returns spike records and (n, P) centre-channel PCs."""
-    from .sort.neural import Windows
-    from .sort.postprocess import assign_units
+LOCATION_FIELDS = ("x", "y", "z", "alpha", "x_std", "y_std", "z_std")
 
-    params, timer = prep.params, prep.timer
-    seconds = {"localize": 0.0, "neural": 0.0}
 
-    def consume(batch: SpikeBatch) -> dict:
+@dataclass
+class ChunkJob:
+    """The main pass over one chunk: detect (or take given peaks), localize, waveform PCs and,
+    with a trained neural sorter, units. Picklable: Dask sends it to each worker once (the
+    recording as its description, the models as weights). Returns per-spike arrays and
+    ``seconds`` = [reading + detection + features, localization, neural sorter]."""
+
+    scanner: Scanner
+    localizer: object
+    basis: np.ndarray | None
+    neural: object = None
+    refractory: int = 0
+
+    def __call__(self, chunk) -> dict:
+        from .sort.neural import Windows
+        from .sort.postprocess import assign_units
+
+        params, neighbourhood = self.scanner.params, self.scanner.neighbourhood
         start = time.perf_counter()
-        location = localizer.transform(localizer.observe(batch, prep.neighbourhood), prep.neighbourhood)
-        seconds["localize"] += time.perf_counter() - start
-        out = {"peaks": batch.peaks, "pcs": _waveform_pcs(batch.waveforms[:, :, 0], basis, params.waveform_pcs), **location}
-        if neural is not None:
-            start = time.perf_counter()
-            proba = neural.predict_proba(Windows.from_batch(batch, prep.neighbourhood, prep.noise))
-            out["unit_index"], _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold,
-                                                 prep.geometry.refractory)
-            seconds["neural"] += time.perf_counter() - start
+        batch = self.scanner.batch(chunk)
+        read = time.perf_counter()
+        location = self.localizer.transform(self.localizer.observe(batch, neighbourhood), neighbourhood)
+        located = time.perf_counter()
+        out = {"peaks": batch.peaks, "pcs": _waveform_pcs(batch.waveforms[:, :, 0], self.basis, params.waveform_pcs),
+               **{k: np.asarray(location[k], np.float32) for k in LOCATION_FIELDS}}
+        if self.neural is not None:
+            proba = self.neural.predict_proba(Windows.from_batch(batch, neighbourhood, self.scanner.noise))
+            out["unit_index"], _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, self.refractory)
         if batch.order is not None:
             out["order"] = batch.order
+        out["seconds"] = np.array([read - start, located - read, time.perf_counter() - located])
         return out
 
-    scan_start = time.perf_counter()
-    found = scan(
-        prep.recording, consume, params=params, neighbourhood=prep.neighbourhood, noise=prep.noise,
-        peaks=peaks, progress=progress, desc="detect + localize" if peaks is None else "localize",
-    )
-    timer["detect"] = timer.get("detect", 0.0) + time.perf_counter() - scan_start - sum(seconds.values())
-    timer["localize"] = timer.get("localize", 0.0) + seconds["localize"]
-    if neural is not None:
-        timer["neural"] = timer.get("neural", 0.0) + seconds["neural"]
+
+def _run_chunks(job, chunks: list, runner, work, desc: str, progress: bool) -> list[dict]:
+    """``job`` over every chunk on ``runner``; each result is written to the work area as it
+    arrives (if any), so that an interrupted run keeps it. Results in chunk order."""
+    results: dict[int, dict] = {}
+    done = work.finished() if work is not None else set()
+    todo = [i for i in range(len(chunks)) if i not in done]
+    try:
+        for index, result in runner.map(job, chunks, todo, desc=desc, progress=progress):
+            if work is not None:
+                work.save_chunk(index, result)
+            results[index] = result
+    except LocsortError as exc:
+        if work is not None and work.finished():
+            raise LocsortError(f"{exc}. {len(work.finished())} of {len(chunks)} chunks are finished and kept in "
+                               f"{work.path}: run the same command again to continue") from exc
+        raise
+    for index in done:
+        loaded = work.load_chunk(index)
+        if loaded is None:  # unreadable leftover: run that chunk again
+            [(_, loaded)] = list(LocalRunner().map(job, chunks, [index], progress=False))
+            work.save_chunk(index, loaded)
+        results[index] = loaded
+    return [results[i] for i in range(len(chunks))]
+
+
+def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=None, work=None):
+    """One pass over every chunk (see ChunkJob). Returns spike records and (n, P) centre-channel PCs."""
+    params, timer = prep.params, prep.timer
+    job = ChunkJob(Scanner(prep.recording, params, prep.neighbourhood, prep.noise, peaks), models.localizer, models.basis,
+                   models.neural, prep.geometry.refractory)
+    chunks = job.scanner.chunks()
+    started = time.perf_counter()
+    parts = _run_chunks(job, chunks, runner or LocalRunner(), work, "detect + localize" if peaks is None else "localize",
+                        progress)
+    # the pass's wall time, shared between stages in proportion to their time in the chunks
+    seconds = np.sum([part.pop("seconds") for part in parts], axis=0) if parts else np.zeros(3)
+    share = (time.perf_counter() - started) / max(seconds.sum(), 1e-9)
+    for stage, spent in zip(("detect", "localize", "neural"), seconds):
+        if stage != "neural" or models.neural is not None:
+            timer[stage] = timer.get(stage, 0.0) + float(spent * share)
+    found = concatenate_parts([p for p in parts if len(p["peaks"])], reorder=peaks is not None)
     if not found:
         return spikes_from_peaks(np.zeros(0, PEAK_DTYPE)), np.zeros((0, params.waveform_pcs), np.float32)
     spikes = spikes_from_peaks(found["peaks"])
-    for name in ("x", "y", "z", "alpha", "x_std", "y_std", "z_std") + (("unit_index",) if neural is not None else ()):
+    for name in LOCATION_FIELDS + (("unit_index",) if models.neural is not None else ()):
         spikes[name] = found[name]
     return spikes, found["pcs"]
 
 
+def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None, localizer=None, labels=None,
+                label_source: str = "") -> "Models":
+    """Train what the main pass needs on a bounded training sample: the localizer, the
+    waveform basis and, for ``label_source`` "clustering" or "labels", the neural sorter."""
+    localizer = localizer if localizer is not None else make_localizer(method, prep.params)
+    models = Models(localizer, notes=list(labels.notes) if labels is not None else [], label_source=label_source)
+    chunks = _chunks_before(prep, labels.end) if labels is not None else None
+    with prep.timer.stage("fit"):
+        sample = _training_sample(prep, localizer, peaks, progress, windows=bool(label_source), labels=labels,
+                                  chunks=chunks, runner=runner)
+        fit_localizer(prep, localizer, sample, progress)
+        models.basis = fit_waveform_basis(sample.centre_waveforms, prep.params.waveform_pcs)
+    if label_source:
+        models.neural = _train_neural(prep, sample, localizer, models.basis, label_source, models.notes)
+        if models.neural is not None and labels is not None:
+            models.notes.append(f"neural sorter trained on {labels.num_units} labelled units")
+    return models
+
+
 def _locate(prep: Prepared, peaks, method: str, progress: bool, localizer=None):
     """Spike records with locations, (n, P) centre-channel waveform PCs and the fitted localizer."""
-    localizer = localizer if localizer is not None else make_localizer(method, prep.params)
-    with prep.timer.stage("fit"):
-        sample = _training_sample(prep, localizer, peaks, progress)
-        fit_localizer(prep, localizer, sample, progress)
-        basis = fit_waveform_basis(sample.centre_waveforms, prep.params.waveform_pcs)
-    del sample
-    spikes, pcs = _main_pass(prep, localizer, basis, peaks, progress)
-    return spikes, pcs, localizer
+    models = _fit_models(prep, method, peaks, progress, localizer=localizer)
+    spikes, pcs = _main_pass(prep, models, peaks, progress)
+    return spikes, pcs, models.localizer
 
 
 def _as_params(params, **overrides) -> Params:
@@ -279,13 +363,54 @@ def _cluster_spikes(prep: Prepared, x, y, amplitude, pcs) -> np.ndarray:
 
 
 @dataclass
-class Sorted:
-    """What sorting produced besides the spikes: the fitted models and what to tell the user."""
+class Models:
+    """What the main pass needs, fitted on the training sample, and what to tell the user."""
 
     localizer: object
-    neural: object = None  # the trained NeuralSorter (None for clustering only)
+    basis: np.ndarray | None = None  # (T, P) temporal PCs of centre-channel waveforms
+    neural: object = None  # the trained NeuralSorter (None: every spike is clustered instead)
     notes: list = field(default_factory=list)
     label_source: str = ""  # "clustering", "labels" or "" (clustering only)
+
+    def save(self, folder: Path) -> None:
+        """Weights as safetensors and the rest as JSON/NPY (nothing pickled); state.json last."""
+        localizer = self.localizer
+        state = {"notes": self.notes, "label_source": self.label_source,
+                 "localizer": {"kind": type(localizer).__name__, "fallback_reason": getattr(localizer, "fallback_reason", ""),
+                               "history": getattr(localizer, "history", None)},
+                 "neural_history": self.neural.history if self.neural is not None else None}
+        if getattr(localizer, "net", None) is not None:
+            localizer.save(folder / "encoder.safetensors")
+        if self.neural is not None:
+            self.neural.save(folder / "neural_sorter.safetensors")
+        if self.basis is not None:
+            write_atomic(folder / "basis.npy", lambda f: np.save(f, self.basis))
+        write_atomic(folder / "state.json", lambda f: f.write(json.dumps(state, default=_json_default).encode()))
+
+    @classmethod
+    def load(cls, folder: Path, prep: Prepared) -> "Models":
+        from .localize.amortized import AmortizedLocalizer
+        from .sort.neural import NeuralSorter
+
+        params = prep.params
+        state = json.loads((folder / "state.json").read_text())
+        device = resolve_device(params.device)
+        if (folder / "encoder.safetensors").exists():
+            localizer = AmortizedLocalizer.load(folder / "encoder.safetensors", device=device)
+            localizer.use_recording(prep.neighbourhood, prep.noise)
+        else:  # centre of mass, chosen or fallen back to: no weights
+            localizer = make_localizer(params.localization_method, params)
+            if state["localizer"]["fallback_reason"]:
+                localizer.fallback = CenterOfMass(params.com_channels)
+                localizer.fallback_reason = state["localizer"]["fallback_reason"]
+        if state["localizer"]["history"] is not None:
+            localizer.history = state["localizer"]["history"]
+        neural = None
+        if (folder / "neural_sorter.safetensors").exists():
+            neural = NeuralSorter.load(folder / "neural_sorter.safetensors", device=device)
+            neural.history = state["neural_history"]
+        basis = np.load(folder / "basis.npy", allow_pickle=False) if (folder / "basis.npy").exists() else None
+        return cls(localizer, basis, neural, state["notes"], state["label_source"])
 
 
 def _backbone(params: Params):
@@ -338,12 +463,17 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
     return sorter
 
 
-def _sort(prep: Prepared, progress: bool, labels=None) -> tuple[np.ndarray, Sorted]:
+def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -> tuple[np.ndarray, Models]:
     """Spike records with locations and units: the sorter of ``params.sorter``.
 
     "neural" (default): models fit on a bounded training sample (localizer; labels from
     ``labels`` or from clustering the sample; the neural sorter), then one streaming pass
     assigns every spike. "cluster": one pass localizes every spike, then all are clustered.
+
+    With a work area (``work``), the models are kept there once trained and every finished
+    chunk too; a run started again on the same work area reuses both. The models the main pass
+    uses are always the ones read back from the work area, so that a resumed run and an
+    uninterrupted one compute the same thing.
     """
     from .sort.labels import labels_from_sorting
     from .sort.postprocess import drop_border_duplicates
@@ -353,32 +483,23 @@ def _sort(prep: Prepared, progress: bool, labels=None) -> tuple[np.ndarray, Sort
         raise UsageError(f"unknown sorter {params.sorter!r}: use neural or cluster")
     if labels is not None and params.sorter != "neural":
         raise UsageError("labels train the neural sorter: use sorter=neural")
-    localizer = make_localizer(params.localization_method, params)
-    result = Sorted(localizer)
-    chunks = None
-    label_set = None
-    if labels is not None:
-        label_set = labels_from_sorting(labels, prep.recording, params.label_max_spikes_per_unit)
-        result.notes += label_set.notes
-        chunks = _chunks_before(prep, label_set.end)
-    with prep.timer.stage("fit"):
-        sample = _training_sample(prep, localizer, None, progress, windows=params.sorter == "neural", labels=label_set,
-                                  chunks=chunks)
-        fit_localizer(prep, localizer, sample, progress)
-        basis = fit_waveform_basis(sample.centre_waveforms, params.waveform_pcs)
-    if params.sorter == "neural":
-        result.label_source = "labels" if labels is not None else "clustering"
-        result.neural = _train_neural(prep, sample, localizer, basis, result.label_source, result.notes)
-    del sample
-    spikes, pcs = _main_pass(prep, localizer, basis, None, progress, result.neural)
-    if result.neural is None:
+    if work is not None and work.has_models():
+        models = Models.load(work.models_dir, prep)
+    else:
+        label_set = labels_from_sorting(labels, prep.recording, params.label_max_spikes_per_unit) if labels is not None else None
+        source = "" if params.sorter != "neural" else "labels" if labels is not None else "clustering"
+        models = _fit_models(prep, params.localization_method, None, progress, runner=runner, labels=label_set,
+                             label_source=source)
+        if work is not None:
+            models.save(work.clear_models())
+            models = Models.load(work.models_dir, prep)
+    spikes, pcs = _main_pass(prep, models, None, progress, runner, work)
+    if models.neural is None:
         spikes["unit_index"] = _cluster_spikes(prep, spikes["x"], spikes["y"], spikes["amplitude"], pcs)
     else:
         spikes["unit_index"] = drop_border_duplicates(spikes["segment_index"], spikes["sample_index"], spikes["unit_index"],
                                                       prep.geometry.refractory)
-    if result.neural is not None and label_set is not None:
-        result.notes.append(f"neural sorter trained on {label_set.num_units} labelled units")
-    return spikes, result
+    return spikes, models
 
 
 def _chunks_before(prep: Prepared, end: int):
@@ -405,15 +526,19 @@ def sorting_from_spikes(spikes: np.ndarray, recording):
     return NumpySorting.from_samples_and_labels(samples, labels, recording.get_sampling_frequency(), unit_ids=unit_ids)
 
 
-def sort(recording, params: Params | dict | None = None, progress: bool = True, labels=None):
+def sort(recording, params: Params | dict | None = None, progress: bool = True, labels=None, *,
+         workers: int | None = None, scheduler: str | None = None, connect_timeout: float = 20.0):
     """A SpikeInterface sorting of the recording (unit ids 0..U-1).
 
     ``labels``: a SpikeInterface sorting of (part of) this recording (ground truth, another
     sorter's output, a curated sorting) to train the neural sorter on instead of locsort's own
     clustering; ``params.label_max_spikes_per_unit`` keeps only the first K spikes per unit.
+    ``workers``: run the chunk work on a local Dask cluster of that many processes;
+    ``scheduler``: on the existing Dask cluster at that address. Results are the same either way.
     """
     prep = prepare(recording, _as_params(params))
-    spikes, _ = _sort(prep, progress, labels)
+    with open_runner(workers, scheduler, connect_timeout) as runner:
+        spikes, _ = _sort(prep, progress, labels, runner)
     return sorting_from_spikes(spikes, prep.recording)
 
 
@@ -439,21 +564,60 @@ def run(
     source: str | None = None,
     command: list[str] | None = None,
     labels=None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    connect_timeout: float = 20.0,
+    runner=None,
 ) -> RunResult:
     """The whole pipeline; writes ``out`` (spikes.npy, sorting/, report.html, run.json,
-    encoder.safetensors, neural_sorter.safetensors[, phy/]). ``labels``: as for ``sort``.
+    encoder.safetensors, neural_sorter.safetensors[, phy/]). ``labels``, ``workers``,
+    ``scheduler``: as for ``sort``; ``runner``: an open ``distribute`` runner to use instead
+    (one Dask cluster for several recordings).
 
-    ``out`` appears only when complete (built under a temporary name, then renamed).
+    ``out`` appears only when complete (built under a temporary name, then renamed). Until
+    then the run keeps its trained models and finished chunks in a work area beside ``out``
+    (locsort.workarea): the same call after an interruption continues from there and gives
+    the same result; ``overwrite`` starts afresh.
     """
     from . import __version__
-    from .evaluate import detected_localization_errors, sorting_accuracy
 
     params = _as_params(params)
     out = check_output_folder(out, overwrite)  # fail before any computation
     timer = Timer()
     started = time.time()
     prep = prepare(recording, params, timer)
-    spikes, result = _sort(prep, progress, labels)
+    identity = {"locsort": __version__, "recording": recording_identity(prep.recording), "params": params.asdict(),
+                "labels": _labels_identity(labels)}
+    num_chunks = len(make_chunks(prep.recording, prep.geometry.chunk_size))
+    runner_context = contextlib.nullcontext(runner) if runner is not None else open_runner(workers, scheduler, connect_timeout)
+    with WorkArea(out, identity, num_chunks, overwrite) as work, runner_context as runner:
+        resumed = {"models": work.has_models(), "chunks": work.resumed, "of_chunks": num_chunks}
+        if progress and (resumed["models"] or resumed["chunks"]):
+            tqdm.write(f"locsort: continuing an interrupted run from {work.path} (trained models: "
+                       f"{'kept' if resumed['models'] else 'to train'}; {resumed['chunks']} of {num_chunks} chunks done)",
+                       file=sys.stderr)
+        spikes, models = _sort(prep, progress, labels, runner, work)
+        execution = {"runner": runner.description, "workers": runner.workers, "resumed": resumed}
+        result = _write_run(out, overwrite, prep, spikes, models, timer, started, ground_truth=ground_truth, phy=phy,
+                            source=source, command=command, execution=execution)
+        work.remove()
+    return result
+
+
+def _labels_identity(labels) -> str | None:
+    if labels is None:
+        return None
+    return digest({"fs": labels.get_sampling_frequency(), "units": [str(u) for u in labels.unit_ids],
+                   "spikes": labels.to_spike_vector()})
+
+
+def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Models, timer: Timer, started: float, *,
+               ground_truth, phy: bool, source, command, execution: dict) -> RunResult:
+    """Evaluate (with ground truth) and write the output folder in one rename."""
+    from . import __version__
+    from .evaluate import detected_localization_errors, sorting_accuracy
+
+    params, result = prep.params, models
     localizer = result.localizer
     sorting = sorting_from_spikes(spikes, prep.recording)
     evaluation = None
@@ -468,6 +632,9 @@ def run(
     sorter = {"sorter": params.sorter, "labels": result.label_source or None, "notes": result.notes,
               "neural_training": result.neural.history if result.neural is not None else None}
     notes = ([localization["fallback"]] if localization["fallback"] else []) + result.notes
+    if execution["resumed"]["models"] or execution["resumed"]["chunks"]:
+        notes.append(f"continued an interrupted run ({execution['resumed']['chunks']} of {execution['resumed']['of_chunks']} "
+                     "chunks were already done)")
     with atomic_folder(out, overwrite) as tmp:
         with timer.stage("write"):
             save_npy_atomic(tmp / "spikes.npy", spikes)
@@ -502,6 +669,7 @@ def run(
             "num_units": int(len(sorting.unit_ids)),
             "localization": localization,
             "sorting": sorter,
+            "execution": execution,
             "evaluation": evaluation,
             "versions": _versions(),
         }

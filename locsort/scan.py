@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .detect import detect_chunk
+from .errors import LocsortError
 from .neighbourhood import Neighbourhood, gather_windows, peak_amplitudes
 from .parallel import Chunk, make_chunks, read_chunk
 from .params import Params
@@ -76,6 +77,88 @@ class Geometry:
                    int(round(params.neural_refractory_ms * ms)), int(round(params.label_tolerance_ms * ms)))
 
 
+@dataclass
+class Scanner:
+    """Turns one chunk into a SpikeBatch: read (with margins), detect or select the caller's
+    peaks, extract neighbourhood features. Small and picklable: Dask workers receive it once and
+    read the recording themselves (a SpikeInterface recording pickles as its description).
+
+    peaks : the caller's peaks (PEAK_DTYPE) instead of detection; batches then carry ``order``
+    """
+
+    recording: object
+    params: Params
+    neighbourhood: Neighbourhood
+    noise: np.ndarray
+    peaks: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.geometry = Geometry.from_params(self.params, self.recording.get_sampling_frequency())
+        self.thresholds = (self.params.detect_threshold * np.asarray(self.noise)).astype(np.float32)
+        self.detect_neighbours = self.neighbourhood.channels_within(self.params.detect_radius_um)
+        if self.peaks is not None:
+            self.sort = np.lexsort((self.peaks["sample_index"], self.peaks["segment_index"]))
+            self.sorted_peaks = self.peaks[self.sort]
+
+    # pickled (for Dask workers) with the recording as its SpikeInterface description, opened
+    # again on first use where it lands: the worker reads the file itself
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        recording = state.pop("recording")
+        state["_description"] = recording.to_dict(recursive=True) if recording is not None else state.get("_description")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.recording = None
+
+    def _open(self):
+        if self.recording is None:
+            from spikeinterface.core.base import BaseExtractor
+
+            try:
+                self.recording = BaseExtractor.from_dict(self._description)
+            except Exception as exc:
+                raise LocsortError(f"cannot open the recording here ({exc}); every worker must see the recording's "
+                                   "files at the same path") from exc
+        return self.recording
+
+    def chunks(self) -> list[Chunk]:
+        return make_chunks(self.recording, self.geometry.chunk_size)
+
+    def batch(self, chunk: Chunk, features: bool = True) -> SpikeBatch:
+        """The spikes of ``chunk`` (only those whose peak lies inside it: chunks never share a spike)."""
+        geo = self.geometry
+        traces, first = read_chunk(self._open(), chunk, geo.margin)
+        # pad the recording's own edges with zeros so that every window fits
+        pad_left = geo.margin - (chunk.start - first)
+        pad_right = geo.margin - (first + len(traces) - chunk.end)
+        if pad_left or pad_right:
+            traces = np.pad(traces, ((pad_left, pad_right), (0, 0)))
+            first -= pad_left
+        lo, hi = chunk.start - first, chunk.end - first
+        order = None
+        if self.peaks is None:
+            rows, channels = detect_chunk(traces, self.thresholds, self.detect_neighbours, geo.sweep, lo, hi)
+            batch_peaks = np.zeros(len(rows), PEAK_DTYPE)
+            batch_peaks["sample_index"] = rows + first
+            batch_peaks["channel_index"] = channels
+            batch_peaks["segment_index"] = chunk.segment_index
+            batch_peaks["amplitude"] = traces[rows, channels]
+        else:
+            seg_lo, seg_hi = np.searchsorted(self.sorted_peaks["segment_index"], [chunk.segment_index, chunk.segment_index + 1])
+            samples = self.sorted_peaks["sample_index"][seg_lo:seg_hi]
+            i0, i1 = seg_lo + np.searchsorted(samples, [chunk.start, chunk.end])
+            selected = np.arange(i0, i1)
+            batch_peaks = self.sorted_peaks[selected].copy()
+            order = self.sort[selected]
+            rows = batch_peaks["sample_index"] - first
+            batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
+        if features:
+            return _features(traces, rows, batch_peaks, order, self.neighbourhood, geo)
+        return SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
+
+
 def scan(
     recording,
     consume: Callable[[SpikeBatch], dict],
@@ -90,54 +173,22 @@ def scan(
     features: bool = True,
     concatenate: bool = True,
 ) -> dict | list[dict]:
-    """Run ``consume`` on every chunk's SpikeBatch; concatenate what it returns per spike.
+    """Run ``consume`` on every chunk's SpikeBatch, in this process; concatenate what it
+    returns per spike.
 
     With ``peaks`` (PEAK_DTYPE) no detection happens and the result is in the caller's order.
     With ``features=False`` batches carry only peaks (centre = peak channel, no waveforms).
     With ``concatenate=False`` the list of what ``consume`` returned, chunk by chunk (chunks
     without spikes left out).
     """
-    geo = Geometry.from_params(params, recording.get_sampling_frequency())
-    chunks = chunks if chunks is not None else make_chunks(recording, geo.chunk_size)
-    thresholds = (params.detect_threshold * noise).astype(np.float32)
-    detect_neighbours = neighbourhood.channels_within(params.detect_radius_um)
-    if peaks is not None:
-        sort = np.lexsort((peaks["sample_index"], peaks["segment_index"]))
-        sorted_peaks = peaks[sort]
+    scanner = Scanner(recording, params, neighbourhood, noise, peaks)
+    chunks = chunks if chunks is not None else scanner.chunks()
     parts: list[dict] = []
     for chunk in tqdm(chunks, desc=desc, unit="chunk", disable=not progress, leave=False):
-        traces, first = read_chunk(recording, chunk, geo.margin)
-        # pad the recording's own edges with zeros so that every window fits
-        pad_left = geo.margin - (chunk.start - first)
-        pad_right = geo.margin - (first + len(traces) - chunk.end)
-        if pad_left or pad_right:
-            traces = np.pad(traces, ((pad_left, pad_right), (0, 0)))
-            first -= pad_left
-        lo, hi = chunk.start - first, chunk.end - first
-        order = None
-        if peaks is None:
-            rows, channels = detect_chunk(traces, thresholds, detect_neighbours, geo.sweep, lo, hi)
-            batch_peaks = np.zeros(len(rows), PEAK_DTYPE)
-            batch_peaks["sample_index"] = rows + first
-            batch_peaks["channel_index"] = channels
-            batch_peaks["segment_index"] = chunk.segment_index
-            batch_peaks["amplitude"] = traces[rows, channels]
-        else:
-            seg_lo, seg_hi = np.searchsorted(sorted_peaks["segment_index"], [chunk.segment_index, chunk.segment_index + 1])
-            samples = sorted_peaks["sample_index"][seg_lo:seg_hi]
-            i0, i1 = seg_lo + np.searchsorted(samples, [chunk.start, chunk.end])
-            selected = np.arange(i0, i1)
-            batch_peaks = sorted_peaks[selected].copy()
-            order = sort[selected]
-            rows = batch_peaks["sample_index"] - first
-            batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
-        if features:
-            batch = _features(traces, rows, batch_peaks, order, neighbourhood, geo)
-        else:
-            batch = SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
+        batch = scanner.batch(chunk, features)
         if concatenate or len(batch.peaks):
             parts.append(consume(batch))
-    return _concatenate(parts, peaks) if concatenate else parts
+    return concatenate_parts(parts, peaks is not None) if concatenate else parts
 
 
 def _features(traces, rows, peaks, order, neighbourhood, geo) -> SpikeBatch:
@@ -150,10 +201,12 @@ def _features(traces, rows, peaks, order, neighbourhood, geo) -> SpikeBatch:
     return SpikeBatch(peaks, centre, waveforms, peak_amplitudes(window), order, traces, rows, geo.amp_half)
 
 
-def _concatenate(parts: list[dict], peaks: np.ndarray | None) -> dict:
+def concatenate_parts(parts: list[dict], reorder: bool = False) -> dict:
+    """Per-spike arrays of chunk results joined in chunk order; with ``reorder`` put back in
+    the caller's peak order (the parts' ``order``)."""
     keys = parts[0].keys() if parts else []
     out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
-    if peaks is not None and "order" in out:
+    if reorder and "order" in out:
         # back to the caller's peak order
         inverse = np.empty_like(out["order"])
         inverse[out["order"]] = np.arange(len(out["order"]))

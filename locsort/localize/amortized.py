@@ -226,7 +226,7 @@ class AmortizedLocalizer:
         start = time.perf_counter()
         bar = tqdm(range(self.max_epochs), desc="train encoder", unit="epoch", disable=not progress, leave=False)
         with pyro.validation_enabled(False):
-            for epoch in bar:
+            for _epoch in bar:
                 self.net.train()
                 rng.shuffle(train)
                 for i in range(0, len(train), self.batch_size):
@@ -318,7 +318,7 @@ class AmortizedLocalizer:
 
     def save(self, path: str | Path) -> None:
         """Weights + model globals + geometry in one safetensors file (no pickle)."""
-        from safetensors.torch import save_file
+        from ..io import save_safetensors_atomic
 
         if self.net is None:
             raise LocsortError("nothing to save: the encoder was not trained" + (f" ({self.fallback_reason})" if self.fallback_reason else ""))
@@ -331,10 +331,7 @@ class AmortizedLocalizer:
             "config": json.dumps({"hidden": self.hidden, "jitter_uv": self.jitter_uv, "max_centres": self.max_centres,
                                   "num_inputs": self.net.net[0].in_features, "num_outputs": self.net.net[-1].out_features}),
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_safetensors_atomic(path, self.net.state_dict(), meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "AmortizedLocalizer":

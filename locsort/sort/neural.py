@@ -293,17 +293,14 @@ class NeuralSorter:
 
     def save(self, path: str | Path, backbone_only: bool = False, info: dict | None = None) -> None:
         """Weights (the backbone alone, or backbone + head) in one safetensors file, no pickle."""
-        from safetensors.torch import save_file
+        from ..io import save_safetensors_atomic
 
         if self.net is None:
             raise LocsortError("nothing to save: the neural sorter was not trained")
         module = self.net.backbone if backbone_only else self.net
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "kind": "backbone" if backbone_only else "sorter",
                 "num_units": str(self.num_units), "num_time_points": str(NUM_TIME_POINTS), "info": json.dumps(info or {})}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_safetensors_atomic(path, module.state_dict(), meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", **kwargs) -> "NeuralSorter":

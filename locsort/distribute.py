@@ -1,0 +1,141 @@
+"""Where chunk work runs: in this process, or on a Dask cluster (one started here with
+``workers=N``, or an existing one at ``scheduler``).
+
+Every runner yields ``(chunk index, result)`` as chunks finish. The caller writes each result
+down and merges them in chunk order, so a result does not depend on where a chunk ran or in
+what order. A job (see ``pipeline.ChunkJob``) is one picklable object: Dask sends it to every
+worker once, with the recording inside it as SpikeInterface's description, so that workers read
+the file themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import uuid
+from typing import Iterator
+
+from tqdm.auto import tqdm
+
+from .errors import LocsortError, UsageError
+
+# a recording that cannot describe itself as a file (generated, in memory) still travels to
+# workers as its pickled description when it is this small (a generator's templates and trains)
+MAX_INLINE_RECORDING_BYTES = 100 * 2**20
+
+
+class LocalRunner:
+    """Chunks one after the other in this process."""
+
+    workers = 1
+    description = "this process"
+
+    def map(self, job, chunks: list, indices: list[int], desc: str = "chunks", progress: bool = True) -> Iterator:
+        for i in tqdm(indices, desc=desc, unit="chunk", disable=not progress, leave=False):
+            yield i, job(chunks[i])
+
+
+class DaskRunner:
+    """Chunks as tasks on a dask.distributed cluster. A worker that dies mid-chunk has its
+    chunk re-run elsewhere (Dask's own retry); a chunk that kills workers repeatedly fails the run."""
+
+    def __init__(self, client, description: str):
+        self.client = client
+        self.description = description
+
+    @property
+    def workers(self) -> int:
+        return max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
+
+    def map(self, job, chunks: list, indices: list[int], desc: str = "chunks", progress: bool = True) -> Iterator:
+        from distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        if not indices:
+            return
+        _check_shippable(job)
+        try:
+            [shared] = self.client.scatter([job], broadcast=True, hash=False)
+        except Exception as exc:
+            raise LocsortError(f"cannot send the work to the Dask cluster ({self.description}): {exc}") from exc
+        token = uuid.uuid4().hex[:8]
+        futures = {self.client.submit(_run_job, shared, chunks[i], key=f"locsort-{desc.replace(' ', '-')}-{token}-{i}"): i
+                   for i in indices}
+        try:
+            for future in tqdm(as_completed(futures, loop=self.client.loop), total=len(futures), desc=desc, unit="chunk", disable=not progress,
+                               leave=False):
+                i = futures[future]
+                try:
+                    result = future.result()
+                except KilledWorker as exc:
+                    raise LocsortError(f"chunk {i} killed Dask workers repeatedly ({exc}); is a worker short of memory?") from exc
+                except LocsortError:
+                    raise
+                except Exception as exc:
+                    if future.status == "error":
+                        raise  # the chunk's own error (a bug): as in a single process
+                    raise LocsortError(f"lost the Dask cluster ({self.description}) during the run: {exc}") from exc
+                yield i, result
+                future.release()
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+            shared.release()
+
+
+def _run_job(job, chunk):
+    return job(chunk)
+
+
+def _check_shippable(job) -> None:
+    recording = job.scanner.recording
+    if recording.check_serializability("pickle"):
+        return
+    if len(pickle.dumps(recording.to_dict(recursive=True))) > MAX_INLINE_RECORDING_BYTES:
+        raise UsageError("the recording exists only in this process's memory and is too large to send to Dask workers; "
+                         "save it first (recording.save(folder=...)) and sort the saved copy")
+
+
+@contextlib.contextmanager
+def open_runner(workers: int | None = None, scheduler: str | None = None, timeout: float = 20.0):
+    """A runner for chunk work: in this process (default), a local Dask cluster of ``workers``
+    processes, or the existing cluster at ``scheduler`` (address, e.g. tcp://host:8786)."""
+    if workers is not None and scheduler is not None:
+        raise UsageError("give either --workers (start a local Dask cluster) or --scheduler (use an existing one), not both")
+    if workers is None and scheduler is None:
+        yield LocalRunner()
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout=timeout, set_as_default=False)
+        except Exception as exc:  # OSError / TimeoutError from the connection attempts
+            raise LocsortError(f"cannot reach the Dask scheduler at {scheduler} within {timeout:g} s ({exc})") from None
+        try:
+            yield DaskRunner(client, f"scheduler {scheduler}")
+        finally:
+            client.close()
+        return
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    # one thread per worker process: the parallelism is across chunks (workers), and Dask's
+    # nanny already limits OpenMP/MKL threads to 1 in each worker. It does so by setting them in
+    # this process's environment, which is put back afterwards (later subprocesses would inherit it)
+    environment = dict(os.environ)
+    try:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+    except Exception as exc:
+        raise LocsortError(f"cannot start a local Dask cluster of {workers} workers: {exc}") from exc
+    client = Client(cluster, set_as_default=False)
+    try:
+        yield DaskRunner(client, f"local cluster of {workers} workers")
+    finally:
+        client.close()
+        cluster.close()
+        os.environ.clear()
+        os.environ.update(environment)
