@@ -246,7 +246,7 @@ def _run_chunks(job, chunks: list, runner, work, desc: str, progress: bool) -> l
     for index in done:
         loaded = work.load_chunk(index)
         if loaded is None:  # unreadable leftover: run that chunk again
-            [(_, loaded)] = list(LocalRunner().map(job, chunks, [index], progress=False))
+            loaded = job(chunks[index])
             work.save_chunk(index, loaded)
         results[index] = loaded
     return [results[i] for i in range(len(chunks))]

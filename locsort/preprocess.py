@@ -21,7 +21,8 @@ def preprocess(recording, params: Params | None = None):
     if params.preprocess:
         nyquist = recording.get_sampling_frequency() / 2
         freq_max = min(params.freq_max, 0.95 * nyquist)
-        recording = spre.bandpass_filter(recording, freq_min=params.freq_min, freq_max=freq_max, dtype="float32")
+        recording = spre.bandpass_filter(recording, freq_min=params.freq_min, freq_max=freq_max, dtype="float32",
+                                         direction=params.filter_direction)
         if params.common_reference != "none":
             recording = spre.common_reference(recording, reference="global", operator=params.common_reference)
     return recording

@@ -127,6 +127,7 @@ class TruncateDuringMainPass(LocalRunner):
     are done: a file truncated under a running sorter."""
 
     def __init__(self, path: Path, after: int):
+        super().__init__(threads=1)
         self.path, self.after = path, after
 
     def map(self, job, chunks, indices, desc="chunks", progress=True):

@@ -1,0 +1,145 @@
+"""Long recordings (issue 5): time and peak memory of ``locsort run`` on generated 384-channel
+Neuropixels-like recordings of 1, 4 and 16 minutes, and throughput with a 2-worker Dask
+LocalCluster.
+
+Recordings: SpikeInterface's generator on a locally built 384-channel Neuropixels-like probe
+(150 units, noise 5 µV, seed 0), written once to int16 raw binary files (1 µV per bit) under
+benchmarks/data (1 min = 1.4 GB, 16 min = 22 GB), then sorted from the file as a user would:
+``locsort run FILE.bin --sampling-frequency 30000 --num-channels 384 --dtype int16 --probe ...``.
+
+Each run is a separate process; peak memory is the largest sum of the resident set sizes of
+that process and all its children (the Dask workers), sampled every 0.1 s with psutil.
+
+Targets: 16-minute time / 1-minute time <= 17 (linear), 16-minute peak <= 1.3 x 1-minute peak
+(flat), and the whole pipeline at least 2 x real time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from _common import DATA, command_line, load_results, machine, save_results, write_section
+
+FS = 30_000
+CHANNELS = 384
+UNITS = 150
+
+
+def recording_file(minutes: float):
+    """The raw int16 file and its probe, generated and written once."""
+    import probeinterface as pi
+
+    from locsort.simulate import generate_recording
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    path = DATA / f"np384_{minutes:g}min.bin"
+    probe = DATA / "np384_probe.json"
+    if path.exists() and probe.exists() and path.stat().st_size == int(minutes * 60 * FS) * CHANNELS * 2:
+        return path, probe
+    recording, _ = generate_recording(duration=minutes * 60, num_units=UNITS, noise_level=5.0, seed=0, num_channels=CHANNELS)
+    pi.write_probeinterface(probe, recording.get_probe())
+    tmp = path.with_suffix(".tmp")
+    n = recording.get_num_samples(0)
+    with open(tmp, "wb") as f:
+        for start in range(0, n, FS):
+            traces = recording.get_traces(start_frame=start, end_frame=min(start + FS, n))
+            f.write(np.clip(np.round(traces), -32768, 32767).astype(np.int16).tobytes())
+            print(f"\rwriting {path.name}: {start / n:.0%}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    tmp.replace(path)
+    return path, probe
+
+
+def run_locsort(path, probe, out, workers: int | None) -> dict:
+    """Wall time and peak RSS (process tree) of one ``locsort run``."""
+    import psutil
+
+    command = ["locsort", "run", str(path), "--sampling-frequency", str(FS), "--num-channels", str(CHANNELS),
+               "--dtype", "int16", "--probe", str(probe), "--out", str(out), "--overwrite", "--quiet"]
+    if workers:
+        command += ["--workers", str(workers)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+            peak = max(peak, total)
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    wall = time.perf_counter() - start
+    stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"locsort run failed: {stderr[-2000:]}")
+    info = json.loads((out / "run.json").read_text())
+    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "num_spikes": info["num_spikes"], "num_units": info["num_units"],
+            "timings_s": info["timings_s"], "duration_s": info["recording"]["duration_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1, 4, 16], help="recording durations")
+    parser.add_argument("--workers-minutes", type=float, default=4, help="duration also run with a 2-worker LocalCluster")
+    args = parser.parse_args()
+
+    results = load_results("scale")
+    out = DATA / "scale_runs"
+    for minutes in args.minutes:
+        path, probe = recording_file(minutes)
+        runs = [None, 2] if minutes == args.workers_minutes else [None]
+        for workers in runs:
+            key = f"{minutes:g} min, " + (f"{workers} Dask workers" if workers else "single process")
+            print(f"{key} ...", file=sys.stderr, flush=True)
+            results[key] = {"minutes": minutes, "workers": workers or 0, **run_locsort(path, probe, out / key.replace(" ", "_"), workers)}
+            save_results("scale", results)
+            print(f"  {results[key]['wall_s']:.1f} s, peak {results[key]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    write_section("scale", report(results))
+
+
+def report(results: dict) -> str:
+    rows = sorted(results.values(), key=lambda r: (r["workers"], r["minutes"]))
+    lines = [
+        "## Long recordings: time, memory, Dask (issue 5)",
+        "",
+        f"Command: `{command_line()}`. Machine: {machine()}.",
+        "",
+        f"Data: generated 384-channel Neuropixels-like recordings ({UNITS} units, noise 5 µV, seed 0) written as int16 "
+        "raw binary and sorted from the file by `locsort run` (default parameters), one process per run. Peak memory: "
+        "largest summed RSS of the run's process tree (Dask workers included), sampled every 0.1 s.",
+        "",
+        "| recording | runner | wall time | x real time | peak memory | spikes | units | main pass (detect + localize + neural) | fixed stages (preprocess, fit, train, cluster, report) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["timings_s"]
+        main_pass = t.get("detect", 0) + t.get("localize", 0) + t.get("neural", 0)
+        lines.append(f"| {r['minutes']:g} min | {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'} | "
+                     f"{r['wall_s']:.0f} s | {r['duration_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} MB | {r['num_spikes']:,} | "
+                     f"{r['num_units']} | {main_pass:.0f} s | {r['wall_s'] - main_pass:.0f} s |")
+    single = {r["minutes"]: r for r in rows if not r["workers"]}
+    lines.append("")
+    if 1 in single and 16 in single:
+        time_ratio = single[16]["wall_s"] / single[1]["wall_s"]
+        memory_ratio = single[16]["peak_rss_mb"] / single[1]["peak_rss_mb"]
+        lines.append(f"- Time, 16 min / 1 min: {time_ratio:.2f} (target <= 17): **{'met' if time_ratio <= 17 else 'MISSED'}**.")
+        lines.append(f"- Peak memory, 16 min / 1 min: {memory_ratio:.2f} (target <= 1.3): "
+                     f"**{'met' if memory_ratio <= 1.3 else 'MISSED'}**.")
+    for r in rows:
+        if r["minutes"] == max(single, default=0) or r["workers"]:
+            speed = r["duration_s"] / r["wall_s"]
+            lines.append(f"- Whole pipeline on {r['minutes']:g} min, {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'}: "
+                         f"{speed:.2f} x real time (target >= 2): **{'met' if speed >= 2 else 'MISSED'}**.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
