@@ -149,7 +149,7 @@ def main():
         calib = coverage(spikes, true)
         z_err = float(np.median(np.abs(spikes["z"] - true[:, 2])))
         for label, extra in [("locsort (exponential, jitter 0)", dict(jitter_uv=0.0)), ("locsort (monopole, jitter 10)", dict(decay_law="monopole")),
-                             ("locsort (exponential, jitter 10, 60 s training budget)", dict(encoder_max_seconds=60.0))]:
+                             ("locsort (exponential, jitter 10, up to 100 training epochs)", dict(encoder_max_epochs=100))]:
             other, f_s, i_s, _, _ = run_locsort(recording, peaks, true, **extra)
             rows[label] = errors(other["x"], other["y"], true)
             speed[label] = (len(peaks) / i_s, f_s)

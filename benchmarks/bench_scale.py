@@ -94,11 +94,16 @@ def main() -> None:
     out = DATA / "scale_runs"
     for minutes in args.minutes:
         path, probe = recording_file(minutes)
-        runs = [None, 2] if minutes == args.workers_minutes else [None]
+        runs = [None, 2] if minutes == args.workers_minutes else [None]  # single process first: Dask is compared with it
         for workers in runs:
             key = f"{minutes:g} min, " + (f"{workers} Dask workers" if workers else "single process")
             print(f"{key} ...", file=sys.stderr, flush=True)
-            results[key] = {"minutes": minutes, "workers": workers or 0, **run_locsort(path, probe, out / key.replace(" ", "_"), workers)}
+            folder = out / f"{minutes:g}min_{workers or 1}"
+            results[key] = {"minutes": minutes, "workers": workers or 0, **run_locsort(path, probe, folder, workers)}
+            if workers:  # Dask must give the single-process result exactly
+                single = np.load(out / f"{minutes:g}min_1" / "spikes.npy")
+                results[key]["identical_to_single_process"] = bool(
+                    np.array_equal(single, np.load(folder / "spikes.npy"), equal_nan=True))
             save_results("scale", results)
             print(f"  {results[key]['wall_s']:.1f} s, peak {results[key]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
@@ -138,6 +143,9 @@ def report(results: dict) -> str:
             speed = r["duration_s"] / r["wall_s"]
             lines.append(f"- Whole pipeline on {r['minutes']:g} min, {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'}: "
                          f"{speed:.2f} x real time (target >= 2): **{'met' if speed >= 2 else 'MISSED'}**.")
+            if "identical_to_single_process" in r:
+                lines.append(f"- {r['workers']} Dask workers vs single process on {r['minutes']:g} min: spikes, locations and units "
+                             f"{'identical' if r['identical_to_single_process'] else 'DIFFERENT'}.")
     return "\n".join(lines)
 
 

@@ -166,20 +166,33 @@ def open_runner(workers: int | None = None, scheduler: str | None = None, timeou
         return
     if workers < 1:
         raise UsageError("--workers must be at least 1")
-    # one thread per worker process: the parallelism is across chunks (workers), and Dask's
-    # nanny already limits OpenMP/MKL threads to 1 in each worker. It does so by setting them in
-    # this process's environment, which is put back afterwards (later subprocesses would inherit it)
+    # one thread per worker process: the parallelism is across chunks (workers). Dask's nanny
+    # limits OpenMP/MKL threads to 1 in each worker by setting them in *this* process's
+    # environment: put it back at once, and keep torch's thread count here (training runs here;
+    # its results depend on the thread count, and must not depend on --workers)
+    import torch
+
+    threads = torch.get_num_threads()
     environment = dict(os.environ)
     try:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=logging.ERROR)
     except Exception as exc:
         raise LocsortError(f"cannot start a local Dask cluster of {workers} workers: {exc}") from exc
+    finally:
+        _restore(environment, threads)
     client = Client(cluster, set_as_default=False)
     try:
         yield DaskRunner(client, f"local cluster of {workers} workers")
     finally:
         client.close()
         cluster.close()
-        os.environ.clear()
-        os.environ.update(environment)
+        _restore(environment, threads)
+
+
+def _restore(environment: dict, torch_threads: int) -> None:
+    import torch
+
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.set_num_threads(torch_threads)

@@ -263,7 +263,8 @@ def check_recording(recording, path="the recording"):
 
 
 def recording_files(recording) -> list[Path]:
-    """The files and folders a (possibly preprocessed) SpikeInterface recording reads from."""
+    """The files and folders a (possibly preprocessed) SpikeInterface recording, or its
+    description (``to_dict``), reads from."""
     found: list[Path] = []
 
     def walk(node):
@@ -278,7 +279,7 @@ def recording_files(recording) -> list[Path]:
                 walk(value)
 
     try:
-        walk(recording.to_dict(recursive=True))
+        walk(recording if isinstance(recording, dict) else recording.to_dict(recursive=True))
     except Exception:  # an extractor that cannot describe itself: nothing to name
         pass
     return list(dict.fromkeys(found))

@@ -44,10 +44,10 @@ class Params:
     max_jitter_centres: int = 4  # at most this many centres per spike
     encoder_hidden: int = 256  # width of the encoder MLP
     encoder_batch_size: int = 512  # spikes per ELBO step
-    encoder_max_epochs: int = 100  # upper bound; early stopping usually ends sooner
+    encoder_max_epochs: int = 15  # training budget in passes over the sample (~10 s on 2 cores); longer barely moves sorting accuracy (BENCHMARKS.md)
     encoder_patience: int = 8  # epochs without held-out ELBO improvement before stopping
     encoder_lr: float = 2e-3  # Adam learning rate
-    encoder_max_seconds: float = 10.0  # training time budget: longer budgets barely move sorting accuracy (BENCHMARKS.md)
+    encoder_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
     min_training_spikes: int = 300  # fewer spikes: fall back to centre of mass (and say so)
     encoder_path: str = ""  # a saved encoder (.safetensors) to use instead of training one
 
@@ -62,7 +62,7 @@ class Params:
     neural_lr: float = 3e-3  # Adam learning rate of the head (a pretrained backbone learns at 0.3 x this)
     neural_batch_size: int = 256  # candidate windows per step
     neural_patience: int = 3  # epochs without held-out loss improvement before stopping
-    neural_max_seconds: float = 120.0  # training time budget
+    neural_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
     neural_threshold: float = 0.5  # a candidate is a spike of its most probable unit above this probability
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)
     label_max_spikes_per_unit: int = 0  # with user labels: train on the first K spikes of each unit (0: all)
@@ -73,6 +73,8 @@ class Params:
     cluster_pcs: int = 2  # whitened PCs of the centre-channel waveform used for clustering (as the paper)
     cluster_min_size: int = 25  # HDBSCAN min_cluster_size: fewer spikes than this is not a unit
     cluster_sample: int = 40_000  # spikes clustered by HDBSCAN; the rest are assigned by nearest neighbours
+    merge_min_similarity: float = 0.95  # merge clusters whose templates agree this well (cosine over shared contacts; 1: never)
+    merge_max_amplitude_ratio: float = 1.5  # ... and whose template sizes differ by at most this factor
     cluster_location_scale_um: float = 5.0  # µm that count as one unit of distance in the clustering space
 
     # --- execution ---

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .detect import detect_chunk
 from .errors import LocsortError
+from .io import describe_files
 from .neighbourhood import Neighbourhood, gather_windows, peak_amplitudes
 from .parallel import Chunk, make_chunks, read_chunk
 from .params import Params
@@ -119,8 +120,8 @@ class Scanner:
             try:
                 self.recording = BaseExtractor.from_dict(self._description)
             except Exception as exc:
-                raise LocsortError(f"cannot open the recording here ({exc}); every worker must see the recording's "
-                                   "files at the same path") from exc
+                raise LocsortError(f"cannot open {describe_files(self._description)} here ({exc}); every worker must "
+                                   "see the recording's files at the same path") from exc
         return self.recording
 
     def chunks(self) -> list[Chunk]:

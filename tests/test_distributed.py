@@ -20,9 +20,9 @@ from locsort.errors import LocsortError
 from locsort.io import open_recording
 from locsort.workarea import WorkArea, work_area_path
 
-# small chunks so that runs have many of them; no time budgets, so that training depends on
-# the data and the seed only (two separate runs train the same models)
-PARAMS = {"chunk_duration": 0.25, "encoder_max_seconds": 1000.0, "neural_max_seconds": 1000.0}
+# small chunks so that runs have many of them (training budgets are in epochs by default, so
+# two separate runs train the same models)
+PARAMS = {"chunk_duration": 0.25}
 PARAM_ARGS = [arg for name, value in PARAMS.items() for arg in ("--param", f"{name}={value}")]
 NUM_CHUNKS = 40  # 10 s / 0.25 s
 
@@ -66,7 +66,9 @@ def _finished_chunks(out: Path) -> int:
 
 def test_killed_run_resumes_to_the_same_result(recording_folder, reference, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "locsort.cli", "run", str(recording_folder), "--out", str(out), "--quiet", *PARAM_ARGS]
+    # trained and partly run with a 2-worker local Dask cluster ...
+    command = [sys.executable, "-m", "locsort.cli", "run", str(recording_folder), "--out", str(out), "--quiet",
+               "--workers", "2", *PARAM_ARGS]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_environment())
     while process.poll() is None and _finished_chunks(out) < 3:
         time.sleep(0.002)
@@ -75,8 +77,8 @@ def test_killed_run_resumes_to_the_same_result(recording_folder, reference, tmp_
     done = _finished_chunks(out)
     assert 3 <= done < NUM_CHUNKS and not out.exists()
 
-    # the same command continues (here on a 2-worker local Dask cluster: same result)
-    again = _cli("run", str(recording_folder), "--out", str(out), "--quiet", "--workers", "2", *PARAM_ARGS)
+    # ... and continued in a single process: the result of an uninterrupted single-process run
+    again = _cli("run", str(recording_folder), "--out", str(out), "--quiet", *PARAM_ARGS)
     assert again.returncode == 0, again.stderr
     assert f"{done} of {NUM_CHUNKS} chunks were already done" in again.stdout
     assert_same_spikes(np.load(out / "spikes.npy"), reference.spikes)

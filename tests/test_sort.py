@@ -159,3 +159,26 @@ def test_run_sorter_plugin(tmp_path, ground_truth_recording):
     sorting = run_sorter("locsort", recording, folder=tmp_path / "si", sorter="cluster", encoder_max_epochs=10,
                          verbose=False, remove_existing_folder=True)
     assert sorting_accuracy(sorting, truth)["well_detected"] >= 8
+
+
+def test_merge_joins_the_pieces_of_one_unit_and_keeps_different_units_apart():
+    from locsort.sort.merge import merge_similar_units
+    from locsort.sort.neural import NUM_TIME_POINTS, Windows
+
+    rng = np.random.default_rng(0)
+    k = 9  # a 3 x 3 neighbourhood, 20 µm pitch, every spike centred on the same contact
+    slot_xy = np.stack(np.meshgrid([-20.0, 0.0, 20.0], [-20.0, 0.0, 20.0]), -1).reshape(k, 2)
+    t = np.linspace(0, 1, NUM_TIME_POINTS)
+    shape_a, shape_b = -np.exp(-((t - 0.3) / 0.05) ** 2), -np.exp(-((t - 0.3) / 0.12) ** 2)
+    footprint_a, footprint_b = np.exp(-np.linalg.norm(slot_xy, axis=1) / 15), np.exp(-np.linalg.norm(slot_xy - [20, 0], axis=1) / 15)
+    truth = np.repeat([0, 1], 200)
+    waves = np.where(truth[:, None, None] == 0, 8 * shape_a[None, :, None] * footprint_a, 8 * shape_b[None, :, None] * footprint_b)
+    waves = waves + rng.normal(0, 1, waves.shape)
+    windows = Windows(waves.astype(np.float16), np.ones((400, k), bool), np.repeat(slot_xy[None], 400, 0).astype(np.float32),
+                      np.zeros((400, 2), np.float32))
+    split = np.where(truth == 0, rng.integers(0, 2, 400), 2)  # unit A cut in two clusters, B whole
+    split[:5] = -1  # noise stays noise
+    labels, merges = merge_similar_units(split, windows, min_similarity=0.95)
+    assert merges == 1
+    assert len(np.unique(labels[5:])) == 2 and (labels[:5] == -1).all()
+    assert len(np.unique(labels[5:200])) == 1 and labels[200] != labels[5]

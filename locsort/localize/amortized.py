@@ -85,10 +85,10 @@ class AmortizedLocalizer:
         max_centres: int = 4,
         hidden: int = 256,
         batch_size: int = 512,
-        max_epochs: int = 100,
+        max_epochs: int = 15,
         patience: int = 8,
         lr: float = 2e-3,
-        max_seconds: float = 60.0,
+        max_seconds: float = 0.0,  # wall-time budget, 0: none
         min_training_spikes: int = 300,
         fallback_channels: int = 9,
         device: str = "cpu",
@@ -246,7 +246,7 @@ class AmortizedLocalizer:
                     best_state = (copy.deepcopy(self.net.state_dict()), {k: float(v.detach()) for k, v in learned.values().items()})
                 else:
                     stale += 1
-                if stale >= self.patience or time.perf_counter() - start > self.max_seconds:
+                if stale >= self.patience or 0 < self.max_seconds < time.perf_counter() - start:
                     break
         if best_state is None:
             self.net = None

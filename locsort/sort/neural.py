@@ -186,7 +186,7 @@ class NeuralSorter:
         unit labelled, candidates after its K-th spike are unknown for that unit, not negatives
     """
 
-    def __init__(self, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256, max_seconds: float = 120.0,
+    def __init__(self, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256, max_seconds: float = 0.0,
                  patience: int = 5, device: str = "cpu", seed: int = 0, backbone_lr_scale: float = 0.3):
         self.epochs = epochs
         self.lr = lr
@@ -257,7 +257,7 @@ class NeuralSorter:
                 best, stale, best_state = val_loss, 0, copy.deepcopy(self.net.state_dict())
             else:
                 stale += 1
-            if stale >= self.patience or time.perf_counter() - start > self.max_seconds:
+            if stale >= self.patience or 0 < self.max_seconds < time.perf_counter() - start:
                 break
         if best_state is None or not math.isfinite(best):
             raise LocsortError("neural sorter training diverged (non-finite loss)")
