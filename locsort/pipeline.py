@@ -443,8 +443,9 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         if params.merge_min_similarity < 1.0:
             from .sort.merge import merge_similar_units
 
-            units, merges = merge_similar_units(units, sample.windows, params.merge_min_similarity,
-                                                params.merge_max_amplitude_ratio)
+            with prep.timer.stage("cluster"):
+                units, _ = merge_similar_units(units, sample.windows, params.merge_min_similarity,
+                                               params.merge_max_amplitude_ratio)
         num_units = int(units.max()) + 1 if len(units) and units.max() >= 0 else 0
         if num_units == 0:
             notes.append("the clustering of the training sample found no units, so the neural sorter was not trained")

@@ -13,52 +13,59 @@ from __future__ import annotations
 import numpy as np
 
 
-def unit_templates(labels: np.ndarray, windows, num_units: int) -> tuple[np.ndarray, np.ndarray]:
-    """(U, P, T) mean waveforms on the P contact positions the windows cover, and (U, P) the
-    number of spikes that contributed to each (0: the unit never reaches that contact)."""
+def unit_templates(labels: np.ndarray, windows, num_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(U, P, T) mean waveforms on the P contact positions the windows cover, (U, P) the number
+    of spikes that contributed to each (0: the unit never reaches that contact), and (P, 2)
+    those positions (µm)."""
+    import torch
+
     keep = labels >= 0
-    wave = windows.waveforms[keep].astype(np.float32)  # (n, T, K)
-    absolute = windows.centre_xy[keep][:, None, :] + windows.slot_xy[keep]  # (n, K, 2) µm on the probe
     real = windows.real[keep]
+    absolute = windows.centre_xy[keep][:, None, :] + windows.slot_xy[keep]  # (n, K, 2) µm on the probe
     positions, contact = np.unique(np.round(absolute[real], 1), axis=0, return_inverse=True)
     unit = np.repeat(labels[keep][:, None], real.shape[1], axis=1)[real]
     num_contacts = len(positions)
-    flat = unit * num_contacts + contact.ravel()
-    samples = wave.transpose(0, 2, 1)[real]  # (pairs, T)
-    sums = np.zeros((num_units * num_contacts, samples.shape[1]), np.float64)
-    np.add.at(sums, flat, samples)
-    counts = np.bincount(flat, minlength=num_units * num_contacts).astype(np.float64)
-    templates = sums / np.maximum(counts, 1)[:, None]
-    return templates.reshape(num_units, num_contacts, -1), counts.reshape(num_units, num_contacts)
+    flat = torch.as_tensor(unit * num_contacts + contact.ravel())
+    samples = torch.as_tensor(windows.waveforms[keep].transpose(0, 2, 1)[real], dtype=torch.float32)  # (pairs, T)
+    sums = torch.zeros(num_units * num_contacts, samples.shape[1]).index_add_(0, flat, samples)
+    counts = torch.bincount(flat, minlength=num_units * num_contacts).double().numpy()
+    templates = sums.double().numpy() / np.maximum(counts, 1)[:, None]
+    return templates.reshape(num_units, num_contacts, -1), counts.reshape(num_units, num_contacts), positions
 
 
-def merge_similar_units(labels: np.ndarray, windows, min_similarity: float = 0.9, max_amplitude_ratio: float = 1.5,
-                        min_coverage: int = 5) -> tuple[np.ndarray, int]:
+def merge_similar_units(labels: np.ndarray, windows, min_similarity: float = 0.95, max_amplitude_ratio: float = 1.5,
+                        min_coverage: int = 5, max_distance_um: float = 60.0) -> tuple[np.ndarray, int]:
     """Labels with over-split units merged (renumbered 0..U'-1, -1 kept) and the number of
-    merges. ``min_coverage``: spikes a contact needs in both units to be compared there."""
+    merges. Only units whose largest contacts are within ``max_distance_um`` are compared;
+    ``min_coverage``: spikes a contact needs in both units to be compared there."""
     labels = np.asarray(labels).copy()
     num_units = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
     if num_units < 2:
         return labels, 0
-    templates, counts = unit_templates(labels, windows, num_units)
-    sizes = np.bincount(labels[labels >= 0], minlength=num_units).astype(np.float64)
+    templates, counts, positions = unit_templates(labels, windows, num_units)
+    energy = (templates**2).sum(axis=2)  # (U, P)
+    peak = positions[np.argmax(energy, axis=1)]
+    near = np.linalg.norm(peak[:, None] - peak[None], axis=-1) <= max_distance_um
+    pairs = {(a, b): _similarity(templates, counts, a, b, min_coverage, max_amplitude_ratio)
+             for a, b in zip(*np.nonzero(np.triu(near, 1)))}
     alive = np.ones(num_units, bool)
     merges = 0
-    while True:
-        similarity = _pairwise(templates, counts, min_coverage, max_amplitude_ratio)
-        similarity[~alive] = -1
-        similarity[:, ~alive] = -1
-        a, b = np.unravel_index(np.argmax(similarity), similarity.shape)
-        if similarity[a, b] < min_similarity:
+    while pairs:
+        (a, b), best = max(pairs.items(), key=lambda item: item[1])
+        if best < min_similarity:
             break
-        # b joins a: spike-weighted templates, per contact
+        # b joins a: spike-weighted templates, per contact; a's similarities are computed again
         total = counts[a] + counts[b]
         templates[a] = (templates[a] * counts[a][:, None] + templates[b] * counts[b][:, None]) / np.maximum(total, 1)[:, None]
         counts[a] = total
-        sizes[a] += sizes[b]
         alive[b] = False
         labels[labels == b] = a
         merges += 1
+        partners = {u for pair in pairs if a in pair or b in pair for u in pair} - {a, b}
+        pairs = {pair: value for pair, value in pairs.items() if a not in pair and b not in pair}
+        for u in partners:
+            if alive[u]:
+                pairs[(min(a, u), max(a, u))] = _similarity(templates, counts, a, u, min_coverage, max_amplitude_ratio)
     found = np.unique(labels[labels >= 0])
     remap = np.full(num_units, -1)
     remap[found] = np.arange(len(found))
@@ -66,23 +73,17 @@ def merge_similar_units(labels: np.ndarray, windows, min_similarity: float = 0.9
     return labels, merges
 
 
-def _pairwise(templates: np.ndarray, counts: np.ndarray, min_coverage: int, max_amplitude_ratio: float) -> np.ndarray:
-    """(U, U) cosine similarity of templates over the contacts both units cover (upper
-    triangle; -1 where not comparable or the sizes differ too much)."""
-    covered = (counts >= min_coverage).astype(np.float64)  # (U, P)
-    both = covered[:, None, :] * covered[None, :, :]  # (U, U, P)
-    # dot products and norms restricted to shared contacts
-    dot = np.einsum("upt,vpt,uvp->uv", templates, templates, both)
-    energy = (templates**2).sum(axis=2)  # (U, P)
-    norm_u = np.einsum("up,uvp->uv", energy, both)
-    norm_v = np.einsum("vp,uvp->uv", energy, both)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = dot / np.sqrt(norm_u * norm_v)
-        ratio = np.sqrt(np.maximum(norm_u, norm_v) / np.maximum(np.minimum(norm_u, norm_v), 1e-12))
-    # the shared contacts must hold most of each unit's energy: units far apart share little
-    own = (energy * covered).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shared = np.minimum(norm_u / own[:, None], norm_v / own[None, :])
-    result = np.where((shared > 0.5) & (ratio <= max_amplitude_ratio) & np.isfinite(cosine), cosine, -1.0)
-    result[np.tril_indices(len(templates))] = -1.0
-    return result
+def _similarity(templates, counts, a: int, b: int, min_coverage: int, max_amplitude_ratio: float) -> float:
+    """Cosine similarity of two templates over the contacts both cover, or -1 when they are not
+    comparable: sizes differ by more than ``max_amplitude_ratio``, or the shared contacts hold
+    less than half of either unit's energy (units far apart share little)."""
+    covered_a, covered_b = counts[a] >= min_coverage, counts[b] >= min_coverage
+    both = covered_a & covered_b
+    ta, tb = templates[a][both], templates[b][both]
+    norm_a, norm_b = float((ta**2).sum()), float((tb**2).sum())
+    own_a, own_b = float((templates[a][covered_a] ** 2).sum()), float((templates[b][covered_b] ** 2).sum())
+    if min(norm_a, norm_b) <= 0 or min(norm_a / own_a, norm_b / own_b) <= 0.5:
+        return -1.0
+    if np.sqrt(max(norm_a, norm_b) / min(norm_a, norm_b)) > max_amplitude_ratio:
+        return -1.0
+    return float((ta * tb).sum() / np.sqrt(norm_a * norm_b))
