@@ -88,6 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 4, 16], help="recording durations")
     parser.add_argument("--workers-minutes", type=float, default=4, help="duration also run with a 2-worker LocalCluster")
+    parser.add_argument("--skip-done", action="store_true", help="keep runs already in benchmarks/results/scale.json "
+                        "whose output is still in benchmarks/data/scale_runs (resume an interrupted benchmark)")
     args = parser.parse_args()
 
     results = load_results("scale")
@@ -97,13 +99,15 @@ def main() -> None:
         runs = [None, 2] if minutes == args.workers_minutes else [None]  # single process first: Dask is compared with it
         for workers in runs:
             key = f"{minutes:g} min, " + (f"{workers} Dask workers" if workers else "single process")
-            print(f"{key} ...", file=sys.stderr, flush=True)
             folder = out / f"{minutes:g}min_{workers or 1}"
+            if args.skip_done and key in results and (folder / "spikes.npy").exists():
+                continue
+            print(f"{key} ...", file=sys.stderr, flush=True)
             results[key] = {"minutes": minutes, "workers": workers or 0, **run_locsort(path, probe, folder, workers)}
             if workers:  # Dask must give the single-process result exactly
-                single = np.load(out / f"{minutes:g}min_1" / "spikes.npy")
-                results[key]["identical_to_single_process"] = bool(
-                    np.array_equal(single, np.load(folder / "spikes.npy"), equal_nan=True))
+                single, dask = np.load(out / f"{minutes:g}min_1" / "spikes.npy"), np.load(folder / "spikes.npy")
+                results[key]["identical_to_single_process"] = len(single) == len(dask) and all(
+                    np.array_equal(single[f], dask[f], equal_nan=single[f].dtype.kind == "f") for f in single.dtype.names)
             save_results("scale", results)
             print(f"  {results[key]['wall_s']:.1f} s, peak {results[key]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
