@@ -14,7 +14,6 @@ import platform
 import sys
 import time
 import contextlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from .workarea import WorkArea, digest, recording_identity
 class Timer(dict):
     """Wall time per stage, in seconds, in the order the stages ran."""
 
-    @contextmanager
+    @contextlib.contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
         try:
@@ -239,8 +238,9 @@ def _run_chunks(job, chunks: list, runner, work, desc: str, progress: bool) -> l
                 work.save_chunk(index, result)
             results[index] = result
     except LocsortError as exc:
-        if work is not None and work.finished():
-            raise LocsortError(f"{exc}. {len(work.finished())} of {len(chunks)} chunks are finished and kept in "
+        finished = len(work.finished()) if work is not None else 0
+        if finished:
+            raise LocsortError(f"{exc}. {finished} of {len(chunks)} chunks are finished and kept in "
                                f"{work.path}: run the same command again to continue") from exc
         raise
     for index in done:

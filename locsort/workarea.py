@@ -68,17 +68,17 @@ def recording_identity(recording) -> str:
     interrupted run makes its leftovers unusable."""
     from .io import recording_files
 
+    try:
+        description = recording.to_dict(recursive=True)
+    except Exception:
+        description = repr(recording)
     files = []
-    for path in recording_files(recording):
+    for path in recording_files(description if isinstance(description, dict) else recording):
         try:
             stat = path.stat()
             files.append([str(path), stat.st_size, stat.st_mtime_ns])
         except OSError:
             files.append([str(path), None, None])
-    try:
-        description = recording.to_dict(recursive=True)
-    except Exception:
-        description = repr(recording)
     lengths = [recording.get_num_samples(s) for s in range(recording.get_num_segments())]
     return digest({"description": description, "files": files, "lengths": lengths})
 
