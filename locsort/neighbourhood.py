@@ -134,10 +134,13 @@ def gather_windows(traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, b
     Channel -1 (virtual) reads zeros. Rows must leave ``before``/``after`` samples inside
     ``traces`` (the chunk margin guarantees it).
     """
-    padded = np.concatenate([traces, np.zeros((len(traces), 1), traces.dtype)], axis=1)
-    channels = np.where(channels < 0, traces.shape[1], channels)
     times = rows[:, None] + np.arange(-before, after)[None, :]
-    return padded[times[:, :, None], channels[:, None, :]]
+    # read channel 0 for virtual slots and zero them after: no padded copy of the whole chunk
+    virtual = channels < 0
+    windows = traces[times[:, :, None], np.where(virtual, 0, channels)[:, None, :]]
+    if virtual.any():
+        windows[np.broadcast_to(virtual[:, None, :], windows.shape)] = 0.0
+    return windows
 
 
 def peak_amplitudes(windows: np.ndarray) -> np.ndarray:

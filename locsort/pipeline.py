@@ -204,6 +204,7 @@ class ChunkJob:
     basis: np.ndarray | None
     neural: object = None
     refractory: int = 0
+    keep_pcs: bool = True  # False: no waveform PCs (localization only), so no waveform windows unless the neural sorter needs them
 
     def __call__(self, chunk) -> dict:
         from .sort.neural import Windows
@@ -211,12 +212,13 @@ class ChunkJob:
 
         params, neighbourhood = self.scanner.params, self.scanner.neighbourhood
         start = time.perf_counter()
-        batch = self.scanner.batch(chunk)
+        batch = self.scanner.batch(chunk, waveforms=self.keep_pcs or self.neural is not None)
         read = time.perf_counter()
         location = self.localizer.transform(self.localizer.observe(batch, neighbourhood), neighbourhood)
         located = time.perf_counter()
-        out = {"peaks": batch.peaks, "pcs": _waveform_pcs(batch.waveforms[:, :, 0], self.basis, params.waveform_pcs),
-               **{k: np.asarray(location[k], np.float32) for k in LOCATION_FIELDS}}
+        out = {"peaks": batch.peaks, **{k: np.asarray(location[k], np.float32) for k in LOCATION_FIELDS}}
+        if self.keep_pcs:
+            out["pcs"] = _waveform_pcs(batch.waveforms[:, :, 0], self.basis, params.waveform_pcs)
         if self.neural is not None:
             proba = self.neural.predict_proba(Windows.from_batch(batch, neighbourhood, self.scanner.noise))
             out["unit_index"], _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, self.refractory)
@@ -252,11 +254,12 @@ def _run_chunks(job, chunks: list, runner, work, desc: str, progress: bool) -> l
     return [results[i] for i in range(len(chunks))]
 
 
-def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=None, work=None):
-    """One pass over every chunk (see ChunkJob). Returns spike records and (n, P) centre-channel PCs."""
+def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=None, work=None, keep_pcs: bool = True):
+    """One pass over every chunk (see ChunkJob). Returns spike records and (n, P) centre-channel
+    PCs (None without ``keep_pcs``)."""
     params, timer = prep.params, prep.timer
     job = ChunkJob(Scanner(prep.recording, params, prep.neighbourhood, prep.noise, peaks), models.localizer, models.basis,
-                   models.neural, prep.geometry.refractory)
+                   models.neural, prep.geometry.refractory, keep_pcs)
     chunks = job.scanner.chunks()
     started = time.perf_counter()
     parts = _run_chunks(job, chunks, runner or LocalRunner(), work, "detect + localize" if peaks is None else "localize",
@@ -269,11 +272,11 @@ def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=N
             timer[stage] = timer.get(stage, 0.0) + float(spent * share)
     found = concatenate_parts([p for p in parts if len(p["peaks"])], reorder=peaks is not None)
     if not found:
-        return spikes_from_peaks(np.zeros(0, PEAK_DTYPE)), np.zeros((0, params.waveform_pcs), np.float32)
+        return spikes_from_peaks(np.zeros(0, PEAK_DTYPE)), np.zeros((0, params.waveform_pcs), np.float32) if keep_pcs else None
     spikes = spikes_from_peaks(found["peaks"])
     for name in LOCATION_FIELDS + (("unit_index",) if models.neural is not None else ()):
         spikes[name] = found[name]
-    return spikes, found["pcs"]
+    return spikes, found["pcs"] if keep_pcs else None
 
 
 def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None, localizer=None, labels=None,
@@ -296,10 +299,10 @@ def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None,
 
 
 def _locate(prep: Prepared, peaks, method: str, progress: bool, localizer=None):
-    """Spike records with locations, (n, P) centre-channel waveform PCs and the fitted localizer."""
+    """Spike records with locations and the fitted localizer."""
     models = _fit_models(prep, method, peaks, progress, localizer=localizer)
-    spikes, pcs = _main_pass(prep, models, peaks, progress)
-    return spikes, pcs, models.localizer
+    spikes, _ = _main_pass(prep, models, peaks, progress, keep_pcs=False)
+    return spikes, models.localizer
 
 
 def _as_params(params, **overrides) -> Params:
@@ -343,7 +346,7 @@ def localize(
     prep = prepare(recording, params)
     if peaks is not None:
         peaks = _checked_peaks(prep.recording, peaks)
-    spikes, _, _ = _locate(prep, peaks, params.localization_method, progress)
+    spikes, _ = _locate(prep, peaks, params.localization_method, progress)
     return spikes
 
 
@@ -499,7 +502,7 @@ def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -
         if work is not None:
             models.save(work.clear_models())
             models = Models.load(work.models_dir, prep)
-    spikes, pcs = _main_pass(prep, models, None, progress, runner, work)
+    spikes, pcs = _main_pass(prep, models, None, progress, runner, work, keep_pcs=models.neural is None)
     if models.neural is None:
         spikes["unit_index"] = _cluster_spikes(prep, spikes["x"], spikes["y"], spikes["amplitude"], pcs)
     else:

@@ -127,8 +127,9 @@ class Scanner:
     def chunks(self) -> list[Chunk]:
         return make_chunks(self.recording, self.geometry.chunk_size)
 
-    def batch(self, chunk: Chunk, features: bool = True) -> SpikeBatch:
-        """The spikes of ``chunk`` (only those whose peak lies inside it: chunks never share a spike)."""
+    def batch(self, chunk: Chunk, features: bool = True, waveforms: bool = True) -> SpikeBatch:
+        """The spikes of ``chunk`` (only those whose peak lies inside it: chunks never share a spike).
+        ``waveforms=False``: amplitudes only (what localization needs), no (n, T, K) windows."""
         geo = self.geometry
         traces, first = read_chunk(self._open(), chunk, geo.margin)
         # pad the recording's own edges with zeros so that every window fits
@@ -156,7 +157,7 @@ class Scanner:
             rows = batch_peaks["sample_index"] - first
             batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
         if features:
-            return _features(traces, rows, batch_peaks, order, self.neighbourhood, geo)
+            return _features(traces, rows, batch_peaks, order, self.neighbourhood, geo, waveforms)
         return SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
 
 
@@ -192,13 +193,17 @@ def scan(
     return concatenate_parts(parts, peaks is not None) if concatenate else parts
 
 
-def _features(traces, rows, peaks, order, neighbourhood, geo) -> SpikeBatch:
+def _features(traces, rows, peaks, order, neighbourhood, geo, with_waveforms: bool = True) -> SpikeBatch:
     """Neighbourhood waveforms and amplitudes around each peak's channel. Detected peaks are
     already the largest channel within the detection radius; caller-given peaks keep their
     channel (honoured one to one)."""
     centre = peaks["channel_index"].astype(np.int64)
-    waveforms = gather_windows(traces, rows, neighbourhood.index[centre], geo.before, geo.after)
-    window = waveforms[:, geo.before - geo.amp_half : geo.before + geo.amp_half + 1]
+    if with_waveforms:
+        waveforms = gather_windows(traces, rows, neighbourhood.index[centre], geo.before, geo.after)
+        window = waveforms[:, geo.before - geo.amp_half : geo.before + geo.amp_half + 1]
+    else:
+        waveforms = None
+        window = gather_windows(traces, rows, neighbourhood.index[centre], geo.amp_half, geo.amp_half + 1)
     return SpikeBatch(peaks, centre, waveforms, peak_amplitudes(window), order, traces, rows, geo.amp_half)
 
 

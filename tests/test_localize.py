@@ -28,7 +28,7 @@ def processed(ground_truth_recording):
 def trained(processed):
     recording, peaks, true_xyz = processed
     prep = prepare(recording, Params(preprocess=False, **QUICK))
-    spikes, _, localizer = _locate(prep, peaks, "locsort", progress=False)
+    spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
     com = locsort.localize(recording, peaks=peaks, method="center_of_mass", params=Params(preprocess=False), progress=False)
     return prep, spikes, localizer, com
 
@@ -100,7 +100,7 @@ def test_corrupt_or_foreign_encoder_files_are_refused(tmp_path, ground_truth_rec
 def test_too_few_spikes_falls_back_to_centre_of_mass_and_says_so(processed):
     recording, peaks, _ = processed
     prep = prepare(recording, Params(preprocess=False, min_training_spikes=10**6))
-    spikes, _, localizer = _locate(prep, peaks[:200], "locsort", progress=False)
+    spikes, localizer = _locate(prep, peaks[:200], "locsort", progress=False)
     assert "centre of mass" in localizer.fallback_reason
     assert np.all(np.isnan(spikes["x_std"])) and np.all(np.isfinite(spikes["x"]))
 
