@@ -62,7 +62,6 @@ class Params:
     neural_lr: float = 3e-3  # Adam learning rate of the head (a pretrained backbone learns at 0.3 x this)
     neural_batch_size: int = 256  # candidate windows per step
     neural_patience: int = 3  # epochs without held-out loss improvement before stopping
-    neural_head_epochs: int = 0  # with a pretrained backbone: first epochs train the new head alone (backbone frozen)
     neural_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
     neural_threshold: float = 0.5  # a candidate is a spike of its most probable unit above this probability
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)

@@ -187,7 +187,7 @@ class NeuralSorter:
     """
 
     def __init__(self, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256, max_seconds: float = 0.0,
-                 patience: int = 5, device: str = "cpu", seed: int = 0, backbone_lr_scale: float = 0.3, head_epochs: int = 0):
+                 patience: int = 5, device: str = "cpu", seed: int = 0, backbone_lr_scale: float = 0.3):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -196,7 +196,6 @@ class NeuralSorter:
         self.device = torch.device(device)
         self.seed = seed
         self.backbone_lr_scale = backbone_lr_scale
-        self.head_epochs = head_epochs
         self.net: SpikeNet | None = None
         self.pretrained = False
         self.history: dict = {}
@@ -238,11 +237,7 @@ class NeuralSorter:
         best, best_state, stale, history = math.inf, None, 0, []
         start = time.perf_counter()
         bar = tqdm(range(self.epochs), desc="train neural sorter", unit="epoch", disable=not progress, leave=False)
-        for epoch in bar:
-            # a pretrained backbone waits while the new head learns to read it: adapting the
-            # backbone to a random head's gradients would undo what pretraining learnt
-            if self.pretrained:
-                optimizer.param_groups[1]["lr"] = 0.0 if epoch < self.head_epochs else self.lr * self.backbone_lr_scale
+        for _ in bar:
             self.net.train()
             rng.shuffle(train)
             for i in range(0, len(train), self.batch_size):
@@ -262,7 +257,7 @@ class NeuralSorter:
                 best, stale, best_state = val_loss, 0, copy.deepcopy(self.net.state_dict())
             else:
                 stale += 1
-            if (stale >= self.patience and epoch >= self.head_epochs) or 0 < self.max_seconds < time.perf_counter() - start:
+            if stale >= self.patience or 0 < self.max_seconds < time.perf_counter() - start:
                 break
         if best_state is None or not math.isfinite(best):
             raise LocsortError("neural sorter training diverged (non-finite loss)")
