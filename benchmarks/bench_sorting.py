@@ -93,7 +93,10 @@ def main():
     parser.add_argument("--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS))
     parser.add_argument("--sorters", nargs="+", default=list(LOCSORT) + list(PEERS))
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from benchmarks/results, run nothing")
     args = parser.parse_args()
+    if args.report_only:
+        return write_report(load_results("sorting"), args)
 
     from spikeinterface.core import set_global_job_kwargs
 
@@ -110,13 +113,15 @@ def main():
                 rows[sorter] = run_locsort(recording, truth, LOCSORT[sorter])
             else:
                 rows[sorter] = run_peer(recording, truth, sorter, workdir)
+            rows[sorter]["command"] = command_line()
             print(name, sorter, json.dumps(rows[sorter], default=float), flush=True)
             save_results("sorting", results)
     write_report(results, args)
 
 
 def write_report(results, args):
-    lines = ["## Sorting: locsort against the field (issue 4)", "", f"`{command_line()}`", "",
+    commands = sorted({r.get("command", "") for rows in results.values() for r in rows.values()} - {""})
+    lines = ["## Sorting: locsort against the field (issue 4)", "", *[f"`{c}`" for c in commands], "",
              f"Machine: {machine()}. Same raw traces for every sorter; peers through `run_sorter` with n_jobs = "
              f"{os.cpu_count()}; locsort single process. Accuracy: SpikeInterface `compare_sorter_to_ground_truth` "
              "(0.4 ms, Hungarian matching); well detected = accuracy >= 0.8.", ""]
@@ -133,6 +138,9 @@ def write_report(results, args):
         ours = rows.get(default)
         peers = {k: v for k, v in rows.items() if k in ("spykingcircus2", "tridesclous2", "kilosort4") and "error" not in v}
         lines.append("")
+        not_run = [p for p in PEERS if p not in rows]
+        if not_run:
+            lines.append(f"- not run on this recording: {', '.join(not_run)}")
         if ours and peers:
             best = max(peers, key=lambda k: (peers[k]["mean_accuracy"], peers[k]["well_detected"]))
             b = peers[best]
