@@ -57,3 +57,13 @@ def write_section(name: str, body: str) -> None:
 
 def command_line() -> str:
     return "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
+
+
+def verdict(met: bool) -> str:
+    """How BENCHMARKS.md states a target's outcome."""
+    return "met" if met else "MISSED"
+
+
+def command_lines(commands) -> list[str]:
+    """The distinct commands that produced a section's rows (saved with each row), as markdown lines."""
+    return [f"`{c}`" for c in sorted(set(commands) - {""})]

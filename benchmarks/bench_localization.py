@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from _common import DATA, SHARED, command_line, load_results, machine, save_results, write_section
+from _common import DATA, SHARED, command_line, command_lines, load_results, machine, save_results, verdict, write_section
 
 
 PAPER = {  # Hurwitz et al. 2019, square MEA, mean ± SD 2-D error (µm)
@@ -195,13 +195,9 @@ def main():
     write_report(results, args)
 
 
-def verdict(met: bool) -> str:
-    return "met" if met else "MISSED"
-
-
 def write_report(results, args):
-    commands = sorted({r.get("command", "") for r in results.values()} - {""})
-    lines = ["## Localization: accuracy, speed, calibration (issue 3)", "", *[f"`{c}`" for c in commands], "",
+    lines = ["## Localization: accuracy, speed, calibration (issue 3)", "",
+             *command_lines(r.get("command", "") for r in results.values()), "",
              f"Machine: {machine()}. Peaks = true spike times on each unit's largest channel; error = 2-D distance "
              f"to the true soma (MEArec) or unit position (generator); {args.duration:g} s recordings; one process. "
              "Inference speed: locsort's pass as in the pipeline (1 s chunks, one thread per core), best of "

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from _common import DATA, command_line, load_results, machine, save_results, write_section
+from _common import DATA, command_line, load_results, machine, save_results, verdict, write_section
 
 FS = 30_000
 CHANNELS = 384
@@ -139,14 +139,14 @@ def report(results: dict) -> str:
     if 1 in single and 16 in single:
         time_ratio = single[16]["wall_s"] / single[1]["wall_s"]
         memory_ratio = single[16]["peak_rss_mb"] / single[1]["peak_rss_mb"]
-        lines.append(f"- Time, 16 min / 1 min: {time_ratio:.2f} (target <= 17): **{'met' if time_ratio <= 17 else 'MISSED'}**.")
+        lines.append(f"- Time, 16 min / 1 min: {time_ratio:.2f} (target <= 17): **{verdict(time_ratio <= 17)}**.")
         lines.append(f"- Peak memory, 16 min / 1 min: {memory_ratio:.2f} (target <= 1.3): "
-                     f"**{'met' if memory_ratio <= 1.3 else 'MISSED'}**.")
+                     f"**{verdict(memory_ratio <= 1.3)}**.")
     for r in rows:
         if r["minutes"] == max(single, default=0) or r["workers"]:
             speed = r["duration_s"] / r["wall_s"]
             lines.append(f"- Whole pipeline on {r['minutes']:g} min, {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'}: "
-                         f"{speed:.2f} x real time (target >= 2): **{'met' if speed >= 2 else 'MISSED'}**.")
+                         f"{speed:.2f} x real time (target >= 2): **{verdict(speed >= 2)}**.")
             if "identical_to_single_process" in r:
                 lines.append(f"- {r['workers']} Dask workers vs single process on {r['minutes']:g} min: spikes, locations and units "
                              f"{'identical' if r['identical_to_single_process'] else 'DIFFERENT'}.")

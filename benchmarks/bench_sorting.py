@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from _common import DATA, command_line, load_results, machine, save_results, write_section
+from _common import DATA, command_line, command_lines, load_results, machine, save_results, verdict, write_section
 from bench_localization import simulate
 
 RECORDINGS = ("np64_generated", "np128_mearec_10uV")
@@ -120,8 +120,8 @@ def main():
 
 
 def write_report(results, args):
-    commands = sorted({r.get("command", "") for rows in results.values() for r in rows.values()} - {""})
-    lines = ["## Sorting: locsort against the field (issue 4)", "", *[f"`{c}`" for c in commands], "",
+    lines = ["## Sorting: locsort against the field (issue 4)", "",
+             *command_lines(r.get("command", "") for rows in results.values() for r in rows.values()), "",
              f"Machine: {machine()}. Same raw traces for every sorter; peers through `run_sorter` with n_jobs = "
              f"{os.cpu_count()}; locsort single process. Accuracy: SpikeInterface `compare_sorter_to_ground_truth` "
              "(0.4 ms, Hungarian matching); well detected = accuracy >= 0.8.", ""]
@@ -147,16 +147,16 @@ def write_report(results, args):
             met = (ours["mean_accuracy"] >= b["mean_accuracy"] and ours["well_detected"] >= b["well_detected"]
                    and ours["false_positive_units"] <= b["false_positive_units"])
             lines.append(f"- accuracy target (default locsort >= best of SC2/TDC2/KS4 = {best}: mean {b['mean_accuracy']:.3f}, "
-                         f"{b['well_detected']} well detected, {b['false_positive_units']} FP units): {'met' if met else 'MISSED'}")
+                         f"{b['well_detected']} well detected, {b['false_positive_units']} FP units): {verdict(met)}")
             if "spykingcircus2" in peers:
                 ratio = ours["wall_s"] / peers["spykingcircus2"]["wall_s"]
-                lines.append(f"- wall time, default locsort / spykingcircus2: {ratio:.2f} (target <= 0.25: {'met' if ratio <= 0.25 else 'MISSED'})")
+                lines.append(f"- wall time, default locsort / spykingcircus2: {ratio:.2f} (target <= 0.25: {verdict(ratio <= 0.25)})")
         if ours:
             lines.append(f"- locsort stages (s): {json.dumps(ours['stages_s'])}")
             if "neural_x_realtime" in ours:
                 x = ours["neural_x_realtime"]
                 lines.append(f"- neural sorter alone (windows + inference + post-processing): {x:.0f} x real time"
-                             f" (target >= 20 on the 64-channel recording: {'met' if x >= 20 else 'MISSED'})")
+                             f" (target >= 20 on the 64-channel recording: {verdict(x >= 20)})")
         lines.append("")
     missing = [name for name in RECORDINGS if name not in results]
     if missing:

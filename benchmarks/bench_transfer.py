@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from _common import command_line, load_results, machine, save_results, write_section
+from _common import command_line, load_results, machine, save_results, verdict, write_section
 from bench_sorting import load_raw
 
 RECORDINGS = {"np64_generated": "same probe type as pretraining", "sq_10uV": "other probe type (square MEA, MEArec)"}
@@ -85,7 +85,7 @@ def write_report(results, args):
         if p10 and s20:
             met = p10["mean_accuracy"] >= s20["mean_accuracy"]
             lines += ["", f"- target (pretrained at K = 10 >= scratch at K = 20): {p10['mean_accuracy']:.3f} vs "
-                          f"{s20['mean_accuracy']:.3f}: {'met' if met else 'MISSED'}"]
+                          f"{s20['mean_accuracy']:.3f}: {verdict(met)}"]
         lines.append("")
     write_section("transfer", "\n".join(lines))
 
