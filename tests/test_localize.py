@@ -97,6 +97,15 @@ def test_corrupt_or_foreign_encoder_files_are_refused(tmp_path, ground_truth_rec
         AmortizedLocalizer.load(tmp_path / "missing.safetensors")
 
 
+def test_unknown_localizer_settings_are_refused():
+    from locsort.localize import make_localizer
+
+    with pytest.raises(UsageError, match="decay_law"):
+        make_localizer("locsort", Params(decay_law="gaussian"))
+    with pytest.raises(UsageError, match="localization method"):
+        make_localizer("kalman", Params())
+
+
 def test_too_few_spikes_falls_back_to_centre_of_mass_and_says_so(processed):
     recording, peaks, _ = processed
     prep = prepare(recording, Params(preprocess=False, min_training_spikes=10**6))

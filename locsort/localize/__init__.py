@@ -23,6 +23,10 @@ def make_localizer(method: str, params: Params):
         return CenterOfMass(params.com_channels)
     if method == "locsort":
         from .amortized import AmortizedLocalizer
+        from .model import DECAY_LAWS
+
+        if params.decay_law not in DECAY_LAWS:
+            raise UsageError(f"unknown decay_law {params.decay_law!r}: use one of {', '.join(DECAY_LAWS)}")
 
         if params.encoder_path:
             return AmortizedLocalizer.load(params.encoder_path, device=resolve_device(params.device))
