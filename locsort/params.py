@@ -73,6 +73,7 @@ class Params:
     cluster_pcs: int = 2  # whitened PCs of the centre-channel waveform used for clustering (as the paper)
     cluster_min_size: int = 25  # HDBSCAN min_cluster_size: fewer spikes than this is not a unit
     cluster_sample: int = 40_000  # spikes clustered by HDBSCAN; the rest are assigned by nearest neighbours
+    split_max_rounds: int = 3  # neural path: each cluster is split again on its multi-channel waveforms (sort/split.py) up to this many times (0: never)
     merge_min_similarity: float = 0.95  # merge clusters whose templates agree this well (cosine over shared contacts; 1: never)
     merge_max_amplitude_ratio: float = 1.5  # ... and whose template sizes differ by at most this factor
     cluster_location_scale_um: float = 5.0  # µm that count as one unit of distance in the clustering space

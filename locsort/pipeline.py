@@ -443,6 +443,12 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         location = localizer.transform(sample.observations, prep.neighbourhood)
         pcs = _waveform_pcs(sample.centre_waveforms, basis, params.waveform_pcs)
         units = _cluster_spikes(prep, location["x"], location["y"], sample.peaks["amplitude"], pcs)
+        if params.split_max_rounds > 0:
+            from .sort.split import split_units
+
+            with prep.timer.stage("cluster"):
+                units, _ = split_units(units, sample.windows, params.cluster_min_size, max_rounds=params.split_max_rounds,
+                                       seed=params.seed)
         if params.merge_min_similarity < 1.0:
             from .sort.merge import merge_similar_units
 

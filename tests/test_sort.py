@@ -163,7 +163,7 @@ def test_run_sorter_plugin(tmp_path, ground_truth_recording):
 
 def test_merge_joins_the_pieces_of_one_unit_and_keeps_different_units_apart():
     from locsort.sort.merge import merge_similar_units
-    from locsort.sort.neural import NUM_TIME_POINTS, Windows
+    from locsort.sort.neural import NUM_TIME_POINTS
 
     rng = np.random.default_rng(0)
     k = 9  # a 3 x 3 neighbourhood, 20 µm pitch, every spike centred on the same contact
@@ -174,11 +174,52 @@ def test_merge_joins_the_pieces_of_one_unit_and_keeps_different_units_apart():
     truth = np.repeat([0, 1], 200)
     waves = np.where(truth[:, None, None] == 0, 8 * shape_a[None, :, None] * footprint_a, 8 * shape_b[None, :, None] * footprint_b)
     waves = waves + rng.normal(0, 1, waves.shape)
-    windows = Windows(waves.astype(np.float16), np.ones((400, k), bool), np.repeat(slot_xy[None], 400, 0).astype(np.float32),
-                      np.zeros((400, 2), np.float32))
+    windows = _windows_on_one_contact(waves)
     split = np.where(truth == 0, rng.integers(0, 2, 400), 2)  # unit A cut in two clusters, B whole
     split[:5] = -1  # noise stays noise
     labels, merges = merge_similar_units(split, windows, min_similarity=0.95)
     assert merges == 1
     assert len(np.unique(labels[5:])) == 2 and (labels[:5] == -1).all()
     assert len(np.unique(labels[5:200])) == 1 and labels[200] != labels[5]
+
+
+def _windows_on_one_contact(waves):
+    """Windows of spikes all centred on one contact of a 3 x 3, 20 µm neighbourhood."""
+    from locsort.sort.neural import Windows
+
+    n, _, k = waves.shape
+    slot_xy = np.stack(np.meshgrid([-20.0, 0.0, 20.0], [-20.0, 0.0, 20.0]), -1).reshape(k, 2)
+    return Windows(waves.astype(np.float16), np.ones((n, k), bool), np.repeat(slot_xy[None], n, 0).astype(np.float32),
+                   np.zeros((n, 2), np.float32))
+
+
+def test_split_separates_two_neurons_at_one_place_and_merge_rejoins_a_single_neuron():
+    from locsort.sort.merge import merge_similar_units
+    from locsort.sort.neural import NUM_TIME_POINTS
+    from locsort.sort.split import split_units
+
+    rng = np.random.default_rng(1)
+    t = np.linspace(0, 1, NUM_TIME_POINTS)
+    slot_xy = np.stack(np.meshgrid([-20.0, 0.0, 20.0], [-20.0, 0.0, 20.0]), -1).reshape(9, 2)
+    footprint = np.exp(-np.linalg.norm(slot_xy - [5, 5], axis=1) / 15)  # one location, as clustering sees them
+    narrow, wide = -np.exp(-((t - 0.3) / 0.04) ** 2), -np.exp(-((t - 0.32) / 0.1) ** 2) + 0.3 * np.exp(-((t - 0.55) / 0.1) ** 2)
+    truth = np.repeat([0, 1], 300)
+    waves = np.where(truth[:, None, None] == 0, 7 * narrow[None, :, None], 6 * wide[None, :, None]) * footprint
+    waves = waves + rng.normal(0, 1, waves.shape)
+    labels = np.zeros(600, np.int64)
+    labels[:3] = -1
+    split, splits = split_units(labels, _windows_on_one_contact(waves), min_size=25)
+    assert splits >= 1 and (split[:3] == -1).all()
+    # each neuron is (nearly) all in one unit of its own
+    for neuron in (0, 1):
+        values, counts = np.unique(split[3:][truth[3:] == neuron], return_counts=True)
+        assert counts.max() >= 0.9 * counts.sum(), (neuron, values, counts)
+    assert np.bincount(split[3:][truth[3:] == 0]).argmax() != np.bincount(split[3:][truth[3:] == 1]).argmax()
+
+    # one neuron whose spikes vary in size: whatever the split does, merge brings it back to one unit
+    sizes = rng.uniform(5, 9, 600)
+    single = sizes[:, None, None] * narrow[None, :, None] * footprint + rng.normal(0, 1, (600, NUM_TIME_POINTS, 9))
+    windows = _windows_on_one_contact(single)
+    split, _ = split_units(np.zeros(600, np.int64), windows, min_size=25)
+    merged, _ = merge_similar_units(split, windows, min_similarity=0.95)
+    assert len(np.unique(merged)) == 1
