@@ -91,12 +91,14 @@ def run_peer(recording, truth, name: str, workdir) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS))
-    parser.add_argument("--sorters", nargs="+", default=list(LOCSORT) + list(PEERS))
+    parser.add_argument("--sorters", nargs="+", default=list(LOCSORT) + list(PEERS),
+                        help="peers by run_sorter name; 'locsort' stands for its three configurations")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from benchmarks/results, run nothing")
     args = parser.parse_args()
     if args.report_only:
         return write_report(load_results("sorting"), args)
+    args.sorters = [s for sorter in args.sorters for s in (LOCSORT if sorter == "locsort" else [sorter])]
 
     from spikeinterface.core import set_global_job_kwargs
 
