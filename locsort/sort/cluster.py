@@ -48,9 +48,11 @@ def cluster(features: np.ndarray, params: Params) -> np.ndarray:
     if len(rest) and kept.any():
         knn = KNeighborsClassifier(n_neighbors=min(5, int(kept.sum()))).fit(features[sample][kept], sample_labels[kept])
         labels[rest] = knn.predict(features[rest])
-    # consecutive unit indices 0..U-1
-    found = np.unique(labels[labels >= 0])
-    remap = np.full(found.max() + 1 if len(found) else 0, -1)
-    remap[found] = np.arange(len(found))
-    labels[labels >= 0] = remap[labels[labels >= 0]]
+    return renumber(labels)
+
+
+def renumber(labels: np.ndarray) -> np.ndarray:
+    """Units renumbered 0..U-1 in order (in place), -1 (noise) kept."""
+    assigned = labels >= 0
+    labels[assigned] = np.unique(labels[assigned], return_inverse=True)[1]
     return labels

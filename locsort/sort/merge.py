@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cluster import renumber
+
 
 def unit_templates(labels: np.ndarray, windows, num_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(U, P, T) mean waveforms on the P contact positions the windows cover, (U, P) the number
@@ -66,11 +68,7 @@ def merge_similar_units(labels: np.ndarray, windows, min_similarity: float = 0.9
         for u in partners:
             if alive[u]:
                 pairs[(min(a, u), max(a, u))] = _similarity(templates, counts, a, u, min_coverage, max_amplitude_ratio)
-    found = np.unique(labels[labels >= 0])
-    remap = np.full(num_units, -1)
-    remap[found] = np.arange(len(found))
-    labels[labels >= 0] = remap[labels[labels >= 0]]
-    return labels, merges
+    return renumber(labels), merges
 
 
 def _similarity(templates, counts, a: int, b: int, min_coverage: int, max_amplitude_ratio: float) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cluster import renumber
 from .merge import unit_templates
 
 _SAME_CONTACT_UM = 1.0
@@ -46,11 +47,7 @@ def split_units(labels: np.ndarray, windows, min_size: int, num_contacts: int = 
             queue.append((next_label, depth + 1))
             next_label += 1
         queue.append((unit, depth + 1))
-    found = np.unique(labels[labels >= 0])
-    remap = np.full(next_label, -1)
-    remap[found] = np.arange(len(found))
-    labels[labels >= 0] = remap[labels[labels >= 0]]
-    return labels, splits
+    return renumber(labels), splits
 
 
 def _split_one(windows, min_size: int, num_contacts: int, num_pcs: int, rng) -> np.ndarray | None:
