@@ -65,14 +65,14 @@ def _split_one(windows, min_size: int, num_contacts: int, num_pcs: int, rng) -> 
     features = _waveforms_on(windows, positions[contacts], templates[0][contacts])
     features = PCA(n_components=min(num_pcs, features.shape[1], n - 1), random_state=0).fit_transform(features)
     # HDBSCAN's cost grows fast with n: find the groups on a bounded subset, then assign the rest
-    fit_rows = np.sort(rng.choice(n, size=min(n, 4000), replace=False))
-    scale = len(fit_rows) / n
+    fitted = features[np.sort(rng.choice(n, size=min(n, 4000), replace=False))]
+    scale = len(fitted) / n
     groups = HDBSCAN(min_cluster_size=max(5, int(round(max(min_size, n // 20) * scale))), min_samples=5,
-                     copy=True).fit_predict(features[fit_rows])
+                     copy=True).fit_predict(fitted)
     found = np.unique(groups[groups >= 0])
     if len(found) < 2:
         return None
-    centroids = np.stack([features[fit_rows][groups == g].mean(axis=0) for g in found])
+    centroids = np.stack([fitted[groups == g].mean(axis=0) for g in found])
     nearest = np.argmin(((features[:, None, :] - centroids[None]) ** 2).sum(axis=2), axis=1)
     sizes = np.bincount(nearest, minlength=len(found))
     if np.sum(sizes >= min_size) < 2:
@@ -92,6 +92,6 @@ def _waveforms_on(windows, contact_xy: np.ndarray, template: np.ndarray) -> np.n
     gap = np.where(windows.real[:, :, None], gap, np.inf)
     slot = np.argmin(gap, axis=1)  # (n, M)
     hit = np.take_along_axis(gap, slot[:, None, :], axis=1)[:, 0] <= _SAME_CONTACT_UM
-    waves = np.take_along_axis(windows.waveforms.astype(np.float32), slot[:, None, :], axis=2)  # (n, T, M)
+    waves = np.take_along_axis(windows.waveforms, slot[:, None, :], axis=2).astype(np.float32)  # (n, T, M)
     waves = np.where(hit[:, None, :], waves, template.T[None].astype(np.float32))
     return waves.transpose(0, 2, 1).reshape(len(waves), -1)
