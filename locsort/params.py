@@ -24,9 +24,12 @@ class Params:
     chunk_margin_ms: float = 2.0  # ms read on each side of a chunk so that windows never cut a spike
 
     # --- detection ---
-    detect_threshold: float = 5.0  # x noise level (MAD-based SD) of each channel: negative peaks below
+    detect_method: str = "matched"  # "matched": threshold each channel's correlation with the recording's mean spike shape (detect.py); "peak": the traces themselves
+    detect_threshold: float = 5.5  # x noise level (MAD-based SD) of each channel's detection signal: negative peaks below (matched: 5.5 sorted best on np128 MEArec / np64, NOTES.md session 6; use 5 with "peak")
     detect_sweep_ms: float = 0.3  # ms: a peak must be the minimum within +/- this time ...
     detect_radius_um: float = 40.0  # ... and among the channels within this distance
+    matched_filter_ms_before: float = 0.5  # ms of the spike prototype before its trough ...
+    matched_filter_ms_after: float = 0.8  # ... and after (covers the trough and the repolarization peak)
     noise_chunks: int = 20  # random 10,000-sample slices per segment used to estimate per-channel noise
 
     # --- neighbourhood (fixed-shape channel window around the centre channel) ---

@@ -25,10 +25,11 @@ from .io import atomic_folder, check_output_folder, check_recording, save_npy_at
 from .localize import make_localizer
 from .localize.baseline import CenterOfMass
 from .neighbourhood import Neighbourhood
+from .detect import fit_matched_filter
 from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
 from .params import Params, resolve_device
-from .preprocess import noise_levels, preprocess
+from .preprocess import noise_levels, noise_slices, preprocess
 from .scan import Geometry, Scanner, SpikeBatch, concatenate_parts, scan
 from .sort.cluster import cluster, clustering_features
 from .spikes import PEAK_DTYPE, check_peaks, spikes_from_peaks
@@ -49,13 +50,19 @@ class Timer(dict):
 
 @dataclass
 class Prepared:
-    """A recording made ready for every stage: preprocessed, noise measured, neighbourhood built."""
+    """A recording made ready for every stage: preprocessed, noise measured, neighbourhood built,
+    detection signal chosen."""
 
     recording: object
     params: Params
     noise: np.ndarray
     neighbourhood: Neighbourhood
     timer: Timer = field(default_factory=Timer)
+    matched_filter: object = None  # detect.MatchedFilter (None: detect on the traces)
+    detection: str = ""  # how spikes are detected, in words (run.json)
+
+    def scanner(self, peaks=None) -> Scanner:
+        return Scanner(self.recording, self.params, self.neighbourhood, self.noise, peaks, self.matched_filter)
 
     @property
     def geometry(self) -> Geometry:
@@ -67,11 +74,24 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
     timer = timer if timer is not None else Timer()
     check_recording(recording)
     resolve_device(params.device)  # refuse --device cuda without a GPU before any work
+    if params.detect_method not in ("matched", "peak"):
+        raise UsageError(f"unknown detect_method {params.detect_method!r}: use matched or peak")
     with timer.stage("preprocess"):
         processed = preprocess(recording, params)
-        noise = noise_levels(processed, params)
+        slices = noise_slices(processed, params)
+        noise = noise_levels(processed, params, slices)
         neighbourhood = Neighbourhood.from_recording(processed, params.neighbourhood_channels)
-    return Prepared(processed, params, noise, neighbourhood, timer)
+        matched_filter, detection = None, f"negative peaks beyond {params.detect_threshold:g} noise SDs"
+        if params.detect_method == "matched":
+            geo = Geometry.from_params(params, processed.get_sampling_frequency())
+            # the prototype is learned from spikes one SD above the detection threshold: clear shapes
+            matched_filter = fit_matched_filter(slices, noise, neighbourhood.channels_within(params.detect_radius_um),
+                                                params.detect_threshold + 1.0, geo.sweep, geo.prototype_before,
+                                                geo.prototype_after)
+            detection = (f"matched filter (the recording's mean spike shape) beyond {params.detect_threshold:g} SDs"
+                         if matched_filter is not None else detection + " (too few large spikes in the noise slices "
+                         "to learn a spike shape for the matched filter)")
+    return Prepared(processed, params, noise, neighbourhood, timer, matched_filter, detection)
 
 
 @dataclass
@@ -144,7 +164,7 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
     params = prep.params
     chunks = spread_chunks(chunks if chunks is not None else make_chunks(prep.recording, prep.geometry.chunk_size),
                            params.sample_chunks)
-    job = SampleJob(Scanner(prep.recording, params, prep.neighbourhood, prep.noise, peaks), localizer,
+    job = SampleJob(prep.scanner(peaks), localizer,
                     cap=max(1, math.ceil(params.max_training_spikes / max(len(chunks), 1))), seed=params.seed,
                     windows=windows, labels=labels, offsets=segment_offsets(prep.recording),
                     tolerance=prep.geometry.label_tolerance)
@@ -258,7 +278,7 @@ def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=N
     """One pass over every chunk (see ChunkJob). Returns spike records and (n, P) centre-channel
     PCs (None without ``keep_pcs``)."""
     params, timer = prep.params, prep.timer
-    job = ChunkJob(Scanner(prep.recording, params, prep.neighbourhood, prep.noise, peaks), models.localizer, models.basis,
+    job = ChunkJob(prep.scanner(peaks), models.localizer, models.basis,
                    models.neural, prep.geometry.refractory, keep_pcs)
     chunks = job.scanner.chunks()
     started = time.perf_counter()
@@ -325,7 +345,7 @@ def detect(recording, params: Params | dict | None = None, progress: bool = True
         return {"peaks": batch.peaks}
 
     found = scan(prep.recording, keep, params=prep.params, neighbourhood=prep.neighbourhood, noise=prep.noise,
-                 progress=progress, desc="detect", features=False)
+                 matched_filter=prep.matched_filter, progress=progress, desc="detect", features=False)
     return found["peaks"] if found else np.zeros(0, PEAK_DTYPE)
 
 
@@ -680,6 +700,7 @@ def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Model
                 "num_segments": int(prep.recording.get_num_segments()),
                 "duration_s": float(sum(prep.recording.get_duration(s) for s in range(prep.recording.get_num_segments()))),
             },
+            "detection": prep.detection,
             "num_spikes": int(len(spikes)),
             "num_units": int(len(sorting.unit_ids)),
             "localization": localization,

@@ -28,21 +28,25 @@ def preprocess(recording, params: Params | None = None):
     return recording
 
 
-def noise_levels(recording, params: Params | None = None) -> np.ndarray:
-    """Per-channel noise SD (MAD / 0.6745) of the preprocessed traces, from random chunks."""
-    from spikeinterface.core import get_noise_levels
+def noise_slices(recording, params: Params | None = None) -> list[np.ndarray]:
+    """Random slices (T, C) µV of the preprocessed traces, the ones SpikeInterface's
+    ``get_noise_levels`` would read (its slice length, count and seed)."""
+    from spikeinterface.core.recording_tools import get_random_sample_slices
 
     params = params or Params()
     shortest = min(recording.get_num_samples(s) for s in range(recording.get_num_segments()))
     chunk = int(min(10_000, shortest))  # SpikeInterface's default slice length
     num_chunks = max(1, min(params.noise_chunks, shortest // max(chunk, 1)))
-    levels = get_noise_levels(
-        recording,
-        return_in_uV=False,
-        method="mad",
-        random_slices_kwargs=dict(num_chunks_per_segment=num_chunks, chunk_size=chunk, seed=params.seed),
-        progress_bar=False,
-    )
+    slices = get_random_sample_slices(recording, num_chunks_per_segment=num_chunks, chunk_size=chunk, seed=params.seed)
+    return [recording.get_traces(segment_index=segment, start_frame=start, end_frame=end, return_in_uV=False)
+            for segment, start, end in slices]
+
+
+def noise_levels(recording, params: Params | None = None, slices: list[np.ndarray] | None = None) -> np.ndarray:
+    """Per-channel noise SD (MAD / 0.6745, averaged over random slices, as SpikeInterface's
+    ``get_noise_levels``) of the preprocessed traces."""
+    slices = slices if slices is not None else noise_slices(recording, params)
+    levels = np.mean([np.median(np.abs(t - np.median(t, axis=0)), axis=0) for t in slices], axis=0) / 0.6744897501960817
     levels = np.asarray(levels, dtype=np.float32)
     if not np.all(np.isfinite(levels)):
         raise LocsortError("the recording contains NaN or Inf samples; clean or interpolate them before sorting")

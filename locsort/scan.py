@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .detect import detect_chunk
+from .detect import MatchedFilter, detect_chunk
 from .errors import LocsortError
 from .io import describe_files
 from .neighbourhood import Neighbourhood, gather_windows, peak_amplitudes
@@ -65,6 +65,8 @@ class Geometry:
     chunk_size: int
     refractory: int  # neural sorter: one unit's candidates closer than this are one spike
     label_tolerance: int  # a labelled spike marks the nearest candidate within this
+    prototype_before: int  # matched-filter prototype: samples before its trough ...
+    prototype_after: int  # ... and after
 
     @classmethod
     def from_params(cls, params: Params, fs: float) -> "Geometry":
@@ -73,9 +75,14 @@ class Geometry:
         after = max(1, int(round(params.snippet_ms_after * ms)))
         amp_half = max(1, int(round(params.amplitude_window_ms * ms)))
         sweep = max(1, int(round(params.detect_sweep_ms * ms)))
-        margin = max(before, after, amp_half, sweep, int(round(params.chunk_margin_ms * ms)))
+        proto_before = max(1, int(round(params.matched_filter_ms_before * ms)))
+        proto_after = max(1, int(round(params.matched_filter_ms_after * ms)))
+        # the detection signal must be whole within +/- sweep of every sample of the chunk
+        margin = max(before, after, amp_half, sweep + max(proto_before, proto_after) + 1,
+                     int(round(params.chunk_margin_ms * ms)))
         return cls(before, after, amp_half, sweep, margin, max(1, int(round(params.chunk_duration * fs))),
-                   int(round(params.neural_refractory_ms * ms)), int(round(params.label_tolerance_ms * ms)))
+                   int(round(params.neural_refractory_ms * ms)), int(round(params.label_tolerance_ms * ms)),
+                   proto_before, proto_after)
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Scanner:
     read the recording themselves (a SpikeInterface recording pickles as its description).
 
     peaks : the caller's peaks (PEAK_DTYPE) instead of detection; batches then carry ``order``
+    matched_filter : detect.MatchedFilter to detect on (None: on the traces themselves)
     """
 
     recording: object
@@ -92,10 +100,14 @@ class Scanner:
     neighbourhood: Neighbourhood
     noise: np.ndarray
     peaks: np.ndarray | None = None
+    matched_filter: MatchedFilter | None = None
 
     def __post_init__(self):
         self.geometry = Geometry.from_params(self.params, self.recording.get_sampling_frequency())
-        self.thresholds = (self.params.detect_threshold * np.asarray(self.noise)).astype(np.float32)
+        if self.matched_filter is not None:  # the score is already in noise SDs
+            self.thresholds = np.full(len(self.noise), self.params.detect_threshold, np.float32)
+        else:
+            self.thresholds = (self.params.detect_threshold * np.asarray(self.noise)).astype(np.float32)
         self.detect_neighbours = self.neighbourhood.channels_within(self.params.detect_radius_um)
         if self.peaks is not None:
             self.sort = np.lexsort((self.peaks["sample_index"], self.peaks["segment_index"]))
@@ -141,7 +153,8 @@ class Scanner:
         lo, hi = chunk.start - first, chunk.end - first
         order = None
         if self.peaks is None:
-            rows, channels = detect_chunk(traces, self.thresholds, self.detect_neighbours, geo.sweep, lo, hi)
+            signal = traces if self.matched_filter is None else -self.matched_filter.score(traces, self.noise)
+            rows, channels = detect_chunk(signal, self.thresholds, self.detect_neighbours, geo.sweep, lo, hi)
             batch_peaks = np.zeros(len(rows), PEAK_DTYPE)
             batch_peaks["sample_index"] = rows + first
             batch_peaks["channel_index"] = channels
@@ -169,6 +182,7 @@ def scan(
     neighbourhood: Neighbourhood,
     noise: np.ndarray,
     peaks: np.ndarray | None = None,
+    matched_filter: MatchedFilter | None = None,
     chunks: list[Chunk] | None = None,
     progress: bool = True,
     desc: str = "scan",
@@ -183,7 +197,7 @@ def scan(
     With ``concatenate=False`` the list of what ``consume`` returned, chunk by chunk (chunks
     without spikes left out).
     """
-    scanner = Scanner(recording, params, neighbourhood, noise, peaks)
+    scanner = Scanner(recording, params, neighbourhood, noise, peaks, matched_filter)
     chunks = chunks if chunks is not None else scanner.chunks()
     parts: list[dict] = []
     for chunk in tqdm(chunks, desc=desc, unit="chunk", disable=not progress, leave=False):
