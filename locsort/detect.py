@@ -51,6 +51,10 @@ def detect_chunk(
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     t = t + lo
     value = x[t, c]
+    # only samples below both time neighbours can be the first minimum of their window:
+    # drop the rest before the wider gathers (same result, less work)
+    keep = (value < x[t - 1, c]) & (value <= x[t + 1, c])
+    t, c, value = t[keep], c[keep], value[keep]
     offsets = torch.arange(-sweep, sweep + 1)
     window = t[:, None] + offsets[None, :]  # (n, W)
     own = x[window, c[:, None]]
@@ -89,15 +93,19 @@ class MatchedFilter:
 
     def score(self, traces, noise: np.ndarray) -> torch.Tensor:
         """(T, C) score of ``traces`` (T, C) µV: positive where a spike-like trough is (zero
-        beyond the traces' ends). By FFT: ~6 x faster than a direct convolution here."""
-        x = torch.as_tensor(np.asarray(traces, dtype=np.float32)) / torch.as_tensor(noise, dtype=torch.float32)
-        length, taps = len(x), len(self.prototype)
-        size = 1 << (length + taps - 2).bit_length()  # >= full convolution length, a power of two
-        kernel = torch.fft.rfft(torch.as_tensor(self.prototype[::-1].copy()), n=size)
-        full = torch.fft.irfft(torch.fft.rfft(x, n=size, dim=0) * kernel[:, None], n=size, dim=0)
+        beyond the traces' ends). By FFT, channel by channel along time (scipy's FFT in one
+        thread: chunks already run in parallel), ~6 x faster than a direct convolution."""
+        from scipy import fft
+
+        x = np.ascontiguousarray((np.asarray(traces, dtype=np.float32) / np.asarray(noise, dtype=np.float32)).T)
+        length, taps = x.shape[1], len(self.prototype)
+        size = fft.next_fast_len(length + taps - 1, real=True)
+        kernel = fft.rfft(self.prototype[::-1], n=size)
+        full = fft.irfft(fft.rfft(x, n=size, axis=1, workers=1) * kernel[None, :], n=size, axis=1, workers=1)
         # full[i] correlates the prototype with x[i - taps + 1 : i + 1]: its trough meets t at i = t + taps - 1 - trough
         first = taps - 1 - self.trough
-        return full[first : first + length] / torch.as_tensor(self.score_sd, dtype=torch.float32)
+        score = full[:, first : first + length] / self.score_sd[:, None]
+        return torch.from_numpy(np.ascontiguousarray(score.T, dtype=np.float32))
 
 
 def fit_matched_filter(slices: list[np.ndarray], noise: np.ndarray, neighbours: np.ndarray, threshold: float,
