@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .detect import MatchedFilter, detect_chunk
 from .errors import LocsortError
@@ -189,21 +188,26 @@ def scan(
     features: bool = True,
     concatenate: bool = True,
 ) -> dict | list[dict]:
-    """Run ``consume`` on every chunk's SpikeBatch, in this process; concatenate what it
-    returns per spike.
+    """Run ``consume`` on every chunk's SpikeBatch, in this process (chunks in parallel threads:
+    ``consume`` must not share mutable state); concatenate what it returns per spike.
 
     With ``peaks`` (PEAK_DTYPE) no detection happens and the result is in the caller's order.
     With ``features=False`` batches carry only peaks (centre = peak channel, no waveforms).
     With ``concatenate=False`` the list of what ``consume`` returned, chunk by chunk (chunks
     without spikes left out).
     """
+    from .distribute import LocalRunner
+
     scanner = Scanner(recording, params, neighbourhood, noise, peaks, matched_filter)
     chunks = chunks if chunks is not None else scanner.chunks()
-    parts: list[dict] = []
-    for chunk in tqdm(chunks, desc=desc, unit="chunk", disable=not progress, leave=False):
+
+    def work(chunk):
         batch = scanner.batch(chunk, features)
-        if concatenate or len(batch.peaks):
-            parts.append(consume(batch))
+        return consume(batch) if concatenate or len(batch.peaks) else None
+
+    # chunks in a thread pool (as the pipeline's passes), results in chunk order
+    found = dict(LocalRunner().map(work, chunks, list(range(len(chunks))), desc=desc, progress=progress))
+    parts = [found[i] for i in range(len(chunks)) if found[i] is not None]
     return concatenate_parts(parts, peaks is not None) if concatenate else parts
 
 
