@@ -493,7 +493,7 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         return None
     with prep.timer.stage("train neural"):
         sorter = NeuralSorter(epochs=params.neural_epochs, lr=params.neural_lr, batch_size=params.neural_batch_size,
-                              patience=params.neural_patience, max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed)
+                              patience=params.neural_patience, frozen_epochs=params.neural_frozen_epochs, max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed)
         sorter.fit(sample.windows, targets, mask, backbone=_backbone(params), progress=False)
     return sorter
 

@@ -133,6 +133,28 @@ def test_pretrained_backbone_is_shipped_documented_and_fits_any_geometry():
         assert out.shape == (n, 128) and torch.isfinite(out).all()
 
 
+def test_pretrained_backbone_stays_frozen_while_the_new_head_learns():
+    """Linear probing, then fine-tuning: during the first ``frozen_epochs`` the backbone keeps
+    its pretrained weights; afterwards it adapts."""
+    positions = np.stack(np.meshgrid(np.arange(6) * 20.0, np.arange(6) * 20.0), -1).reshape(-1, 2)
+    hood = Neighbourhood(positions)
+    rng = np.random.default_rng(0)
+    n = 400
+    centre = rng.integers(0, len(positions), n)
+    windows = Windows(rng.normal(size=(n, NUM_TIME_POINTS, hood.size)).astype(np.float16), hood.real[centre],
+                      hood.offsets[centre], hood.positions[centre].astype(np.float32))
+    targets = np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]
+    pretrained = load_backbone(BACKBONE_PATH)
+
+    def backbone_moved(frozen_epochs):
+        sorter = NeuralSorter(epochs=3, patience=10, frozen_epochs=frozen_epochs).fit(windows, targets, backbone=pretrained)
+        after = sorter.net.backbone.state_dict()
+        return any(not torch.equal(after[k], v) for k, v in pretrained.state_dict().items())
+
+    assert not backbone_moved(frozen_epochs=3)
+    assert backbone_moved(frozen_epochs=1)
+
+
 def test_default_sort_trains_on_its_own_clustering(ground_truth_recording):
     recording, truth = ground_truth_recording
     prep = locsort.pipeline.prepare(recording, locsort.Params(**FAST))

@@ -187,7 +187,8 @@ class NeuralSorter:
     """
 
     def __init__(self, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256, max_seconds: float = 0.0,
-                 patience: int = 5, device: str = "cpu", seed: int = 0, backbone_lr_scale: float = 0.3):
+                 patience: int = 5, device: str = "cpu", seed: int = 0, backbone_lr_scale: float = 0.3,
+                 frozen_epochs: int = 0):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -196,6 +197,7 @@ class NeuralSorter:
         self.device = torch.device(device)
         self.seed = seed
         self.backbone_lr_scale = backbone_lr_scale
+        self.frozen_epochs = frozen_epochs
         self.net: SpikeNet | None = None
         self.pretrained = False
         self.history: dict = {}
@@ -237,7 +239,11 @@ class NeuralSorter:
         best, best_state, stale, history = math.inf, None, 0, []
         start = time.perf_counter()
         bar = tqdm(range(self.epochs), desc="train neural sorter", unit="epoch", disable=not progress, leave=False)
-        for _ in bar:
+        for epoch in bar:
+            # a pretrained backbone stays frozen while the new head learns to read it (linear
+            # probing, then fine-tuning): gradients through a random head would first wreck it
+            frozen = self.pretrained and epoch < self.frozen_epochs
+            self.net.backbone.requires_grad_(not frozen)
             self.net.train()
             rng.shuffle(train)
             for i in range(0, len(train), self.batch_size):
@@ -257,7 +263,7 @@ class NeuralSorter:
                 best, stale, best_state = val_loss, 0, copy.deepcopy(self.net.state_dict())
             else:
                 stale += 1
-            if stale >= self.patience or 0 < self.max_seconds < time.perf_counter() - start:
+            if (stale >= self.patience and not frozen) or 0 < self.max_seconds < time.perf_counter() - start:
                 break
         if best_state is None or not math.isfinite(best):
             raise LocsortError("neural sorter training diverged (non-finite loss)")
