@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from _common import command_line, load_results, machine, save_results, verdict, write_section
+from _common import command_line, command_lines, load_results, machine, save_results, verdict, write_section
 from bench_sorting import load_raw
 
 RECORDINGS = {"np64_generated": "same probe type as pretraining", "sq_10uV": "other probe type (square MEA, MEArec)"}
@@ -78,11 +78,14 @@ def main():
 
 
 def write_report(results, args):
-    lines = ["## Neural sorter: transfer learning (issue 4)", "", f"`{command_line()}`", "",
+    from locsort.params import Params
+
+    commands = [row.get("command", "") for rows in results.values() for row in rows.values()]
+    lines = ["## Neural sorter: transfer learning (issue 4)", "", *command_lines(commands), "",
              f"Machine: {machine()}. Labels: ground truth of the first half, first K spikes per unit; scored on the second "
              "half. Each cell: mean accuracy / units with accuracy >= 0.8 / false-positive units, each the mean over the "
              "training seeds (per-seed accuracies in benchmarks/results); a pretrained backbone is frozen for the first "
-             "10 epochs, then fine-tuned.", ""]
+             f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned.", ""]
     for name, rows in results.items():
         ks = sorted({int(key.split("K=")[1]) for key in rows})
         lines += [f"### {name}: {RECORDINGS[name]}", "", "| | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]

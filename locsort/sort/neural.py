@@ -241,7 +241,7 @@ class NeuralSorter:
         bar = tqdm(range(self.epochs), desc="train neural sorter", unit="epoch", disable=not progress, leave=False)
         for epoch in bar:
             # a pretrained backbone stays frozen while the new head learns to read it (linear
-            # probing, then fine-tuning): gradients through a random head would first wreck it
+            # probing, then fine-tuning): gradients through a random head would first scramble its features
             frozen = self.pretrained and epoch < self.frozen_epochs
             self.net.backbone.requires_grad_(not frozen)
             self.net.train()
