@@ -84,7 +84,8 @@ def write_report(results, args):
     lines = ["## Neural sorter: transfer learning (issue 4)", "", *command_lines(commands), "",
              f"Machine: {machine()}. Labels: ground truth of the first half, first K spikes per unit; scored on the second "
              "half. Each cell: mean accuracy / units with accuracy >= 0.8 / false-positive units, each the mean over the "
-             "training seeds (per-seed accuracies in benchmarks/results); a pretrained backbone is frozen for the first "
+             "training seeds (per-seed accuracies in benchmarks/results). Both rows imprint the head from the labelled "
+             "spikes (one prototype per unit) and then train; a pretrained backbone is frozen for the first "
              f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned.", ""]
     for name, rows in results.items():
         ks = sorted({int(key.split("K=")[1]) for key in rows})

@@ -64,7 +64,7 @@ class Params:
     neural_epochs: int = 30  # upper bound; early stopping on held-out loss usually ends sooner
     neural_lr: float = 3e-3  # Adam learning rate of the head (a pretrained backbone learns at 0.3 x this)
     neural_batch_size: int = 256  # candidate windows per step
-    neural_frozen_epochs: int = 10  # a pretrained backbone stays frozen this many epochs while the new head learns (then fine-tuned)
+    neural_frozen_epochs: int = 10  # a pretrained backbone stays frozen this many epochs while the new (imprinted) head trains, then all is fine-tuned
     neural_patience: int = 3  # epochs without held-out loss improvement before stopping
     neural_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
     neural_threshold: float = 0.5  # a candidate is a spike of its most probable unit above this probability

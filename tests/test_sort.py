@@ -10,7 +10,8 @@ from locsort.errors import LocsortError, UsageError
 from locsort.evaluate import sorting_accuracy
 from locsort.neighbourhood import Neighbourhood
 from locsort.sort.labels import labels_from_sorting, match
-from locsort.sort.neural import NUM_TIME_POINTS, NeuralSorter, Windows, backbone_info, load_backbone
+from locsort.localize import make_localizer
+from locsort.sort.neural import NUM_TIME_POINTS, Backbone, NeuralSorter, SpikeNet, Windows, backbone_info, load_backbone
 from locsort.sort.postprocess import assign_units, drop_border_duplicates
 from locsort.sort.pretrained import BACKBONE_PATH
 
@@ -131,6 +132,34 @@ def test_pretrained_backbone_is_shipped_documented_and_fits_any_geometry():
         waves = torch.randn(n, NUM_TIME_POINTS, hood.size)
         out = backbone(waves, torch.as_tensor(hood.real), torch.as_tensor(hood.offsets))
         assert out.shape == (n, 128) and torch.isfinite(out).all()
+
+
+def test_imprinted_head_sorts_held_out_spikes_from_ten_labels_per_unit(ground_truth_recording):
+    """Before any training, a head imprinted from 10 labelled spikes per unit assigns the other
+    labelled spikes to their units, and the pretrained backbone does it better than a random one."""
+    recording, truth = ground_truth_recording
+    params = locsort.Params(**FAST, localization_method="center_of_mass")
+    prep = locsort.pipeline.prepare(recording, params)
+    labels = labels_from_sorting(truth.sorting, prep.recording)
+    sample = locsort.pipeline._training_sample(prep, make_localizer("center_of_mass", params), None, progress=False,
+                                               windows=True, labels=labels)
+    labelled = np.flatnonzero(sample.targets.any(1))
+    unit = sample.targets[labelled].argmax(1)
+    shots = np.concatenate([labelled[unit == u][:10] for u in range(sample.targets.shape[1])])
+    held_out = np.setdiff1d(labelled, shots)
+    sorter = NeuralSorter()
+
+    def held_out_accuracy(backbone):
+        torch.manual_seed(0)
+        net = SpikeNet(sample.targets.shape[1], backbone).eval()
+        net.imprint(sorter._tensors(sample.windows.subset(shots)), torch.as_tensor(sample.targets[shots]),
+                    torch.ones(len(shots), sample.targets.shape[1]))
+        with torch.no_grad():
+            predicted = net(*sorter._tensors(sample.windows.subset(held_out))).argmax(1).numpy()
+        return float(np.mean(predicted == sample.targets[held_out].argmax(1)))
+
+    pretrained, random = held_out_accuracy(load_backbone(BACKBONE_PATH)), held_out_accuracy(Backbone())
+    assert pretrained > 0.9 and pretrained > random, (pretrained, random)
 
 
 def test_pretrained_backbone_stays_frozen_while_the_new_head_learns():

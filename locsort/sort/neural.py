@@ -10,9 +10,16 @@ Differences from the published design (research.md §2), and why:
   tagged with the slot's position relative to the centre (µm) and pooled (masked mean and
   max), so the backbone has no channel count or slot order in its weights and transfers
   across probe geometries. Virtual slots are left out of the pooling.
-- **Replaceable head.** The head (one sigmoid output per unit) sees the backbone's embedding
-  plus the centre channel's absolute position on the probe (so that units alike in shape but
-  far apart differ). It belongs to one recording; a pretrained backbone gets a new head.
+- **Replaceable head, usable from a few labels.** The head (one sigmoid output per unit)
+  scores a spike against one prototype per unit: cosine similarity of the embedding to the
+  unit's prototype, minus a Gaussian penalty on the distance between where the spike is (the
+  centre channel plus the centre of mass of its neighbourhood) and where the unit is (so that
+  units alike in shape but far apart differ). Before any training the head is *imprinted*:
+  each prototype is the mean embedding of the unit's labelled spikes and each unit position
+  their mean position, so a pretrained backbone sorts from the first epoch and a handful of
+  labels per unit suffices (with 10 labels per unit, imprinting a pretrained backbone beats
+  training a learned-from-scratch MLP head; NOTES.md, session 8). The head belongs to one
+  recording; a pretrained backbone gets a new head.
 - **Speed on CPU.** The published network runs at every sample of every window. Here it runs
   once per candidate event (a threshold crossing that is a local minimum across time and
   nearby channels, detect.py), which is a few thousand windows per second of recording
@@ -43,11 +50,10 @@ from tqdm.auto import tqdm
 from ..errors import LocsortError, UsageError
 
 FORMAT = "locsort-neural-sorter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prototype head (version 1 files had an MLP head)
 NUM_TIME_POINTS = 40  # snippet samples after resampling to a rate-independent grid
 EMBEDDING = 128  # backbone output width
 SLOT_SCALES_UM = (15.0, 30.0, 60.0)  # Fourier features of slot offsets: near neighbours to neighbourhood edge
-PROBE_SCALES_UM = (20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0, 5120.0)  # of absolute position
 
 
 @dataclass
@@ -130,17 +136,45 @@ class Backbone(nn.Module):
         return self.spatial(torch.cat([mean, peak], dim=-1))
 
 
-class Head(nn.Module):
-    """One logit per unit of one recording, from the embedding and where the centre channel is."""
+def spike_position(waveforms, real, slot_xy, centre_xy):
+    """(n, 2) where a spike is on the probe (µm): the centre channel moved by the centre of mass
+    of the neighbourhood's negative peaks above 3 noise units (inputs are in noise units), so
+    that noise on far slots does not pull it."""
+    weight = ((-waveforms.amin(1)).clamp(min=0.0) * real - 3.0).clamp(min=0.0) ** 2  # (n, K)
+    offset = (weight.unsqueeze(-1) * slot_xy).sum(1) / weight.sum(1, keepdim=True).clamp(min=1e-6)
+    return centre_xy + offset
 
-    def __init__(self, num_units: int, hidden: int = 128):
+
+class Head(nn.Module):
+    """One logit per unit: scale * cos(embedding, prototype) + bias - |position - unit position|^2 / 2 sigma^2.
+
+    The prototype and position of each unit are imprinted from its labelled spikes (``imprint``)
+    and then trained; scale, per-unit bias and sigma (µm) are trained from their defaults (a
+    logit of 0 at cosine 0.6 on the unit's position, a 15 µm spatial width)."""
+
+    def __init__(self, num_units: int, scale: float = 10.0, threshold_cosine: float = 0.6, sigma_um: float = 15.0):
         super().__init__()
         self.num_units = num_units
-        self.net = nn.Sequential(nn.Linear(EMBEDDING + 2 * 2 * len(PROBE_SCALES_UM), hidden), nn.ReLU(),
-                                 nn.Linear(hidden, num_units))
+        self.prototype = nn.Parameter(F.normalize(torch.randn(num_units, EMBEDDING), dim=-1))
+        self.position = nn.Parameter(torch.zeros(num_units, 2))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        self.bias = nn.Parameter(torch.full((num_units,), -threshold_cosine * scale))
+        self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma_um)))
 
-    def forward(self, embedding, centre_xy):
-        return self.net(torch.cat([embedding, _fourier(centre_xy, PROBE_SCALES_UM)], dim=-1))
+    def forward(self, embedding, position):
+        cosine = F.normalize(embedding, dim=-1) @ F.normalize(self.prototype, dim=-1).T
+        distance2 = ((position[:, None, :] - self.position[None]) ** 2).sum(-1)
+        return self.log_scale.exp() * cosine + self.bias - distance2 / (2 * self.log_sigma.exp() ** 2)
+
+    @torch.no_grad()
+    def imprint(self, embedding, position, targets, mask) -> None:
+        """Each unit's prototype and position from the mean of its known positives (units
+        without one keep their random prototype)."""
+        positive = (targets * mask > 0).to(embedding.dtype)  # (n, U)
+        count = positive.sum(0)
+        has = count > 0
+        self.prototype[has] = (positive.T @ F.normalize(embedding, dim=-1))[has] / count[has, None]
+        self.position[has] = (positive.T @ position)[has] / count[has, None]
 
 
 class SpikeNet(nn.Module):
@@ -150,7 +184,14 @@ class SpikeNet(nn.Module):
         self.head = Head(num_units)
 
     def forward(self, waveforms, real, slot_xy, centre_xy):
-        return self.head(self.backbone(waveforms, real, slot_xy), centre_xy)
+        return self.head(self.backbone(waveforms, real, slot_xy), spike_position(waveforms, real, slot_xy, centre_xy))
+
+    @torch.no_grad()
+    def imprint(self, tensors, targets, mask, batch_size: int = 8192) -> None:
+        """Imprint the head from labelled spikes (tensors: waveforms, real, slot_xy, centre_xy)."""
+        embedding = torch.cat([self.backbone(*(t[i : i + batch_size] for t in tensors[:3]))
+                               for i in range(0, len(tensors[0]), batch_size)])
+        self.head.imprint(embedding, spike_position(*tensors), targets, mask)
 
 
 def _shift(waveforms: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -164,17 +205,11 @@ def _shift(waveforms: torch.Tensor, max_shift: int, generator: torch.Generator) 
     return torch.gather(waveforms, 1, index[:, :, None].expand_as(waveforms))
 
 
-def _positive_weight(targets: np.ndarray, mask: np.ndarray, device) -> torch.Tensor:
-    """Per-unit weight of positives: they are rare next to negatives (E-Sort balances them with
-    spike-free windows), so each unit's positives weigh up to its known negatives, at most 20 x."""
-    known_pos = (targets * mask).sum(0)
-    known_neg = ((1 - targets) * mask).sum(0)
-    return torch.as_tensor(np.clip(known_neg / np.maximum(known_pos, 1), 1.0, 20.0), dtype=torch.float32, device=device)
-
-
-def _masked_bce(logits, targets, mask, pos_weight) -> torch.Tensor:
-    """Binary cross-entropy averaged over the (candidate, unit) pairs whose label is known."""
-    loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
+def _masked_bce(logits, targets, mask) -> torch.Tensor:
+    """Binary cross-entropy averaged over the (candidate, unit) pairs whose label is known.
+    Positives are rare next to negatives; the imprinted bias, not a positive weight, starts each
+    unit at a sensible operating point (weighting positives up made few-label heads call too many)."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 
 
@@ -216,25 +251,27 @@ class NeuralSorter:
         rng = np.random.default_rng(self.seed)
         self.pretrained = backbone is not None
         self.net = SpikeNet(num_units, copy.deepcopy(backbone) if backbone is not None else None).to(self.device)
+        tensors = self._tensors(windows)
+        y = torch.as_tensor(targets, device=self.device)
+        m = torch.as_tensor(mask, dtype=torch.float32, device=self.device)
         groups = [{"params": self.net.head.parameters(), "lr": self.lr},
                   {"params": self.net.backbone.parameters(), "lr": self.lr * (self.backbone_lr_scale if self.pretrained else 1.0)}]
         optimizer = torch.optim.Adam(groups)
-        pos_weight = _positive_weight(targets, mask, self.device)
         order = rng.permutation(len(windows))
         num_val = max(1, len(order) // 10) if len(order) >= 50 else 0
         val, train = order[:num_val], order[num_val:]
         if len(train) == 0:
             raise LocsortError("too few labelled candidate spikes to train the neural sorter")
-        tensors = self._tensors(windows)
-        y = torch.as_tensor(targets, device=self.device)
-        m = torch.as_tensor(mask, dtype=torch.float32, device=self.device)
+        train_rows = torch.as_tensor(train, device=self.device)
+        self.net.eval()
+        self.net.imprint([t[train_rows] for t in tensors], y[train_rows], m[train_rows])
 
         def loss_of(rows, augment):
             rows = torch.as_tensor(rows, device=self.device)
             wave, real, slot_xy, centre_xy = (t[rows] for t in tensors)
             if augment:
                 wave = _shift(wave, 1, generator)
-            return _masked_bce(self.net(wave, real, slot_xy, centre_xy), y[rows], m[rows], pos_weight)
+            return _masked_bce(self.net(wave, real, slot_xy, centre_xy), y[rows], m[rows])
 
         best, best_state, stale, history = math.inf, None, 0, []
         start = time.perf_counter()
@@ -370,24 +407,26 @@ def pretrain_backbone(datasets: list[tuple[Windows, np.ndarray, np.ndarray]], ep
     rng = np.random.default_rng(seed)
     device = torch.device(device)
     backbone = Backbone().to(device)
-    heads = nn.ModuleList([Head(targets.shape[1]) for _, targets, _ in datasets]).to(device)
-    optimizer = torch.optim.Adam(list(backbone.parameters()) + list(heads.parameters()), lr=lr)
-    staged = []
+    nets, staged = [], []  # one head per recording on the shared backbone
     for windows, targets, mask in datasets:
         t = lambda a, dtype=torch.float32: torch.as_tensor(np.ascontiguousarray(a), device=device).to(dtype)
-        staged.append(((t(windows.waveforms), t(windows.real, torch.bool), t(windows.slot_xy), t(windows.centre_xy)),
-                       t(targets), t(mask), _positive_weight(targets, mask, device)))
+        inputs = (t(windows.waveforms), t(windows.real, torch.bool), t(windows.slot_xy), t(windows.centre_xy))
+        net = SpikeNet(targets.shape[1], backbone).to(device)
+        net.imprint(inputs, t(targets), t(mask))
+        nets.append(net)
+        staged.append((inputs, t(targets), t(mask)))
+    optimizer = torch.optim.Adam(list(backbone.parameters()) + [p for net in nets for p in net.head.parameters()], lr=lr)
     losses = []
     for _ in tqdm(range(epochs), desc="pretrain backbone", unit="epoch", disable=not progress):
         steps = [(d, rows) for d, (inputs, *_rest) in enumerate(staged)
                  for rows in np.array_split(rng.permutation(len(inputs[0])), max(1, len(inputs[0]) // batch_size))]
         rng.shuffle(steps)
         total = 0.0
+        backbone.train()
         for d, rows in steps:
-            (wave, real, slot_xy, centre_xy), y, m, pos_weight = staged[d]
+            (wave, real, slot_xy, centre_xy), y, m = staged[d]
             rows = torch.as_tensor(rows, device=device)
-            logits = heads[d](backbone(_shift(wave[rows], 1, generator), real[rows], slot_xy[rows]), centre_xy[rows])
-            loss = _masked_bce(logits, y[rows], m[rows], pos_weight)
+            loss = _masked_bce(nets[d](_shift(wave[rows], 1, generator), real[rows], slot_xy[rows], centre_xy[rows]), y[rows], m[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
