@@ -118,6 +118,12 @@ def test_trained_neural_sorter_saves_and_loads_to_the_same_outputs(tmp_path, gro
         NeuralSorter.load(tmp_path / "bad.safetensors")
     with pytest.raises(UsageError, match="not found"):
         NeuralSorter.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "locsort-neural-sorter", "version": "1", "kind": "sorter", "num_time_points": str(NUM_TIME_POINTS)})
+    with pytest.raises(LocsortError, match="another locsort"):
+        NeuralSorter.load(tmp_path / "old.safetensors")
 
 
 def test_pretrained_backbone_is_shipped_documented_and_fits_any_geometry():

@@ -17,8 +17,7 @@ Differences from the published design (research.md §2), and why:
   units alike in shape but far apart differ). Before any training the head is *imprinted*:
   each prototype is the mean embedding of the unit's labelled spikes and each unit position
   their mean position, so a pretrained backbone sorts from the first epoch and a handful of
-  labels per unit suffices (with 10 labels per unit, imprinting a pretrained backbone beats
-  training a learned-from-scratch MLP head; NOTES.md, session 8). The head belongs to one
+  labels per unit goes further (BENCHMARKS.md, transfer learning). The head belongs to one
   recording; a pretrained backbone gets a new head.
 - **Speed on CPU.** The published network runs at every sample of every window. Here it runs
   once per candidate event (a threshold crossing that is a local minimum across time and
@@ -385,6 +384,9 @@ def _read(path):
         raise LocsortError(f"cannot read neural sorter file {path}: it is corrupt or not a safetensors file ({exc})") from None
     if meta.get("format") != FORMAT:
         raise LocsortError(f"{path} is not a locsort neural sorter file")
+    if meta.get("version") != str(FORMAT_VERSION):
+        raise LocsortError(f"{path} was written by another locsort (neural sorter format {meta.get('version')}, this one "
+                           f"reads {FORMAT_VERSION}): train it again")
     if int(meta.get("num_time_points", -1)) != NUM_TIME_POINTS:
         raise LocsortError(f"{path} was made for {meta.get('num_time_points')} time points, this locsort uses {NUM_TIME_POINTS}")
     return meta.get("kind"), state, meta
