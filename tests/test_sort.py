@@ -8,9 +8,9 @@ import torch
 import locsort
 from locsort.errors import LocsortError, UsageError
 from locsort.evaluate import sorting_accuracy
+from locsort.localize import make_localizer
 from locsort.neighbourhood import Neighbourhood
 from locsort.sort.labels import labels_from_sorting, match
-from locsort.localize import make_localizer
 from locsort.sort.neural import NUM_TIME_POINTS, Backbone, NeuralSorter, SpikeNet, Windows, backbone_info, load_backbone
 from locsort.sort.postprocess import assign_units, drop_border_duplicates
 from locsort.sort.pretrained import BACKBONE_PATH
