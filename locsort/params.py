@@ -67,7 +67,7 @@ class Params:
     neural_frozen_epochs: int = 10  # a pretrained backbone stays frozen this many epochs while the new (imprinted) head trains, then all is fine-tuned
     neural_patience: int = 3  # epochs without held-out loss improvement before stopping
     neural_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
-    neural_threshold: float = 0.5  # a candidate is a spike of its most probable unit above this probability
+    neural_threshold: float = 0.5  # a candidate is a spike when its units' probabilities add up above this; it goes to its most probable unit
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)
     label_max_spikes_per_unit: int = 0  # with user labels: train on the first K spikes of each unit (0: all)
     label_tolerance_ms: float = 0.4  # a labelled spike marks the nearest candidate within this (SpikeInterface's match tolerance)

@@ -19,18 +19,19 @@ FAST = dict(neural_epochs=8, encoder_max_epochs=10)
 
 
 def test_assign_units_keeps_one_unit_per_candidate_and_local_maxima_in_time():
-    samples = np.array([100, 103, 100, 400, 900, 905])
+    samples = np.array([100, 103, 100, 400, 600, 900, 905])
     proba = torch.tensor([
         [0.9, 0.1],  # unit 0 ...
         [0.7, 0.0],  # ... seen again 3 samples later: not a second spike
         [0.2, 0.6],  # unit 1 at the same time as unit 0's spike: a spike of its own (other candidate)
-        [0.3, 0.4],  # below threshold: rejected
+        [0.2, 0.25],  # nobody's spike (0.45 in all): rejected
+        [0.3, 0.4],  # split between two similar units, a spike all the same (0.7): the more probable one
         [0.6, 0.8],  # one candidate claimed by both: the more probable unit only
         [0.55, 0.0],  # unit 0 five samples after a unit-1 spike: kept
     ])
     units, scores = assign_units(samples, proba, threshold=0.5, refractory=10)
-    np.testing.assert_array_equal(units, [0, -1, 1, -1, 1, 0])
-    np.testing.assert_allclose(scores, [0.9, 0.7, 0.6, 0.4, 0.8, 0.55], rtol=1e-6)
+    np.testing.assert_array_equal(units, [0, -1, 1, -1, 1, 1, 0])
+    np.testing.assert_allclose(scores, [0.9, 0.7, 0.6, 0.25, 0.4, 0.8, 0.55], rtol=1e-6)
 
 
 def test_assign_units_handles_long_sparse_segments_in_pieces():

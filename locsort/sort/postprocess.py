@@ -2,7 +2,7 @@
 (no Python loop over spikes or units).
 
 Per chunk, the network gives every candidate event a probability per unit. A candidate is a
-spike of its most probable unit when that probability passes the threshold (cross-unit
+spike of its most probable unit when the probabilities add up past the threshold (cross-unit
 duplicates: one candidate is one spike). One spike seen as two candidates (on channels
 farther apart than the detection radius, or a few samples apart) would count twice, so per
 unit only the local maximum of the probability within +/- ``refractory`` samples is kept:
@@ -21,12 +21,17 @@ _MAX_GRID = 64_000_000  # units x samples per grid; larger spans are cut in time
 
 def assign_units(samples: np.ndarray, proba: torch.Tensor, threshold: float, refractory: int) -> tuple[np.ndarray, np.ndarray]:
     """(unit per candidate, -1 when rejected; its probability) for candidates at ``samples``
-    (n,) of one segment with probabilities ``proba`` (n, U)."""
+    (n,) of one segment with probabilities ``proba`` (n, U).
+
+    A candidate is a spike when its units' probabilities add up above ``threshold`` (units are
+    exclusive, so the sum is the probability that it is anyone's spike), and then belongs to its
+    most probable unit: a spike split between two similar units (0.4 each) is kept, which a
+    threshold on the largest probability alone would drop."""
     n = len(samples)
     if n == 0 or proba.shape[1] == 0:
         return np.full(n, -1, np.int64), np.zeros(n, np.float32)
     score, unit = proba.max(dim=1)
-    keep = score > threshold
+    keep = proba.sum(dim=1) > threshold
     times = torch.as_tensor(samples, device=proba.device)
     t0 = int(times.min())
     span = int(times.max()) - t0 + 1
