@@ -59,6 +59,7 @@ def score(sorting, truth) -> dict:
 
 
 def run_locsort(recording, truth, params: dict) -> dict:
+    """Wall time, accuracy against ``truth`` (skipped when None, as in the warm-up) and stage times."""
     from locsort.params import Params
     from locsort.pipeline import _sort, prepare, sorting_from_spikes
 
@@ -67,14 +68,14 @@ def run_locsort(recording, truth, params: dict) -> dict:
     spikes, result = _sort(prep, progress=False)
     sorting = sorting_from_spikes(spikes, prep.recording)
     wall = time.perf_counter() - start
-    out = {"wall_s": wall, **score(sorting, truth), "stages_s": {k: round(v, 2) for k, v in prep.timer.items()}}
+    out = {"wall_s": wall, **(score(sorting, truth) if truth is not None else {}), "stages_s": {k: round(v, 2) for k, v in prep.timer.items()}}
     if result.neural is not None:
         duration = sum(recording.get_duration(s) for s in range(recording.get_num_segments()))
         out["neural_x_realtime"] = duration / prep.timer["neural"]
     return out
 
 
-def run_peer(recording, truth, name: str, workdir, scored: bool = True) -> dict:
+def run_peer(recording, truth, name: str, workdir) -> dict:
     from spikeinterface.sorters import run_sorter
 
     folder = workdir / name
@@ -86,7 +87,7 @@ def run_peer(recording, truth, name: str, workdir, scored: bool = True) -> dict:
     except Exception as exc:  # a peer failing is a result to report, not a reason to stop
         return {"wall_s": time.perf_counter() - start, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     wall = time.perf_counter() - start
-    return {"wall_s": wall, **score(sorting, truth)} if scored else {"wall_s": wall}
+    return {"wall_s": wall, **(score(sorting, truth) if truth is not None else {})}
 
 
 def warm_up(sorters, recording, workdir, seconds: float = 10.0) -> None:
@@ -97,13 +98,7 @@ def warm_up(sorters, recording, workdir, seconds: float = 10.0) -> None:
     for sorter in dict.fromkeys("locsort" if s in LOCSORT else s for s in sorters):
         start = time.perf_counter()
         try:
-            if sorter == "locsort":
-                from locsort.params import Params
-                from locsort.pipeline import _sort, prepare
-
-                _sort(prepare(short, Params()), progress=False)
-            else:
-                run_peer(short, None, sorter, workdir, scored=False)
+            run_locsort(short, None, {}) if sorter == "locsort" else run_peer(short, None, sorter, workdir)
         except Exception as exc:  # a warm-up failing (e.g. too short to train on) only loses the warm-up
             print(f"warm-up {sorter}: {type(exc).__name__}: {exc}", flush=True)
         print(f"warm-up {sorter}: {time.perf_counter() - start:.1f} s (not counted)", flush=True)
