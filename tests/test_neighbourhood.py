@@ -4,7 +4,7 @@ edge as virtual, and falls back to nearest contacts on irregular layouts."""
 import numpy as np
 import probeinterface as pi
 
-from locsort.neighbourhood import Neighbourhood, gather_windows
+from locsort.neighbourhood import Neighbourhood, gather_windows, peak_amplitudes, peak_amplitudes_at
 from locsort.simulate import neuropixels_like_probe
 
 
@@ -56,3 +56,13 @@ def test_gather_windows_reads_zeros_for_virtual_channels():
     out = gather_windows(traces, np.array([5]), np.array([[2, -1]]), before=1, after=2)
     np.testing.assert_array_equal(out[0, :, 0], traces[4:7, 2])
     np.testing.assert_array_equal(out[0, :, 1], 0)
+
+
+def test_peak_amplitudes_at_equals_the_minimum_of_the_gathered_windows():
+    rng = np.random.default_rng(1)
+    traces = rng.standard_normal((200, 12)).astype(np.float32)
+    rows = rng.integers(6, 194, 30)
+    channels = rng.integers(-1, 12, (30, 7))
+    expected = peak_amplitudes(gather_windows(traces, rows, channels, before=4, after=5))
+    np.testing.assert_array_equal(peak_amplitudes_at(traces, rows, channels, half=4), expected)
+    assert np.all(peak_amplitudes_at(traces, rows, channels, half=4)[channels < 0] == 0)
