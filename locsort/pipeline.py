@@ -103,6 +103,7 @@ class TrainingSample:
     centre_waveforms : (n, T) µV on the centre channel (waveform basis, clustering PCs)
     peaks : (n,) PEAK_DTYPE
     windows : neural-sorter inputs (sort/neural.Windows), when asked for
+    snippets : (n, T, K) float16 µV on the centre's neighbourhood (peeling templates), with windows
     targets, mask : (n, U) labels matched to these spikes, when labels were given
     """
 
@@ -110,6 +111,7 @@ class TrainingSample:
     centre_waveforms: np.ndarray
     peaks: np.ndarray
     windows: object = None
+    snippets: np.ndarray | None = None
     targets: np.ndarray | None = None
     mask: np.ndarray | None = None
 
@@ -148,6 +150,7 @@ class SampleJob:
         batch = batch.subset(pick)
         if self.windows:
             out["windows"] = Windows.from_batch(batch, self.scanner.neighbourhood, self.scanner.noise)
+            out["snippets"] = batch.waveforms.astype(np.float16)
         out.update(centre_waveforms=batch.waveforms[:, :, 0], peaks=batch.peaks,
                    **self.localizer.observe(batch, self.scanner.neighbourhood))
         return out
@@ -175,7 +178,7 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
         found = [job.keep(_empty_batch(prep), np.random.default_rng(0))]
     win = Windows.concatenate([part.pop("windows") for part in found]) if windows else None
     merged = {k: np.concatenate([part[k] for part in found]) for k in found[0]}
-    sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win,
+    sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win, merged.pop("snippets", None),
                             merged.pop("targets", None), merged.pop("mask", None))
     sample.observations = merged
     return sample
@@ -217,7 +220,7 @@ class ChunkJob:
     """The main pass over one chunk: detect (or take given peaks), localize, waveform PCs and,
     with a trained neural sorter, units. Picklable: Dask sends it to each worker once (the
     recording as its description, the models as weights). Returns per-spike arrays and
-    ``seconds`` = [reading + detection + features, localization, neural sorter]."""
+    ``seconds`` = [reading + detection + features, localization, neural sorter (+ peeling)]."""
 
     scanner: Scanner
     localizer: object
@@ -225,6 +228,7 @@ class ChunkJob:
     neural: object = None
     refractory: int = 0
     keep_pcs: bool = True  # False: no waveform PCs (localization only), so no waveform windows unless the neural sorter needs them
+    templates: object = None  # sort/peel.Templates: with the neural sorter on detected spikes, peel and detect again
 
     def __call__(self, chunk) -> dict:
         from .sort.neural import Windows
@@ -234,18 +238,54 @@ class ChunkJob:
         start = time.perf_counter()
         batch = self.scanner.batch(chunk, waveforms=self.keep_pcs or self.neural is not None)
         read = time.perf_counter()
-        location = self.localizer.transform(self.localizer.observe(batch, neighbourhood), neighbourhood)
-        located = time.perf_counter()
-        out = {"peaks": batch.peaks, **{k: np.asarray(location[k], np.float32) for k in LOCATION_FIELDS}}
-        if self.keep_pcs:
-            out["pcs"] = _waveform_pcs(batch.waveforms[:, :, 0], self.basis, params.waveform_pcs)
+        observations = self.localizer.observe(batch, neighbourhood)
+        observed = time.perf_counter()
+        peaks, units = batch.peaks, None
         if self.neural is not None:
             proba = self.neural.predict_proba(Windows.from_batch(batch, neighbourhood, self.scanner.noise))
-            out["unit_index"], _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, self.refractory)
+            units, _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, self.refractory)
+            if self.templates is not None and self.scanner.peaks is None:
+                hidden, hidden_units = self._peel(chunk, batch, units)
+                if len(hidden.centre):
+                    more = self.localizer.observe(hidden, neighbourhood)
+                    # one transform call for all (same batch shapes wherever the chunk runs: same floats)
+                    observations = {k: np.concatenate([observations[k], more[k]]) for k in observations}
+                    peaks, units = np.concatenate([peaks, hidden.peaks]), np.concatenate([units, hidden_units])
+        sorted_ = time.perf_counter()
+        location = self.localizer.transform(observations, neighbourhood)
+        out = {"peaks": peaks, **{k: np.asarray(location[k], np.float32) for k in LOCATION_FIELDS}}
+        if units is not None:
+            out["unit_index"] = units
+        if len(peaks) > len(batch.peaks):  # spikes found by peeling go in time order
+            order = np.argsort(peaks["sample_index"], kind="stable")
+            out = {k: v[order] for k, v in out.items()}
+        if self.keep_pcs:
+            out["pcs"] = _waveform_pcs(batch.waveforms[:, :, 0], self.basis, params.waveform_pcs)
         if batch.order is not None:
             out["order"] = batch.order
-        out["seconds"] = np.array([read - start, located - read, time.perf_counter() - located])
+        located = time.perf_counter()
+        out["seconds"] = np.array([read - start, (observed - read) + (located - sorted_), sorted_ - observed])
         return out
+
+    def _peel(self, chunk, batch: SpikeBatch, units: np.ndarray) -> tuple[SpikeBatch, np.ndarray]:
+        """The spikes found under the assigned ones (sort/peel.py) and their units."""
+        from .sort.neural import Windows
+        from .sort.peel import subtract, unexplained
+        from .sort.postprocess import assign_units
+
+        neighbourhood, geo = self.scanner.neighbourhood, self.scanner.geometry
+        assigned = units >= 0
+        residual, changed = subtract(batch._traces, batch._rows[assigned], units[assigned], self.templates,
+                                     neighbourhood.index, geo.before)
+        hidden = self.scanner.batch_in(residual, batch._first, chunk)
+        hidden = hidden.subset(np.flatnonzero(changed[hidden._rows, hidden.centre]))
+        if len(hidden.centre) == 0:
+            return hidden, np.zeros(0, np.int64)
+        found = hidden.peaks["sample_index"]
+        proba = self.neural.predict_proba(Windows.from_batch(hidden, neighbourhood, self.scanner.noise))
+        hidden_units, _ = assign_units(found, proba, self.scanner.params.neural_peel_threshold, self.refractory)
+        return hidden, unexplained(found, hidden_units, batch.peaks["sample_index"][assigned], units[assigned],
+                                   geo.before + geo.after)
 
 
 def _run_chunks(job, chunks: list, runner, work, desc: str, progress: bool) -> list[dict]:
@@ -278,8 +318,8 @@ def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=N
     """One pass over every chunk (see ChunkJob). Returns spike records and (n, P) centre-channel
     PCs (None without ``keep_pcs``)."""
     params, timer = prep.params, prep.timer
-    job = ChunkJob(prep.scanner(peaks), models.localizer, models.basis,
-                   models.neural, prep.geometry.refractory, keep_pcs)
+    job = ChunkJob(prep.scanner(peaks), models.localizer, models.basis, models.neural, prep.geometry.refractory, keep_pcs,
+                   models.templates if params.neural_peel else None)
     chunks = job.scanner.chunks()
     started = time.perf_counter()
     parts = _run_chunks(job, chunks, runner or LocalRunner(), work, "detect + localize" if peaks is None else "localize",
@@ -312,7 +352,7 @@ def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None,
         fit_localizer(prep, localizer, sample, progress)
         models.basis = fit_waveform_basis(sample.centre_waveforms, prep.params.waveform_pcs)
     if label_source:
-        models.neural = _train_neural(prep, sample, localizer, models.basis, label_source, models.notes)
+        models.neural, models.templates = _train_neural(prep, sample, localizer, models.basis, label_source, models.notes)
         if models.neural is not None and labels is not None:
             models.notes.append(f"neural sorter trained on {labels.num_units} labelled units")
     return models
@@ -394,6 +434,7 @@ class Models:
     neural: object = None  # the trained NeuralSorter (None: every spike is clustered instead)
     notes: list = field(default_factory=list)
     label_source: str = ""  # "clustering", "labels" or "" (clustering only)
+    templates: object = None  # sort/peel.Templates of the neural sorter's units
 
     def save(self, folder: Path) -> None:
         """Weights as safetensors and the rest as JSON/NPY (nothing pickled); state.json last."""
@@ -408,6 +449,9 @@ class Models:
             self.neural.save(folder / "neural_sorter.safetensors")
         if self.basis is not None:
             write_atomic(folder / "basis.npy", lambda f: np.save(f, self.basis))
+        if self.templates is not None:
+            write_atomic(folder / "templates.npz", lambda f: np.savez(f, waveforms=self.templates.waveforms,
+                                                                     centres=self.templates.centres))
         write_atomic(folder / "state.json", lambda f: f.write(json.dumps(state, default=_json_default).encode()))
 
     @classmethod
@@ -433,7 +477,13 @@ class Models:
             neural = NeuralSorter.load(folder / "neural_sorter.safetensors", device=device)
             neural.history = state["neural_history"]
         basis = np.load(folder / "basis.npy", allow_pickle=False) if (folder / "basis.npy").exists() else None
-        return cls(localizer, basis, neural, state["notes"], state["label_source"])
+        templates = None
+        if (folder / "templates.npz").exists():
+            from .sort.peel import Templates
+
+            with np.load(folder / "templates.npz", allow_pickle=False) as saved:
+                templates = Templates(saved["waveforms"], saved["centres"])
+        return cls(localizer, basis, neural, state["notes"], state["label_source"], templates)
 
 
 def _backbone(params: Params):
@@ -452,9 +502,11 @@ def _backbone(params: Params):
 
 
 def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, label_source: str, notes: list):
-    """A NeuralSorter trained on the training sample, or None when there is nothing to learn
-    (then the caller clusters every spike, and ``notes`` says why)."""
+    """A NeuralSorter trained on the training sample and its units' peeling templates, or
+    (None, None) when there is nothing to learn (then the caller clusters every spike, and
+    ``notes`` says why)."""
     from .sort.neural import NeuralSorter
+    from .sort.peel import Templates
 
     params = prep.params
     if label_source == "clustering":
@@ -478,24 +530,26 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         num_units = int(units.max()) + 1 if len(units) and units.max() >= 0 else 0
         if num_units == 0:
             notes.append("the clustering of the training sample found no units, so the neural sorter was not trained")
-            return None
+            return None, None
         targets = np.zeros((len(units), num_units), np.float32)
         targets[np.flatnonzero(units >= 0), units[units >= 0]] = 1.0
         mask = np.repeat((units >= 0)[:, None], num_units, axis=1)
     else:
         targets, mask = sample.targets, sample.mask
+        units = np.where((targets * mask).max(axis=1) > 0, (targets * mask).argmax(axis=1), -1)
     labelled = int(mask.any(axis=1).sum())
     if labelled < params.min_training_spikes:
         notes.append(f"only {labelled} labelled spikes to train the neural sorter on (at least {params.min_training_spikes} "
                      "needed)" + (": every spike was clustered instead" if label_source == "clustering" else ""))
         if label_source != "clustering":
             raise LocsortError(notes[-1] + "; give labels covering more of the recording or a larger K")
-        return None
+        return None, None
     with prep.timer.stage("train neural"):
         sorter = NeuralSorter(epochs=params.neural_epochs, lr=params.neural_lr, batch_size=params.neural_batch_size,
                               patience=params.neural_patience, frozen_epochs=params.neural_frozen_epochs, max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed)
         sorter.fit(sample.windows, targets, mask, backbone=_backbone(params), progress=False)
-    return sorter
+        templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, targets.shape[1])
+    return sorter, templates
 
 
 def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -> tuple[np.ndarray, Models]:

@@ -38,13 +38,14 @@ class SpikeBatch:
     amplitudes: np.ndarray | None
     order: np.ndarray | None = None
     _traces: np.ndarray | None = None
-    _rows: np.ndarray | None = None
+    _rows: np.ndarray | None = None  # each spike's row in _traces
     _amp_half: int = 0
+    _first: int = 0  # sample index of _traces' first row
 
     def subset(self, rows: np.ndarray) -> "SpikeBatch":
         pick = lambda a: None if a is None else a[rows]
         return SpikeBatch(self.peaks[rows], self.centre[rows], pick(self.waveforms), pick(self.amplitudes),
-                          pick(self.order), self._traces, pick(self._rows), self._amp_half)
+                          pick(self.order), self._traces, pick(self._rows), self._amp_half, self._first)
 
     def amplitudes_around(self, channels: np.ndarray, neighbourhood: Neighbourhood) -> np.ndarray:
         """(n, K) negative-peak sizes on the neighbourhood of ``channels`` (n,), same window."""
@@ -148,6 +149,12 @@ class Scanner:
         if pad_left or pad_right:
             traces = np.pad(traces, ((pad_left, pad_right), (0, 0)))
             first -= pad_left
+        return self.batch_in(traces, first, chunk, features, waveforms)
+
+    def batch_in(self, traces: np.ndarray, first: int, chunk: Chunk, features: bool = True, waveforms: bool = True) -> SpikeBatch:
+        """``batch`` on traces already read (T, C), whose first row is sample ``first`` and which
+        hold ``chunk`` with the geometry's margin on both sides (e.g. a chunk with spikes peeled off)."""
+        geo = self.geometry
         lo, hi = chunk.start - first, chunk.end - first
         order = None
         if self.peaks is None:
@@ -168,7 +175,7 @@ class Scanner:
             rows = batch_peaks["sample_index"] - first
             batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
         if features:
-            return _features(traces, rows, batch_peaks, order, self.neighbourhood, geo, waveforms)
+            return _features(traces, rows, batch_peaks, order, self.neighbourhood, geo, waveforms, first)
         return SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
 
 
@@ -210,7 +217,7 @@ def scan(
     return concatenate_parts(parts, peaks is not None) if concatenate else parts
 
 
-def _features(traces, rows, peaks, order, neighbourhood, geo, with_waveforms: bool = True) -> SpikeBatch:
+def _features(traces, rows, peaks, order, neighbourhood, geo, with_waveforms: bool = True, first: int = 0) -> SpikeBatch:
     """Neighbourhood waveforms and amplitudes around each peak's channel. Detected peaks are
     already the largest channel within the detection radius; caller-given peaks keep their
     channel (honoured one to one)."""
@@ -221,7 +228,7 @@ def _features(traces, rows, peaks, order, neighbourhood, geo, with_waveforms: bo
     else:
         waveforms = None
         amplitudes = peak_amplitudes_at(traces, rows, neighbourhood.index[centre], geo.amp_half)
-    return SpikeBatch(peaks, centre, waveforms, amplitudes, order, traces, rows, geo.amp_half)
+    return SpikeBatch(peaks, centre, waveforms, amplitudes, order, traces, rows, geo.amp_half, first)
 
 
 def concatenate_parts(parts: list[dict], reorder: bool = False) -> dict:

@@ -281,3 +281,36 @@ def test_split_separates_two_neurons_at_one_place_and_merge_rejoins_a_single_neu
     split, _ = split_units(np.zeros(600, np.int64), windows, min_size=25)
     merged, _ = merge_similar_units(split, windows, min_similarity=0.95)
     assert len(np.unique(merged)) == 1
+
+
+def test_peeling_subtracts_an_assigned_spike_and_leaves_the_one_under_it():
+    from locsort.sort.peel import Templates, subtract
+
+    rng = np.random.default_rng(0)
+    shape_a = rng.standard_normal((12, 3)).astype(np.float32) * 20  # unit 0 on channels 0, 1, 2 (slot 3 virtual)
+    shape_b = rng.standard_normal((12, 3)).astype(np.float32) * 10
+    index = np.array([[0, 1, 2, -1], [1, 2, 3, -1]])
+    templates = Templates(np.stack([np.pad(shape_a, ((0, 0), (0, 1))), np.pad(shape_b, ((0, 0), (0, 1)))]), np.array([0, 1]))
+    traces = np.zeros((200, 4), np.float32)
+    traces[75:87, 0:3] += 1.3 * shape_a  # unit 0's spike, one sample later than its candidate (row 80, before = 6)
+    traces[78:90, 1:4] += shape_b  # unit 1's spike under it, not assigned
+    residual, changed = subtract(traces, np.array([80]), np.array([0]), templates, index, before=6)
+    expected = np.zeros_like(traces)
+    expected[78:90, 1:4] = shape_b
+    # what remains is unit 1's spike, up to the least-squares scale's pick-up of it
+    assert np.abs(residual - expected).max() < 0.2 * np.abs(shape_b).max()
+    assert changed[75:87, 0:3].all() and not changed[:, 3].any() and not changed[:75].any() and not changed[87:].any()
+    # a unit without a template (centre -1) is left alone
+    templates.centres[0] = -1
+    untouched, nothing = subtract(traces, np.array([80]), np.array([0]), templates, index, before=6)
+    np.testing.assert_array_equal(untouched, traces)
+    assert not nothing.any()
+
+
+def test_a_spike_found_under_others_cannot_repeat_its_own_unit_within_a_snippet():
+    from locsort.sort.peel import unexplained
+
+    found = np.array([100, 100, 300, 500])
+    units = np.array([0, 1, 0, -1])
+    kept = unexplained(found, units, first_samples=np.array([90, 310]), first_units=np.array([0, 1]), span=20)
+    np.testing.assert_array_equal(kept, [-1, 1, 0, -1])  # unit 0 fired at 90: 100 is its leftover
