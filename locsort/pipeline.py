@@ -251,7 +251,7 @@ class ChunkJob:
                     # one transform call for all (same batch shapes wherever the chunk runs: same floats)
                     observations = {k: np.concatenate([observations[k], more[k]]) for k in observations}
                     peaks, units = np.concatenate([peaks, hidden.peaks]), np.concatenate([units, hidden_units])
-        sorted_ = time.perf_counter()
+        classified = time.perf_counter()
         location = self.localizer.transform(observations, neighbourhood)
         out = {"peaks": peaks, **{k: np.asarray(location[k], np.float32) for k in LOCATION_FIELDS}}
         if units is not None:
@@ -264,7 +264,7 @@ class ChunkJob:
         if batch.order is not None:
             out["order"] = batch.order
         located = time.perf_counter()
-        out["seconds"] = np.array([read - start, (observed - read) + (located - sorted_), sorted_ - observed])
+        out["seconds"] = np.array([read - start, (observed - read) + (located - classified), classified - observed])
         return out
 
     def _peel(self, chunk, batch: SpikeBatch, units: np.ndarray) -> tuple[SpikeBatch, np.ndarray]:
