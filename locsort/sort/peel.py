@@ -42,10 +42,11 @@ class Templates:
             if len(rows) < MIN_SPIKES:
                 continue
             values, counts = np.unique(centres[rows], return_counts=True)
-            usual = rows[centres[rows] == values[np.argmax(counts)]]
+            usual_centre = values[np.argmax(counts)]
+            usual = rows[centres[rows] == usual_centre]
             if len(usual) >= MIN_SPIKES:
                 out[unit] = waveforms[usual].astype(np.float32).mean(axis=0)
-                channel[unit] = values[np.argmax(counts)]
+                channel[unit] = usual_centre
         return cls(out, channel)
 
 
@@ -72,8 +73,9 @@ def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates:
         times = rows[:, None] + shift + np.arange(-before, shape.shape[1] - before)[None, :]  # (n, T)
         times = np.clip(times, 0, len(traces) - 1)
         snippet = traces[np.broadcast_to(times[:, :, None], shape.shape), c_idx]
-        scale = np.clip(np.einsum("ntk,ntk->n", snippet, shape) / energy, *SCALE_RANGE)
-        gain = 2 * scale * np.einsum("ntk,ntk->n", snippet, shape) - scale**2 * energy  # energy removed
+        projection = np.einsum("ntk,ntk->n", snippet, shape)
+        scale = np.clip(projection / energy, *SCALE_RANGE)
+        gain = 2 * scale * projection - scale**2 * energy  # energy removed
         better = gain > best_gain
         best_gain[better], best_scale[better] = gain[better], scale[better]
         best_times = times if best_times is None else np.where(better[:, None], times, best_times)
