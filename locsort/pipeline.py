@@ -220,7 +220,8 @@ class ChunkJob:
     """The main pass over one chunk: detect (or take given peaks), localize, waveform PCs and,
     with a trained neural sorter, units. Picklable: Dask sends it to each worker once (the
     recording as its description, the models as weights). Returns per-spike arrays and
-    ``seconds`` = [reading + detection + features, localization, neural sorter (+ peeling)]."""
+    ``seconds`` = [reading + detection + features (peeling's second detection too), localization,
+    neural sorter (+ peeling's subtraction)]."""
 
     scanner: Scanner
     localizer: object
@@ -240,12 +241,12 @@ class ChunkJob:
         read = time.perf_counter()
         observations = self.localizer.observe(batch, neighbourhood)
         observed = time.perf_counter()
-        peaks, units = batch.peaks, None
+        peaks, units, detecting = batch.peaks, None, 0.0
         if self.neural is not None:
             proba = self.neural.predict_proba(Windows.from_batch(batch, neighbourhood, self.scanner.noise))
             units, _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, self.refractory)
             if self.templates is not None and self.scanner.peaks is None:
-                hidden, hidden_units = self._peel(chunk, batch, units)
+                hidden, hidden_units, detecting = self._peel(chunk, batch, units)
                 if len(hidden.centre):
                     more = self.localizer.observe(hidden, neighbourhood)
                     # one transform call for all (same batch shapes wherever the chunk runs: same floats)
@@ -264,11 +265,13 @@ class ChunkJob:
         if batch.order is not None:
             out["order"] = batch.order
         located = time.perf_counter()
-        out["seconds"] = np.array([read - start, (observed - read) + (located - classified), classified - observed])
+        out["seconds"] = np.array([read - start + detecting, (observed - read) + (located - classified),
+                                   classified - observed - detecting])
         return out
 
-    def _peel(self, chunk, batch: SpikeBatch, units: np.ndarray) -> tuple[SpikeBatch, np.ndarray]:
-        """The spikes found under the assigned ones (sort/peel.py) and their units."""
+    def _peel(self, chunk, batch: SpikeBatch, units: np.ndarray) -> tuple[SpikeBatch, np.ndarray, float]:
+        """The spikes found under the assigned ones (sort/peel.py), their units and the seconds
+        spent detecting them."""
         from .sort.neural import Windows
         from .sort.peel import subtract, unexplained
         from .sort.postprocess import assign_units
@@ -277,15 +280,17 @@ class ChunkJob:
         assigned = units >= 0
         residual, changed = subtract(batch._traces, batch._rows[assigned], units[assigned], self.templates,
                                      neighbourhood.index, geo.before)
+        detect_start = time.perf_counter()
         hidden = self.scanner.batch_in(residual, batch._first, chunk)
         hidden = hidden.subset(np.flatnonzero(changed[hidden._rows, hidden.centre]))
+        detecting = time.perf_counter() - detect_start
         if len(hidden.centre) == 0:
-            return hidden, np.zeros(0, np.int64)
+            return hidden, np.zeros(0, np.int64), detecting
         found = hidden.peaks["sample_index"]
         proba = self.neural.predict_proba(Windows.from_batch(hidden, neighbourhood, self.scanner.noise))
         hidden_units, _ = assign_units(found, proba, self.scanner.params.neural_peel_threshold, self.refractory)
         return hidden, unexplained(found, hidden_units, batch.peaks["sample_index"][assigned], units[assigned],
-                                   geo.before + geo.after)
+                                   geo.before + geo.after), detecting
 
 
 def _run_chunks(job, chunks: list, runner, work, desc: str, progress: bool) -> list[dict]:

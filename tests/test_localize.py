@@ -63,6 +63,20 @@ def test_edge_spikes_are_not_pulled_inward_like_centre_of_mass(processed, traine
     assert np.mean((spikes["x"][outside] < x_min) | (spikes["x"][outside] > x_max)) > 0.3
 
 
+def test_amplitude_jitter_gives_several_centres_and_one_pooled_posterior_per_spike(processed, trained):
+    recording, peaks, true_xyz = processed
+    com = trained[3]
+    prep = prepare(recording, Params(preprocess=False, jitter_uv=10.0, encoder_max_epochs=3))
+    spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
+    scanner = prep.scanner(peaks)
+    observations = localizer.observe(scanner.batch(scanner.chunks()[0], waveforms=False), prep.neighbourhood)
+    used = (observations["centres"] >= 0).sum(axis=1)
+    assert used.min() >= 1 and used.max() > 1, "no spike had a second channel within 10 µV of its largest"
+    assert len(spikes) == len(peaks) and np.all(np.isfinite(spikes["x"])) and np.all(spikes["x_std"] > 0)
+    # pooling the centres (mean of means in probe coordinates) must still beat centre of mass
+    assert localization_errors(spikes, true_xyz)["median_xy_um"] < localization_errors(com, true_xyz)["median_xy_um"]
+
+
 def test_saved_encoder_reproduces_and_checks_geometry(tmp_path, processed, trained):
     recording, peaks, _ = processed
     _, spikes, localizer, _ = trained

@@ -52,6 +52,7 @@ FORMAT = "locsort-neural-sorter"
 FORMAT_VERSION = 2  # 2: prototype head (version 1 files had an MLP head)
 NUM_TIME_POINTS = 40  # snippet samples after resampling to a rate-independent grid
 EMBEDDING = 128  # backbone output width
+MAX_SHIFT = 1  # training augmentation: snippets move by up to this many points (candidate times wander)
 SLOT_SCALES_UM = (15.0, 30.0, 60.0)  # Fourier features of slot offsets: near neighbours to neighbourhood edge
 
 
@@ -265,14 +266,21 @@ class NeuralSorter:
         self.net.eval()
         self.net.imprint([t[train_rows] for t in tensors], y[train_rows], m[train_rows])
 
-        def loss_of(rows, augment):
+        def loss_of(rows, augment, frozen):
             rows = torch.as_tensor(rows, device=self.device)
+            if frozen:  # the head reads the backbone's outputs computed once (same shift augmentation)
+                shift = (torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (len(rows),), generator=generator).to(self.device)
+                         if augment else torch.zeros(len(rows), dtype=torch.long, device=self.device))
+                embedding, position = frozen_features
+                logits = self.net.head(embedding[shift + MAX_SHIFT, rows], position[shift + MAX_SHIFT, rows])
+                return _masked_bce(logits, y[rows], m[rows])
             wave, real, slot_xy, centre_xy = (t[rows] for t in tensors)
             if augment:
-                wave = _shift(wave, 1, generator)
+                wave = _shift(wave, MAX_SHIFT, generator)
             return _masked_bce(self.net(wave, real, slot_xy, centre_xy), y[rows], m[rows])
 
         best, best_state, stale, history = math.inf, None, 0, []
+        frozen_features = None
         start = time.perf_counter()
         bar = tqdm(range(self.epochs), desc="train neural sorter", unit="epoch", disable=not progress, leave=False)
         for epoch in bar:
@@ -280,17 +288,19 @@ class NeuralSorter:
             # probing, then fine-tuning): gradients through a random head would first scramble its features
             frozen = self.pretrained and epoch < self.frozen_epochs
             self.net.backbone.requires_grad_(not frozen)
+            if frozen and frozen_features is None:
+                frozen_features = self._shifted_features(tensors)
             self.net.train()
             rng.shuffle(train)
             for i in range(0, len(train), self.batch_size):
-                loss = loss_of(train[i : i + self.batch_size], augment=True)
+                loss = loss_of(train[i : i + self.batch_size], augment=True, frozen=frozen)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             self.net.eval()
             if num_val:
                 with torch.no_grad():
-                    val_loss = float(loss_of(val, augment=False))
+                    val_loss = float(loss_of(val, augment=False, frozen=frozen))
             else:
                 val_loss = float(loss.detach())
             history.append(val_loss)
@@ -309,6 +319,21 @@ class NeuralSorter:
                         "units": int(num_units), "pretrained_backbone": self.pretrained,
                         "seconds": time.perf_counter() - start}
         return self
+
+    @torch.no_grad()
+    def _shifted_features(self, tensors, batch_size: int = 8192):
+        """(S, n, EMBEDDING) backbone outputs and (S, n, 2) spike positions of every window moved
+        by each of the S shifts -MAX_SHIFT..MAX_SHIFT: all that a head on a frozen backbone reads,
+        computed once instead of once per epoch."""
+        wave, real, slot_xy, centre_xy = tensors
+        embeddings, positions = [], []
+        for shift in range(-MAX_SHIFT, MAX_SHIFT + 1):
+            index = (torch.arange(wave.shape[1], device=self.device) - shift).clamp(0, wave.shape[1] - 1)
+            parts = [(wave[i : i + batch_size][:, index], real[i : i + batch_size], slot_xy[i : i + batch_size],
+                      centre_xy[i : i + batch_size]) for i in range(0, len(wave), batch_size)]
+            embeddings.append(torch.cat([self.net.backbone(*part[:3]) for part in parts]))
+            positions.append(torch.cat([spike_position(*part) for part in parts]))
+        return torch.stack(embeddings), torch.stack(positions)
 
     def _tensors(self, windows: Windows):
         t = lambda a, dtype=torch.float32: torch.as_tensor(np.ascontiguousarray(a), device=self.device).to(dtype)
@@ -428,7 +453,7 @@ def pretrain_backbone(datasets: list[tuple[Windows, np.ndarray, np.ndarray]], ep
         for d, rows in steps:
             (wave, real, slot_xy, centre_xy), y, m = staged[d]
             rows = torch.as_tensor(rows, device=device)
-            loss = _masked_bce(nets[d](_shift(wave[rows], 1, generator), real[rows], slot_xy[rows], centre_xy[rows]), y[rows], m[rows])
+            loss = _masked_bce(nets[d](_shift(wave[rows], MAX_SHIFT, generator), real[rows], slot_xy[rows], centre_xy[rows]), y[rows], m[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
