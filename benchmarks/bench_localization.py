@@ -9,8 +9,8 @@ apart from detection; errors are to the true source (soma) position. Recordings:
 - a MEArec Neuropixels (128 channels) recording, noise 10 µV.
 
 Methods: locsort (amortized: the default, and with amplitude jitter 10 µV, the monopole decay,
-a 100-epoch training budget), locsort's
-centre of mass over 4 / 9 / 16 / 25 channels, NUTS (Pyro) on a random subset, and
+a 100-epoch training budget), locsort's centre of mass over 4 / 9 / 16 / 25 channels, NUTS
+(Pyro) on a random subset, and
 SpikeInterface's center_of_mass, monopolar_triangulation and grid_convolution. All read the
 same preprocessed recording, saved once to a binary folder; single process.
 """

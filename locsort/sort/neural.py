@@ -195,13 +195,19 @@ class SpikeNet(nn.Module):
 
 
 def _shift(waveforms: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Training augmentation: move each snippet by up to ``max_shift`` points in time (edge
-    padded), as candidate times wander by a sample or two around the true spike time."""
+    """Training augmentation: move each snippet by up to ``max_shift`` points in time, as
+    candidate times wander by a sample or two around the true spike time."""
     if max_shift <= 0:
         return waveforms
-    n, t, _ = waveforms.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (n,), generator=generator).to(waveforms.device)
-    index = (torch.arange(t, device=waveforms.device)[None, :] - shift[:, None]).clamp(0, t - 1)
+    shift = torch.randint(-max_shift, max_shift + 1, (len(waveforms),), generator=generator).to(waveforms.device)
+    return _move(waveforms, shift)
+
+
+def _move(waveforms: torch.Tensor, shift) -> torch.Tensor:
+    """(n, T, K) snippets moved by ``shift`` points in time (an int, or (n,) per snippet), edge padded."""
+    t = waveforms.shape[1]
+    shift = torch.as_tensor(shift, device=waveforms.device).reshape(-1, 1)
+    index = (torch.arange(t, device=waveforms.device)[None, :] - shift).clamp(0, t - 1)
     return torch.gather(waveforms, 1, index[:, :, None].expand_as(waveforms))
 
 
@@ -328,8 +334,7 @@ class NeuralSorter:
         wave, real, slot_xy, centre_xy = tensors
         embeddings, positions = [], []
         for shift in range(-MAX_SHIFT, MAX_SHIFT + 1):
-            index = (torch.arange(wave.shape[1], device=self.device) - shift).clamp(0, wave.shape[1] - 1)
-            parts = [(wave[i : i + batch_size][:, index], real[i : i + batch_size], slot_xy[i : i + batch_size],
+            parts = [(_move(wave[i : i + batch_size], shift), real[i : i + batch_size], slot_xy[i : i + batch_size],
                       centre_xy[i : i + batch_size]) for i in range(0, len(wave), batch_size)]
             embeddings.append(torch.cat([self.net.backbone(*part[:3]) for part in parts]))
             positions.append(torch.cat([spike_position(*part) for part in parts]))
