@@ -27,7 +27,7 @@ class Params:
     detect_method: str = "matched"  # "matched": threshold each channel's correlation with the recording's mean spike shape (detect.py); "peak": the traces themselves
     detect_threshold: float = 5.5  # x noise level (MAD-based SD) of each channel's detection signal: negative peaks below (matched: 5.5 sorted best on np128 MEArec / np64, NOTES.md session 6; use 5 with "peak")
     detect_sweep_ms: float = 0.3  # ms: a peak must be the minimum within +/- this time ...
-    detect_radius_um: float = 40.0  # ... and among the channels within this distance
+    detect_radius_um: float = 60.0  # ... and among the channels within this distance (40 / 60 / 80 µm with ground-truth labels: np128 accuracy 0.918 / 0.926 / 0.921, np64 0.822 / 0.824 / 0.816; NOTES.md session 12)
     matched_filter_ms_before: float = 0.5  # ms of the spike prototype before its trough ...
     matched_filter_ms_after: float = 0.8  # ... and after (covers the trough and the repolarization peak)
     noise_chunks: int = 20  # random 10,000-sample slices per segment used to estimate per-channel noise
@@ -75,6 +75,7 @@ class Params:
     neural_threshold: float = 0.5  # a candidate is a spike when its units' probabilities add up above this; it goes to its most probable unit
     neural_peel: bool = True  # subtract the assigned spikes' unit templates from each chunk and detect again under them (overlapping spikes; sort/peel.py)
     neural_peel_threshold: float = 0.95  # a spike found under others must be this probable (the residual holds leftovers of imperfect subtraction; 0.5 / 0.8 / 0.95: np64 accuracy 0.831 / 0.834 / 0.837)
+    neural_peel_min_fit: float = 0.3  # ... and one its unit's template fits: least squares removes at least this fraction of the template's energy from the residual (leftovers of imperfect subtraction: np64 0.837 -> 0.843, np128 0.917 -> 0.918; NOTES.md session 12)
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)
     label_max_spikes_per_unit: int = 0  # with user labels: train on the first K spikes of each unit (0: all)
     label_tolerance_ms: float = 0.4  # a labelled spike marks the nearest candidate within this (SpikeInterface's match tolerance)

@@ -273,7 +273,7 @@ class ChunkJob:
         """The spikes found under the assigned ones (sort/peel.py), their units and the seconds
         spent detecting them."""
         from .sort.neural import Windows
-        from .sort.peel import subtract, unexplained
+        from .sort.peel import subtract, unexplained, unfitted
         from .sort.postprocess import assign_units
 
         neighbourhood, geo = self.scanner.neighbourhood, self.scanner.geometry
@@ -289,6 +289,8 @@ class ChunkJob:
         found = hidden.peaks["sample_index"]
         proba = self.neural.predict_proba(Windows.from_batch(hidden, neighbourhood, self.scanner.noise))
         hidden_units, _ = assign_units(found, proba, self.scanner.params.neural_peel_threshold, self.refractory)
+        hidden_units = unfitted(residual, hidden._rows, hidden_units, self.templates, neighbourhood.index, geo.before,
+                                self.scanner.params.neural_peel_min_fit)
         return hidden, unexplained(found, hidden_units, batch.peaks["sample_index"][assigned], units[assigned],
                                    geo.before + geo.after), detecting
 

@@ -307,6 +307,24 @@ def test_peeling_subtracts_an_assigned_spike_and_leaves_the_one_under_it():
     assert not nothing.any()
 
 
+def test_a_spike_found_under_others_must_be_fitted_by_its_units_template():
+    from locsort.sort.peel import Templates, unfitted
+
+    rng = np.random.default_rng(1)
+    shapes = rng.standard_normal((2, 12, 4)).astype(np.float32) * 20
+    shapes[:, :, 3] = 0  # slot 3 virtual
+    index = np.array([[0, 1, 2, -1], [1, 2, 3, -1]])
+    templates = Templates(shapes, np.array([0, 0]))
+    residual = np.zeros((300, 4), np.float32)
+    residual[74:86, 0:3] = 0.8 * shapes[0, :, :3]  # a smaller spike of unit 0 under the subtracted ones
+    residual[174:186, 0:3] = rng.standard_normal((12, 3)) * 5  # a leftover of imperfect subtraction
+    rows, units = np.array([80, 180, 180, 250]), np.array([0, 0, 1, -1])
+    kept = unfitted(residual, rows, units, templates, index, before=6, min_fit=0.3)
+    np.testing.assert_array_equal(kept, [0, -1, -1, -1])
+    templates.centres[1] = -1  # a unit without a template cannot be tested: kept
+    np.testing.assert_array_equal(unfitted(residual, rows, units, templates, index, 6, 0.3), [0, -1, 1, -1])
+
+
 def test_a_spike_found_under_others_cannot_repeat_its_own_unit_within_a_snippet():
     from locsort.sort.peel import unexplained
 

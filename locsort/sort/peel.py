@@ -7,7 +7,8 @@ units shared their only candidate with another unit's spike). Template-matching 
 (SpyKING CIRCUS 2, Kilosort) find them by subtracting what they explained. locsort does the
 same once per chunk: every assigned spike's unit template, scaled to the spike, is subtracted
 from the chunk's traces, detection runs again on the residual, and the new candidates found
-where something was subtracted go to the network like any other.
+where something was subtracted go to the network like any other; one it assigns must also be
+fitted by its unit's template (``unfitted``).
 
 Templates are each unit's mean snippet (µV, the snippet span of Params) on the neighbourhood of
 its most common centre channel, from the labelled training sample.
@@ -50,22 +51,32 @@ class Templates:
         return cls(out, channel)
 
 
-def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, index: np.ndarray,
-             before: int) -> tuple[np.ndarray, np.ndarray]:
-    """(residual traces, (T, C) bool: where something was subtracted) after removing, for every
-    spike at ``rows`` of ``units``, its unit's template scaled by least squares to the spike.
+@dataclass
+class Placed:
+    """Spikes' unit templates where they explain most of each spike (see ``place``).
+    shape : (n, T, K) template µV, zero on virtual slots; channels : (n, K) channel per slot (0
+    where virtual); real : (n, K) slot on the probe; times : (n, T) samples; scale : (n,) least-
+    squares scale; gain : (n,) energy the scaled template removes; energy : (n,) the template's."""
+
+    shape: np.ndarray
+    channels: np.ndarray
+    real: np.ndarray
+    times: np.ndarray
+    scale: np.ndarray
+    gain: np.ndarray
+    energy: np.ndarray
+
+
+def place(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, index: np.ndarray,
+          before: int) -> Placed:
+    """The templates of ``units`` (all with a template) fitted to the spikes at ``rows``.
     ``index``: the neighbourhood's (C, K) slot -> channel table (-1 virtual)."""
-    residual = traces.copy()
-    changed = np.zeros(traces.shape, bool)
-    has = templates.centres[units] >= 0 if len(units) else np.zeros(0, bool)
-    rows, units = rows[has], units[has]
-    if len(rows) == 0:
-        return residual, changed
     channels = index[templates.centres[units]]  # (n, K)
     real = channels >= 0
     shape = templates.waveforms[units] * real[:, None, :]  # (n, T, K)
     energy = np.maximum(np.einsum("ntk,ntk->n", shape, shape), 1e-9)
-    c_idx = np.broadcast_to(np.where(real, channels, 0)[:, None, :], shape.shape)
+    channels = np.where(real, channels, 0)
+    c_idx = np.broadcast_to(channels[:, None, :], shape.shape)
     # the template goes where it explains most of the spike: best of SHIFTS samples around the
     # candidate (detection times are on one channel's trough, templates are averages)
     best_gain, best_scale, best_times = np.full(len(rows), -np.inf), np.ones(len(rows)), None
@@ -79,12 +90,43 @@ def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates:
         better = gain > best_gain
         best_gain[better], best_scale[better] = gain[better], scale[better]
         best_times = times if best_times is None else np.where(better[:, None], times, best_times)
-    scale, t_idx = best_scale, np.broadcast_to(best_times[:, :, None], shape.shape)
-    keep = np.broadcast_to(real[:, None, :], shape.shape)
+    return Placed(shape, channels, real, best_times, best_scale, best_gain, energy)
+
+
+def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, index: np.ndarray,
+             before: int) -> tuple[np.ndarray, np.ndarray]:
+    """(residual traces, (T, C) bool: where something was subtracted) after removing, for every
+    spike at ``rows`` of ``units``, its unit's template scaled by least squares to the spike.
+    ``index``: the neighbourhood's (C, K) slot -> channel table (-1 virtual)."""
+    residual = traces.copy()
+    changed = np.zeros(traces.shape, bool)
+    has = templates.centres[units] >= 0 if len(units) else np.zeros(0, bool)
+    if not has.any():
+        return residual, changed
+    p = place(traces, rows[has], units[has], templates, index, before)
+    t_idx = np.broadcast_to(p.times[:, :, None], p.shape.shape)
+    c_idx = np.broadcast_to(p.channels[:, None, :], p.shape.shape)
+    keep = np.broadcast_to(p.real[:, None, :], p.shape.shape)
     # overlapping templates add up (np.subtract.at accumulates repeated indices)
-    np.subtract.at(residual, (t_idx[keep], c_idx[keep]), (scale[:, None, None] * shape)[keep])
+    np.subtract.at(residual, (t_idx[keep], c_idx[keep]), (p.scale[:, None, None] * p.shape)[keep])
     changed[t_idx[keep], c_idx[keep]] = True
     return residual, changed
+
+
+def unfitted(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, index: np.ndarray,
+             before: int, min_fit: float) -> np.ndarray:
+    """``units`` with -1 where the unit's template, scaled by least squares within SCALE_RANGE,
+    removes less than ``min_fit`` of its own energy from ``traces`` at the spike: what is left of
+    an imperfectly subtracted spike is detected on the residual too and can look like a
+    neighbouring unit to the network, but no unit's template fits it. Units without a template
+    are kept."""
+    units = units.copy()
+    rows_fitted = np.flatnonzero(units >= 0)
+    rows_fitted = rows_fitted[templates.centres[units[rows_fitted]] >= 0]
+    if len(rows_fitted):
+        placed = place(traces, rows[rows_fitted], units[rows_fitted], templates, index, before)
+        units[rows_fitted[placed.gain < min_fit * placed.energy]] = -1
+    return units
 
 
 def unexplained(samples: np.ndarray, units: np.ndarray, first_samples: np.ndarray, first_units: np.ndarray,
