@@ -83,7 +83,7 @@ def main():
 
 Data: SpikeInterface ground-truth recordings, {args.duration:g} s at 30 kHz, Neuropixels-like probe
 (4 columns), noise 5 µV, preprocessed once and saved to a binary folder; both detectors read it
-with 1 s chunks in one process, threshold 5 x MAD noise, 0.3 ms sweep, 40 µm radius.
+with 1 s chunks in one process, threshold 5 x MAD noise, {Params().detect_sweep_ms:g} ms sweep, {Params().detect_radius_um:g} µm radius.
 Machine: {machine()}.
 
 {chr(10).join(table)}
