@@ -88,6 +88,8 @@ class Params:
     split_max_rounds: int = 3  # neural path: each cluster is split again on its multi-channel waveforms (sort/split.py) up to this many times (0: never)
     merge_min_similarity: float = 0.95  # merge clusters whose templates agree this well (cosine over shared contacts; 1: never)
     merge_max_amplitude_ratio: float = 1.5  # ... and whose template sizes differ by at most this factor
+    merge_max_shift_ms: float = 0.3  # ... also when one template is shifted by up to this (one neuron detected on channels its spike reaches at different times; 0: lag 0 only)
+    duplicate_unit_min_shared: float = 0.5  # a unit with this share of its spikes within 0.4 ms of a larger unit's repeats it and is removed (own labels only; 1: never)
     cluster_location_scale_um: float = 5.0  # µm that count as one unit of distance in the clustering space
 
     # --- execution ---

@@ -534,6 +534,8 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
             with prep.timer.stage("cluster"):
                 units, _ = merge_similar_units(units, sample.windows, params.merge_min_similarity,
                                                params.merge_max_amplitude_ratio)
+                if params.merge_max_shift_ms > 0 and len(units) and units.max() >= 1:
+                    units = _merge_shifted(prep, sample, units)
         num_units = int(units.max()) + 1 if len(units) and units.max() >= 0 else 0
         if num_units == 0:
             notes.append("the clustering of the training sample found no units, so the neural sorter was not trained")
@@ -559,6 +561,21 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
     return sorter, templates
 
 
+def _merge_shifted(prep: Prepared, sample: TrainingSample, units: np.ndarray) -> np.ndarray:
+    """Training-sample clusters with those merged that are one neuron detected on channels
+    whose troughs come at different times (sort/merge.merge_shifted_units), renumbered."""
+    from .sort.cluster import renumber
+    from .sort.merge import merge_shifted_units
+    from .sort.peel import Templates
+
+    params = prep.params
+    templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, int(units.max()) + 1)
+    max_lag = int(round(params.merge_max_shift_ms * prep.recording.get_sampling_frequency() / 1000))
+    units, _ = merge_shifted_units(units, templates, prep.neighbourhood.index, params.merge_min_similarity, max_lag,
+                                   params.merge_max_amplitude_ratio)
+    return renumber(units)
+
+
 def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -> tuple[np.ndarray, Models]:
     """Spike records with locations and units: the sorter of ``params.sorter``.
 
@@ -572,7 +589,7 @@ def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -
     uninterrupted one compute the same thing.
     """
     from .sort.labels import labels_from_sorting
-    from .sort.postprocess import drop_border_duplicates
+    from .sort.postprocess import drop_border_duplicates, duplicate_units
 
     params = prep.params
     if params.sorter not in ("neural", "cluster"):
@@ -595,6 +612,9 @@ def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -
     else:
         spikes["unit_index"] = drop_border_duplicates(spikes["segment_index"], spikes["sample_index"], spikes["unit_index"],
                                                       prep.geometry.refractory)
+    if models.label_source != "labels" and params.duplicate_unit_min_shared < 1.0:  # a user's units are kept as given
+        removed = duplicate_units(sorting_from_spikes(spikes, prep.recording), params.duplicate_unit_min_shared)
+        spikes["unit_index"][np.isin(spikes["unit_index"], removed)] = -1
     return spikes, models
 
 
@@ -608,7 +628,7 @@ def _chunks_before(prep: Prepared, end: int):
 
 
 def sorting_from_spikes(spikes: np.ndarray, recording):
-    """A SpikeInterface sorting (unit ids 0..U-1) of the spikes that have a unit."""
+    """A SpikeInterface sorting of the spikes that have a unit (unit ids: their ``unit_index``)."""
     from spikeinterface.core import NumpySorting
 
     assigned = spikes[spikes["unit_index"] >= 0]

@@ -332,3 +332,41 @@ def test_a_spike_found_under_others_cannot_repeat_its_own_unit_within_a_snippet(
     units = np.array([0, 1, 0, -1])
     kept = unexplained(found, units, first_samples=np.array([90, 310]), first_units=np.array([0, 1]), span=20)
     np.testing.assert_array_equal(kept, [-1, 1, 0, -1])  # unit 0 fired at 90: 100 is its leftover
+
+
+def test_shifted_copies_of_one_template_on_different_centres_merge_and_other_units_do_not():
+    from locsort.sort.merge import merge_shifted_units
+    from locsort.sort.peel import Templates
+
+    rng = np.random.default_rng(2)
+    t = np.arange(40)
+    # six channels in a row; neighbourhoods of 4 channels (slot 3 of the last centre is virtual)
+    index = np.array([[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, -1], [4, 5, -1, -1], [5, -1, -1, -1]])
+    footprint = np.array([0.3, 1.0, 0.8, 0.4, 0.1, 0.0])  # one neuron near channel 1
+    trough = lambda at, width: -np.exp(-((t - at) / width) ** 2)  # noqa: E731
+    neuron = trough(15, 2.0)[:, None] * footprint * 50
+    late = np.roll(neuron, 6, axis=0)  # the same neuron, detected 6 samples later on channel 2
+    other = (trough(15, 6.0)[:, None] - 0.5 * trough(25, 4.0)[:, None]) * footprint * 50  # another neuron, same place
+    waveforms = np.zeros((4, 40, 4), np.float32)
+    waveforms[0] = neuron[:, index[0]]
+    waveforms[1] = late[:, index[1]]
+    waveforms[2] = other[:, index[0]]
+    waveforms[3] = rng.standard_normal((40, 4)) * 20  # far away (channel 5): shares no channel with the others
+    templates = Templates(waveforms, np.array([0, 1, 0, 5]))
+    labels = np.array([0, 1, 1, 2, 3, -1, 0])
+    merged, pairs = merge_shifted_units(labels, templates, index, min_similarity=0.95, max_lag=8)
+    assert pairs == [(0, 1)]
+    np.testing.assert_array_equal(merged, [0, 0, 0, 2, 3, -1, 0])
+    # the shift must be allowed: at lag 0 nothing merges
+    assert merge_shifted_units(labels, templates, index, min_similarity=0.95, max_lag=0)[1] == []
+
+
+def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():
+    from locsort.sort.postprocess import duplicate_units
+
+    rng = np.random.default_rng(3)
+    real = np.sort(rng.choice(300_000, 400, replace=False))
+    echo = real[rng.random(400) < 0.6] + 6  # late copies of 60 % of its spikes, 0.2 ms later
+    independent = np.sort(rng.choice(300_000, 300, replace=False))
+    assert duplicate_units(_sorting([real, echo, independent]), min_shared=0.5) == [1]
+    assert duplicate_units(_sorting([real, independent]), min_shared=0.5) == []

@@ -69,3 +69,18 @@ def drop_border_duplicates(segment: np.ndarray, samples: np.ndarray, units: np.n
     close = same & (np.diff(samples[order]) <= refractory)
     units[order[1:][close]] = -1
     return units
+
+
+def duplicate_units(sorting, min_shared: float) -> list:
+    """Ids of units that repeat another unit: at least ``min_shared`` of their spikes coincide
+    (within 0.4 ms) with the other's, which keeps more spikes. A spike that reaches channels
+    beyond the detection radius a little later is a second candidate there, and the network can
+    learn those late copies as a unit of their own (on the 128-channel MEArec recording, all
+    220 spikes of one false-positive unit lay within 0.6 ms of a true unit's spikes).
+    SpikeInterface's ``remove_redundant_units`` finds the pairs."""
+    from spikeinterface.curation import remove_redundant_units
+
+    if len(sorting.unit_ids) < 2:
+        return []
+    kept = remove_redundant_units(sorting, align=False, remove_strategy="max_spikes", duplicate_threshold=min_shared)
+    return sorted(set(sorting.unit_ids.tolist()) - set(kept.unit_ids.tolist()))
