@@ -116,11 +116,15 @@ class Neighbourhood:
             return None
         return candidates
 
-    def channels_within(self, radius_um: float) -> np.ndarray:
-        """(C, M) channel indices (same shank, distance <= radius), padded with -1."""
+    def channels_within(self, radius_um: float, max_count: int | None = None) -> np.ndarray:
+        """(C, M) channel indices (same shank, distance <= radius), padded with -1; with
+        ``max_count``, the nearest ``max_count`` of them, nearest first."""
         tree = cKDTree(self.positions)
         lists = tree.query_ball_point(self.positions, r=radius_um + 1e-6)
         lists = [[j for j in sorted(lst) if self.shank_ids[j] == self.shank_ids[i]] for i, lst in enumerate(lists)]
+        if max_count is not None:
+            distance = lambda i, j: float(np.sum((self.positions[i] - self.positions[j]) ** 2))  # noqa: E731
+            lists = [sorted(lst, key=lambda j: distance(i, j))[:max_count] for i, lst in enumerate(lists)]
         width = max(len(lst) for lst in lists)
         out = np.full((len(lists), width), -1, dtype=np.int64)
         for i, lst in enumerate(lists):

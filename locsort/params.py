@@ -74,6 +74,8 @@ class Params:
     neural_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
     neural_threshold: float = 0.5  # a candidate is a spike when its units' probabilities add up above this; it goes to its most probable unit
     neural_peel: bool = True  # subtract the assigned spikes' unit templates from each chunk and detect again under them (overlapping spikes; sort/peel.py)
+    peel_radius_um: float = 100.0  # peeling templates cover the channels within this distance of the unit's usual centre (wider than detect_radius_um: a large spike's edges cross the threshold too; np64 accuracy 0.841 at the 25-channel neighbourhood -> 0.847)
+    peel_max_channels: int = 40  # ... at most this many, the nearest (dense arrays: bounds the training sample's memory)
     neural_peel_threshold: float = 0.95  # a spike found under others must be this probable (the residual holds leftovers of imperfect subtraction; 0.5 / 0.8 / 0.95: np64 accuracy 0.831 / 0.834 / 0.837)
     neural_peel_min_fit: float = 0.3  # ... and one its unit's template fits: least squares removes at least this fraction of the template's energy from the residual (leftovers of imperfect subtraction: np64 0.837 -> 0.843, np128 0.917 -> 0.918; NOTES.md session 12)
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)

@@ -24,7 +24,7 @@ from .errors import LocsortError, UsageError
 from .io import atomic_folder, check_output_folder, check_recording, save_npy_atomic, write_atomic
 from .localize import make_localizer
 from .localize.baseline import CenterOfMass
-from .neighbourhood import Neighbourhood
+from .neighbourhood import Neighbourhood, gather_windows
 from .detect import fit_matched_filter
 from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
@@ -103,7 +103,7 @@ class TrainingSample:
     centre_waveforms : (n, T) µV on the centre channel (waveform basis, clustering PCs)
     peaks : (n,) PEAK_DTYPE
     windows : neural-sorter inputs (sort/neural.Windows), when asked for
-    snippets : (n, T, K) float16 µV on the centre's neighbourhood (peeling templates), with windows
+    snippets : (n, T, M) float16 µV on the centre's peeling footprint (``footprints``), with windows
     targets, mask : (n, U) labels matched to these spikes, when labels were given
     """
 
@@ -114,6 +114,7 @@ class TrainingSample:
     snippets: np.ndarray | None = None
     targets: np.ndarray | None = None
     mask: np.ndarray | None = None
+    footprints: np.ndarray | None = None  # (C, M) each channel's peeling footprint (peel_radius_um, peel_max_channels), -1 padded
 
 
 @dataclass
@@ -129,6 +130,7 @@ class SampleJob:
     labels: object = None  # sort/labels.Labels
     offsets: np.ndarray | None = None  # global position of each segment's first sample
     tolerance: int = 0
+    footprints: np.ndarray | None = None  # (C, M) channels of the snippets kept with windows
 
     def __call__(self, chunk) -> dict:
         # one generator per chunk: the sample does not depend on where or in what order chunks ran
@@ -150,7 +152,9 @@ class SampleJob:
         batch = batch.subset(pick)
         if self.windows:
             out["windows"] = Windows.from_batch(batch, self.scanner.neighbourhood, self.scanner.noise)
-            out["snippets"] = batch.waveforms.astype(np.float16)
+            geo = self.scanner.geometry
+            out["snippets"] = gather_windows(batch._traces, batch._rows, self.footprints[batch.centre], geo.before,
+                                             geo.after).astype(np.float16)
         out.update(centre_waveforms=batch.waveforms[:, :, 0], peaks=batch.peaks,
                    **self.localizer.observe(batch, self.scanner.neighbourhood))
         return out
@@ -171,6 +175,8 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
                     cap=max(1, math.ceil(params.max_training_spikes / max(len(chunks), 1))), seed=params.seed,
                     windows=windows, labels=labels, offsets=segment_offsets(prep.recording),
                     tolerance=prep.geometry.label_tolerance)
+    if windows:
+        job.footprints = prep.neighbourhood.channels_within(params.peel_radius_um, params.peel_max_channels)
     runner = runner or LocalRunner()
     found = dict(runner.map(job, chunks, list(range(len(chunks))), desc="training sample", progress=progress))
     found = [found[i] for i in sorted(found) if len(found[i]["peaks"])]
@@ -179,7 +185,7 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
     win = Windows.concatenate([part.pop("windows") for part in found]) if windows else None
     merged = {k: np.concatenate([part[k] for part in found]) for k in found[0]}
     sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win, merged.pop("snippets", None),
-                            merged.pop("targets", None), merged.pop("mask", None))
+                            merged.pop("targets", None), merged.pop("mask", None), job.footprints)
     sample.observations = merged
     return sample
 
@@ -196,7 +202,8 @@ def fit_localizer(prep: Prepared, localizer, sample: TrainingSample, progress: b
 def _empty_batch(prep: Prepared) -> SpikeBatch:
     geo, k = prep.geometry, prep.neighbourhood.size
     return SpikeBatch(np.zeros(0, PEAK_DTYPE), np.zeros(0, np.int64), np.zeros((0, geo.before + geo.after, k), np.float32),
-                      np.zeros((0, k), np.float32))
+                      np.zeros((0, k), np.float32), _traces=np.zeros((1, prep.recording.get_num_channels()), np.float32),
+                      _rows=np.zeros(0, np.int64))
 
 
 def fit_waveform_basis(waveforms: np.ndarray, num_components: int) -> np.ndarray | None:
@@ -278,8 +285,7 @@ class ChunkJob:
 
         neighbourhood, geo = self.scanner.neighbourhood, self.scanner.geometry
         assigned = units >= 0
-        residual, changed = subtract(batch._traces, batch._rows[assigned], units[assigned], self.templates,
-                                     neighbourhood.index, geo.before)
+        residual, changed = subtract(batch._traces, batch._rows[assigned], units[assigned], self.templates, geo.before)
         detect_start = time.perf_counter()
         hidden = self.scanner.batch_in(residual, batch._first, chunk)
         hidden = hidden.subset(np.flatnonzero(changed[hidden._rows, hidden.centre]))
@@ -289,7 +295,7 @@ class ChunkJob:
         found = hidden.peaks["sample_index"]
         proba = self.neural.predict_proba(Windows.from_batch(hidden, neighbourhood, self.scanner.noise))
         hidden_units, _ = assign_units(found, proba, self.scanner.params.neural_peel_threshold, self.refractory)
-        hidden_units = unfitted(residual, hidden._rows, hidden_units, self.templates, neighbourhood.index, geo.before,
+        hidden_units = unfitted(residual, hidden._rows, hidden_units, self.templates, geo.before,
                                 self.scanner.params.neural_peel_min_fit)
         return hidden, unexplained(found, hidden_units, batch.peaks["sample_index"][assigned], units[assigned],
                                    geo.before + geo.after), detecting
@@ -458,7 +464,7 @@ class Models:
             write_atomic(folder / "basis.npy", lambda f: np.save(f, self.basis))
         if self.templates is not None:
             write_atomic(folder / "templates.npz", lambda f: np.savez(f, waveforms=self.templates.waveforms,
-                                                                     centres=self.templates.centres))
+                                                                     channels=self.templates.channels))
         write_atomic(folder / "state.json", lambda f: f.write(json.dumps(state, default=_json_default).encode()))
 
     @classmethod
@@ -489,7 +495,7 @@ class Models:
             from .sort.peel import Templates
 
             with np.load(folder / "templates.npz", allow_pickle=False) as saved:
-                templates = Templates(saved["waveforms"], saved["centres"])
+                templates = Templates(saved["waveforms"], saved["channels"])
         return cls(localizer, basis, neural, state["notes"], state["label_source"], templates)
 
 
@@ -557,7 +563,8 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         sorter = NeuralSorter(epochs=params.neural_epochs, lr=params.neural_lr, batch_size=params.neural_batch_size,
                               patience=params.neural_patience, frozen_epochs=params.neural_frozen_epochs, max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed)
         sorter.fit(sample.windows, targets, mask, backbone=_backbone(params), progress=False)
-        templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, targets.shape[1])
+        templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, targets.shape[1],
+                                  sample.footprints)
     return sorter, templates
 
 
@@ -569,9 +576,10 @@ def _merge_shifted(prep: Prepared, sample: TrainingSample, units: np.ndarray) ->
     from .sort.peel import Templates
 
     params = prep.params
-    templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, int(units.max()) + 1)
+    templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, int(units.max()) + 1,
+                              sample.footprints)
     max_lag = int(round(params.merge_max_shift_ms * prep.recording.get_sampling_frequency() / 1000))
-    units, _ = merge_shifted_units(units, templates, prep.neighbourhood.index, params.merge_min_similarity, max_lag,
+    units, _ = merge_shifted_units(units, templates, len(sample.footprints), params.merge_min_similarity, max_lag,
                                    params.merge_max_amplitude_ratio)
     return renumber(units)
 

@@ -289,22 +289,36 @@ def test_peeling_subtracts_an_assigned_spike_and_leaves_the_one_under_it():
     rng = np.random.default_rng(0)
     shape_a = rng.standard_normal((12, 3)).astype(np.float32) * 20  # unit 0 on channels 0, 1, 2 (slot 3 virtual)
     shape_b = rng.standard_normal((12, 3)).astype(np.float32) * 10
-    index = np.array([[0, 1, 2, -1], [1, 2, 3, -1]])
-    templates = Templates(np.stack([np.pad(shape_a, ((0, 0), (0, 1))), np.pad(shape_b, ((0, 0), (0, 1)))]), np.array([0, 1]))
+    footprints = np.array([[0, 1, 2, -1], [1, 2, 3, -1]])
+    templates = Templates(np.stack([np.pad(shape_a, ((0, 0), (0, 1))), np.pad(shape_b, ((0, 0), (0, 1)))]), footprints)
     traces = np.zeros((200, 4), np.float32)
     traces[75:87, 0:3] += 1.3 * shape_a  # unit 0's spike, one sample later than its candidate (row 80, before = 6)
     traces[78:90, 1:4] += shape_b  # unit 1's spike under it, not assigned
-    residual, changed = subtract(traces, np.array([80]), np.array([0]), templates, index, before=6)
+    residual, changed = subtract(traces, np.array([80]), np.array([0]), templates, before=6)
     expected = np.zeros_like(traces)
     expected[78:90, 1:4] = shape_b
     # what remains is unit 1's spike, up to the least-squares scale's pick-up of it
     assert np.abs(residual - expected).max() < 0.2 * np.abs(shape_b).max()
     assert changed[75:87, 0:3].all() and not changed[:, 3].any() and not changed[:75].any() and not changed[87:].any()
-    # a unit without a template (centre -1) is left alone
-    templates.centres[0] = -1
-    untouched, nothing = subtract(traces, np.array([80]), np.array([0]), templates, index, before=6)
+    # a unit without a template (no channels) is left alone
+    templates.channels[0] = -1
+    untouched, nothing = subtract(traces, np.array([80]), np.array([0]), templates, before=6)
     np.testing.assert_array_equal(untouched, traces)
     assert not nothing.any()
+
+
+def test_a_units_template_is_its_mean_snippet_on_the_footprint_of_its_usual_centre():
+    from locsort.sort.peel import MIN_SPIKES, Templates
+
+    rng = np.random.default_rng(4)
+    footprints = np.array([[0, 1, 2, -1], [0, 1, 2, 3], [1, 2, 3, -1], [2, 3, -1, -1]])  # channel -> footprint
+    snippets = rng.standard_normal((40, 10, 4)).astype(np.float32)
+    centres = np.array([1] * 12 + [2] * 3 + [0] * 25)
+    units = np.array([0] * 15 + [1] * (MIN_SPIKES - 1) + [2] * (25 - MIN_SPIKES + 1))
+    templates = Templates.fit(snippets, centres, units, 4, footprints)
+    np.testing.assert_array_equal(templates.channels[0], footprints[1])  # centre 1 is unit 0's usual one
+    np.testing.assert_allclose(templates.waveforms[0], snippets[:12].mean(axis=0), atol=1e-6)  # its other centre left out
+    np.testing.assert_array_equal(templates.defined, [True, False, True, False])  # too few spikes; no spikes
 
 
 def test_a_spike_found_under_others_must_be_fitted_by_its_units_template():
@@ -313,16 +327,15 @@ def test_a_spike_found_under_others_must_be_fitted_by_its_units_template():
     rng = np.random.default_rng(1)
     shapes = rng.standard_normal((2, 12, 4)).astype(np.float32) * 20
     shapes[:, :, 3] = 0  # slot 3 virtual
-    index = np.array([[0, 1, 2, -1], [1, 2, 3, -1]])
-    templates = Templates(shapes, np.array([0, 0]))
+    templates = Templates(shapes, np.array([[0, 1, 2, -1], [0, 1, 2, -1]]))
     residual = np.zeros((300, 4), np.float32)
     residual[74:86, 0:3] = 0.8 * shapes[0, :, :3]  # a smaller spike of unit 0 under the subtracted ones
     residual[174:186, 0:3] = rng.standard_normal((12, 3)) * 5  # a leftover of imperfect subtraction
     rows, units = np.array([80, 180, 180, 250]), np.array([0, 0, 1, -1])
-    kept = unfitted(residual, rows, units, templates, index, before=6, min_fit=0.3)
+    kept = unfitted(residual, rows, units, templates, before=6, min_fit=0.3)
     np.testing.assert_array_equal(kept, [0, -1, -1, -1])
-    templates.centres[1] = -1  # a unit without a template cannot be tested: kept
-    np.testing.assert_array_equal(unfitted(residual, rows, units, templates, index, 6, 0.3), [0, -1, 1, -1])
+    templates.channels[1] = -1  # a unit without a template cannot be tested: kept
+    np.testing.assert_array_equal(unfitted(residual, rows, units, templates, 6, 0.3), [0, -1, 1, -1])
 
 
 def test_a_spike_found_under_others_cannot_repeat_its_own_unit_within_a_snippet():
@@ -352,13 +365,13 @@ def test_shifted_copies_of_one_template_on_different_centres_merge_and_other_uni
     waveforms[1] = late[:, index[1]]
     waveforms[2] = other[:, index[0]]
     waveforms[3] = rng.standard_normal((40, 4)) * 20  # far away (channel 5): shares no channel with the others
-    templates = Templates(waveforms, np.array([0, 1, 0, 5]))
+    templates = Templates(waveforms, index[[0, 1, 0, 5]])
     labels = np.array([0, 1, 1, 2, 3, -1, 0])
-    merged, pairs = merge_shifted_units(labels, templates, index, min_similarity=0.95, max_lag=8)
+    merged, pairs = merge_shifted_units(labels, templates, num_channels=6, min_similarity=0.95, max_lag=8)
     assert pairs == [(0, 1)]
     np.testing.assert_array_equal(merged, [0, 0, 0, 2, 3, -1, 0])
     # the shift must be allowed: at lag 0 nothing merges
-    assert merge_shifted_units(labels, templates, index, min_similarity=0.95, max_lag=0)[1] == []
+    assert merge_shifted_units(labels, templates, num_channels=6, min_similarity=0.95, max_lag=0)[1] == []
 
 
 def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():

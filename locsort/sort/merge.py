@@ -87,7 +87,7 @@ def _similarity(templates, counts, a: int, b: int, min_coverage: int, max_amplit
     return float((ta * tb).sum() / np.sqrt(norm_a * norm_b))
 
 
-def merge_shifted_units(labels: np.ndarray, templates, index: np.ndarray, min_similarity: float = 0.95,
+def merge_shifted_units(labels: np.ndarray, templates, num_channels: int, min_similarity: float = 0.95,
                         max_lag: int = 8, max_amplitude_ratio: float = 1.5) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Labels with units merged whose peeling templates (sort/peel.Templates) agree once one is
     shifted by up to ``max_lag`` samples, and the merged pairs (unit kept, unit merged into it);
@@ -97,18 +97,17 @@ def merge_shifted_units(labels: np.ndarray, templates, index: np.ndarray, min_si
     channels at different times is detected on one channel for some spikes and on another a few
     samples later for others, and becomes two clusters whose mean waveforms are shifted copies
     (on the 128-channel MEArec recording, ground-truth unit #47: cosine 0.26 at lag 0, 0.98 at
-    lag 7). Templates are compared on the probe channels both cover (each unit's usual centre's
-    neighbourhood, ``index``: (C, K) slot -> channel, -1 virtual); pairs whose shared channels
-    hold less than half of either template's energy, or whose sizes differ by more than
-    ``max_amplitude_ratio``, are not compared. Pairs at ``min_similarity`` or above are merged
+    lag 7). Templates are compared on the probe channels both cover (of ``num_channels``); pairs
+    whose shared channels hold less than half of either template's energy, or whose sizes differ
+    by more than ``max_amplitude_ratio``, are not compared. Pairs at ``min_similarity`` or above are merged
     transitively."""
     labels = np.asarray(labels).copy()
-    waveforms, centres = templates.waveforms, templates.centres
+    waveforms = templates.waveforms
     num_units, num_samples, _ = waveforms.shape
-    on_probe = np.zeros((num_units, num_samples, index.shape[0]))  # (U, T, C) µV on every channel
-    covered = np.zeros((num_units, index.shape[0]), bool)
-    for unit in np.flatnonzero(centres >= 0):
-        channels = index[centres[unit]]
+    on_probe = np.zeros((num_units, num_samples, num_channels))  # (U, T, C) µV on every channel
+    covered = np.zeros((num_units, num_channels), bool)
+    for unit in np.flatnonzero(templates.defined):
+        channels = templates.channels[unit]
         real = channels >= 0
         on_probe[unit][:, channels[real]] = waveforms[unit][:, real]
         covered[unit, channels[real]] = True

@@ -10,8 +10,11 @@ from the chunk's traces, detection runs again on the residual, and the new candi
 where something was subtracted go to the network like any other; one it assigns must also be
 fitted by its unit's template (``unfitted``).
 
-Templates are each unit's mean snippet (µV, the snippet span of Params) on the neighbourhood of
-its most common centre channel, from the labelled training sample.
+Templates are each unit's mean snippet (µV, the snippet span of Params) on the channels within
+``peel_radius_um`` of its most common centre channel, from the labelled training sample. That
+footprint is wider than the detection radius: a large spike still crosses the detection
+threshold beyond its 25-channel neighbourhood, and what a narrower template left there was
+detected again on the residual as a spike of its own.
 """
 
 from __future__ import annotations
@@ -27,17 +30,25 @@ SCALE_RANGE = (0.5, 2.0)  # per-spike template scale: least squares, clipped (a 
 
 @dataclass
 class Templates:
-    """waveforms : (U, T, K) µV snippet per unit on its centre's neighbourhood (before + after samples)
-    centres : (U,) that centre channel, -1 for a unit without a template"""
+    """waveforms : (U, T, M) µV snippet per unit on its footprint (before + after samples)
+    channels : (U, M) the footprint's probe channels, -1 where padded; all -1 for a unit without
+    a template"""
 
     waveforms: np.ndarray
-    centres: np.ndarray
+    channels: np.ndarray
+
+    @property
+    def defined(self) -> np.ndarray:
+        """(U,) bool: the unit has a template."""
+        return (self.channels >= 0).any(axis=1)
 
     @classmethod
-    def fit(cls, waveforms: np.ndarray, centres: np.ndarray, units: np.ndarray, num_units: int) -> "Templates":
-        """From (n, T, K) µV snippets of labelled spikes, their centre channels and units (-1: none)."""
+    def fit(cls, waveforms: np.ndarray, centres: np.ndarray, units: np.ndarray, num_units: int,
+            footprints: np.ndarray) -> "Templates":
+        """From (n, T, M) µV snippets of labelled spikes on their centre's footprint, their centre
+        channels and units (-1: none); ``footprints``: (C, M) each centre's channels, -1 padded."""
         out = np.zeros((num_units,) + waveforms.shape[1:], np.float32)
-        channel = np.full(num_units, -1, np.int64)
+        channels = np.full((num_units, footprints.shape[1]), -1, np.int64)
         for unit in range(num_units):
             rows = np.flatnonzero(units == unit)
             if len(rows) < MIN_SPIKES:
@@ -47,15 +58,15 @@ class Templates:
             usual = rows[centres[rows] == usual_centre]
             if len(usual) >= MIN_SPIKES:
                 out[unit] = waveforms[usual].astype(np.float32).mean(axis=0)
-                channel[unit] = usual_centre
-        return cls(out, channel)
+                channels[unit] = footprints[usual_centre]
+        return cls(out, channels)
 
 
 @dataclass
 class Placed:
     """Spikes' unit templates where they explain most of each spike (see ``place``).
-    shape : (n, T, K) template µV, zero on virtual slots; channels : (n, K) channel per slot (0
-    where virtual); real : (n, K) slot on the probe; times : (n, T) samples; scale : (n,) least-
+    shape : (n, T, M) template µV, zero on padding; channels : (n, M) channel per slot (0 where
+    padded); real : (n, M) slot on the probe; times : (n, T) samples; scale : (n,) least-
     squares scale; gain : (n,) energy the scaled template removes; energy : (n,) the template's."""
 
     shape: np.ndarray
@@ -67,11 +78,9 @@ class Placed:
     energy: np.ndarray
 
 
-def place(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, index: np.ndarray,
-          before: int) -> Placed:
-    """The templates of ``units`` (all with a template) fitted to the spikes at ``rows``.
-    ``index``: the neighbourhood's (C, K) slot -> channel table (-1 virtual)."""
-    channels = index[templates.centres[units]]  # (n, K)
+def place(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, before: int) -> Placed:
+    """The templates of ``units`` (all with a template) fitted to the spikes at ``rows``."""
+    channels = templates.channels[units]  # (n, M)
     real = channels >= 0
     shape = templates.waveforms[units] * real[:, None, :]  # (n, T, K)
     energy = np.maximum(np.einsum("ntk,ntk->n", shape, shape), 1e-9)
@@ -93,17 +102,16 @@ def place(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Te
     return Placed(shape, channels, real, best_times, best_scale, best_gain, energy)
 
 
-def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, index: np.ndarray,
+def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates,
              before: int) -> tuple[np.ndarray, np.ndarray]:
     """(residual traces, (T, C) bool: where something was subtracted) after removing, for every
-    spike at ``rows`` of ``units``, its unit's template scaled by least squares to the spike.
-    ``index``: the neighbourhood's (C, K) slot -> channel table (-1 virtual)."""
+    spike at ``rows`` of ``units``, its unit's template scaled by least squares to the spike."""
     residual = traces.copy()
     changed = np.zeros(traces.shape, bool)
-    has = templates.centres[units] >= 0 if len(units) else np.zeros(0, bool)
+    has = templates.defined[units] if len(units) else np.zeros(0, bool)
     if not has.any():
         return residual, changed
-    p = place(traces, rows[has], units[has], templates, index, before)
+    p = place(traces, rows[has], units[has], templates, before)
     t_idx = np.broadcast_to(p.times[:, :, None], p.shape.shape)
     c_idx = np.broadcast_to(p.channels[:, None, :], p.shape.shape)
     keep = np.broadcast_to(p.real[:, None, :], p.shape.shape)
@@ -113,8 +121,8 @@ def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates:
     return residual, changed
 
 
-def unfitted(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, index: np.ndarray,
-             before: int, min_fit: float) -> np.ndarray:
+def unfitted(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, before: int,
+             min_fit: float) -> np.ndarray:
     """``units`` with -1 where the unit's template, scaled by least squares within SCALE_RANGE,
     removes less than ``min_fit`` of its own energy from ``traces`` at the spike: what is left of
     an imperfectly subtracted spike is detected on the residual too and can look like a
@@ -122,9 +130,9 @@ def unfitted(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates:
     are kept."""
     units = units.copy()
     rows_fitted = np.flatnonzero(units >= 0)
-    rows_fitted = rows_fitted[templates.centres[units[rows_fitted]] >= 0]
+    rows_fitted = rows_fitted[templates.defined[units[rows_fitted]]]
     if len(rows_fitted):
-        placed = place(traces, rows[rows_fitted], units[rows_fitted], templates, index, before)
+        placed = place(traces, rows[rows_fitted], units[rows_fitted], templates, before)
         units[rows_fitted[placed.gain < min_fit * placed.energy]] = -1
     return units
 
