@@ -76,6 +76,8 @@ class Params:
     neural_peel: bool = True  # subtract the assigned spikes' unit templates from each chunk and detect again under them (overlapping spikes; sort/peel.py)
     peel_radius_um: float = 100.0  # peeling templates cover the channels within this distance of the unit's usual centre (wider than detect_radius_um: a large spike's edges cross the threshold too; np64 accuracy 0.841 at the 25-channel neighbourhood -> 0.847)
     peel_max_channels: int = 40  # ... at most this many, the nearest (dense arrays: bounds the training sample's memory)
+    neural_rescue_min_probability: float = 0.1  # a candidate the network rejects goes to the best-fitting template among its 3 most probable units of at least this probability (overlapping spikes; 1: off; np64 0.847 -> 0.849, np128 0.923 -> 0.926; 0.05 / 0.1 and fit 0.3 / 0.5 / 0.7 within 0.001)
+    neural_rescue_min_fit: float = 0.5  # ... when that template removes at least this fraction of its energy at the spike
     neural_peel_threshold: float = 0.95  # a spike found under others must be this probable (the residual holds leftovers of imperfect subtraction; 0.5 / 0.8 / 0.95: np64 accuracy 0.831 / 0.834 / 0.837)
     neural_peel_min_fit: float = 0.3  # ... and one its unit's template fits: least squares removes at least this fraction of the template's energy from the residual (leftovers of imperfect subtraction: np64 0.837 -> 0.843, np128 0.917 -> 0.918; NOTES.md session 12)
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)

@@ -253,6 +253,7 @@ class ChunkJob:
             proba = self.neural.predict_proba(Windows.from_batch(batch, neighbourhood, self.scanner.noise))
             units, _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, self.refractory)
             if self.templates is not None and self.scanner.peaks is None:
+                units = self._rescue(batch, proba, units)
                 hidden, hidden_units, detecting = self._peel(chunk, batch, units)
                 if len(hidden.centre):
                     more = self.localizer.observe(hidden, neighbourhood)
@@ -275,6 +276,17 @@ class ChunkJob:
         out["seconds"] = np.array([read - start + detecting, (observed - read) + (located - classified),
                                    classified - observed - detecting])
         return out
+
+    def _rescue(self, batch: SpikeBatch, proba, units: np.ndarray) -> np.ndarray:
+        """``units`` with the candidates the network rejected given to the unit whose template fits
+        them, among its most probable units (sort/peel.rescue: overlapping spikes)."""
+        from .sort.peel import rescue
+
+        params, geo = self.scanner.params, self.scanner.geometry
+        if params.neural_rescue_min_probability >= 1:
+            return units
+        return rescue(batch._traces, batch._rows, proba.cpu().numpy(), units, self.templates, geo.before,
+                      params.neural_rescue_min_probability, params.neural_rescue_min_fit, geo.before + geo.after)
 
     def _peel(self, chunk, batch: SpikeBatch, units: np.ndarray) -> tuple[SpikeBatch, np.ndarray, float]:
         """The spikes found under the assigned ones (sort/peel.py), their units and the seconds

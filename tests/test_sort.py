@@ -338,6 +338,32 @@ def test_a_spike_found_under_others_must_be_fitted_by_its_units_template():
     np.testing.assert_array_equal(unfitted(residual, rows, units, templates, 6, 0.3), [0, -1, 1, -1])
 
 
+def test_a_rejected_candidate_goes_to_the_best_fitting_template_among_its_likely_units():
+    from locsort.sort.peel import Templates, rescue
+
+    rng = np.random.default_rng(5)
+    shapes = rng.standard_normal((3, 12, 3)).astype(np.float32) * 20  # three units on channels 0, 1, 2
+    templates = Templates(shapes, np.tile([0, 1, 2], (3, 1)))
+    traces = rng.standard_normal((700, 3)).astype(np.float32)
+    for row, unit in [(80, 1), (180, 1), (280, 0), (483, 2)]:
+        traces[row - 6:row + 6] += shapes[unit]
+    rows = np.array([80, 180, 280, 380, 480, 483, 600])
+    units = np.array([-1, 1, -1, -1, -1, -1, 0])  # 180 and 600 assigned by the network
+    proba = np.full((7, 3), 0.02)
+    proba[0] = [0.3, 0.3, 0.02]  # unit 1's spike, the network torn between units 0 and 1
+    proba[2] = [0.02, 0.02, 0.02]  # unit 0's spike but no unit probable enough to be tried
+    proba[3] = [0.4, 0.4, 0.4]  # noise: no template fits
+    proba[4:6, 2] = 0.3  # one spike of unit 2, found twice (483 is the better fit)
+    kept = rescue(traces, rows, proba, units, templates, before=6, min_probability=0.1, min_fit=0.5, span=20)
+    np.testing.assert_array_equal(kept, [1, 1, -1, -1, -1, 2, 0])
+    units[0] = -1
+    units[1] = -1
+    proba[1] = proba[0]
+    units[6] = 1  # unit 1 already fires at 90: the candidate at 80 is its leftover
+    rows[6] = 90
+    np.testing.assert_array_equal(rescue(traces, rows, proba, units, templates, 6, 0.1, 0.5, 20)[:2], [-1, 1])
+
+
 def test_a_spike_found_under_others_cannot_repeat_its_own_unit_within_a_snippet():
     from locsort.sort.peel import unexplained
 

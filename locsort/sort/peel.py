@@ -137,6 +137,54 @@ def unfitted(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates:
     return units
 
 
+def rescue(traces: np.ndarray, rows: np.ndarray, proba: np.ndarray, units: np.ndarray, templates: Templates,
+           before: int, min_probability: float, min_fit: float, span: int, shortlist: int = 3) -> np.ndarray:
+    """``units`` with the candidates the network left unassigned (-1) given, where one fits, to
+    the unit whose template removes the most energy at the spike among the candidate's
+    ``shortlist`` most probable units (``proba``: (n, U), each at least ``min_probability``); it
+    must remove at least ``min_fit`` of its own energy. Where two spikes overlap, the window holds
+    both and the network passes no unit, but the larger spike's template still fits it, and once
+    it is subtracted the smaller one is found on the residual. A unit that already fires within
+    ``span`` samples is not given the candidate (its leftover), and of two candidates given to one
+    unit within ``span`` (one spike detected on two channels) the better fitted is kept."""
+    units = units.copy()
+    open_rows = np.flatnonzero(units < 0)
+    if len(open_rows) == 0 or proba.shape[1] == 0:
+        return units
+    chances = proba[open_rows]
+    ranked = np.argsort(-chances, axis=1)[:, :shortlist]
+    best_gain, best_unit = np.full(len(open_rows), -np.inf), np.full(len(open_rows), -1)
+    for rank in range(ranked.shape[1]):
+        unit = ranked[:, rank]
+        tried = np.flatnonzero((chances[np.arange(len(unit)), unit] >= min_probability) & templates.defined[unit])
+        if len(tried) == 0:
+            continue
+        placed = place(traces, rows[open_rows[tried]], unit[tried], templates, before)
+        gain = np.where(placed.gain >= min_fit * placed.energy, placed.gain, -np.inf)
+        better = gain > best_gain[tried]
+        best_gain[tried[better]], best_unit[tried[better]] = gain[better], unit[tried[better]]
+    taken = units >= 0
+    best_unit = unexplained(rows[open_rows], best_unit, rows[taken], units[taken], span)
+    units[open_rows] = _best_within(rows[open_rows], best_unit, best_gain, span)
+    return units
+
+
+def _best_within(samples: np.ndarray, units: np.ndarray, strength: np.ndarray, span: int) -> np.ndarray:
+    """``units`` with -1 where a stronger candidate of the same unit lies within ``span`` samples."""
+    units = units.copy()
+    order = np.flatnonzero(units >= 0)
+    order = order[np.lexsort((samples[order], units[order]))]  # by unit, then time
+    while len(order) > 1:
+        a, b = order[:-1], order[1:]
+        clash = (units[a] == units[b]) & (samples[b] - samples[a] <= span)
+        if not clash.any():
+            break
+        weaker = np.where(strength[a[clash]] >= strength[b[clash]], b[clash], a[clash])
+        units[weaker] = -1
+        order = order[units[order] >= 0]
+    return units
+
+
 def unexplained(samples: np.ndarray, units: np.ndarray, first_samples: np.ndarray, first_units: np.ndarray,
                 span: int) -> np.ndarray:
     """``units`` of the candidates found on the residual, with -1 where the same unit already
