@@ -123,8 +123,9 @@ class Neighbourhood:
         lists = tree.query_ball_point(self.positions, r=radius_um + 1e-6)
         lists = [[j for j in sorted(lst) if self.shank_ids[j] == self.shank_ids[i]] for i, lst in enumerate(lists)]
         if max_count is not None:
-            distance = lambda i, j: float(np.sum((self.positions[i] - self.positions[j]) ** 2))  # noqa: E731
-            lists = [sorted(lst, key=lambda j: distance(i, j))[:max_count] for i, lst in enumerate(lists)]
+            for i, lst in enumerate(lists):
+                distance = np.linalg.norm(self.positions[lst] - self.positions[i], axis=1)
+                lists[i] = [lst[k] for k in np.argsort(distance, kind="stable")[:max_count]]
         width = max(len(lst) for lst in lists)
         out = np.full((len(lists), width), -1, dtype=np.int64)
         for i, lst in enumerate(lists):

@@ -99,8 +99,8 @@ def merge_shifted_units(labels: np.ndarray, templates, num_channels: int, min_si
     (on the 128-channel MEArec recording, ground-truth unit #47: cosine 0.26 at lag 0, 0.98 at
     lag 7). Templates are compared on the probe channels both cover (of ``num_channels``); pairs
     whose shared channels hold less than half of either template's energy, or whose sizes differ
-    by more than ``max_amplitude_ratio``, are not compared. Pairs at ``min_similarity`` or above are merged
-    transitively."""
+    by more than ``max_amplitude_ratio``, are not compared. Pairs at ``min_similarity`` or above
+    are merged transitively."""
     labels = np.asarray(labels).copy()
     waveforms = templates.waveforms
     num_units, num_samples, _ = waveforms.shape

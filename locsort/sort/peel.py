@@ -82,7 +82,7 @@ def place(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Te
     """The templates of ``units`` (all with a template) fitted to the spikes at ``rows``."""
     channels = templates.channels[units]  # (n, M)
     real = channels >= 0
-    shape = templates.waveforms[units] * real[:, None, :]  # (n, T, K)
+    shape = templates.waveforms[units] * real[:, None, :]  # (n, T, M)
     energy = np.maximum(np.einsum("ntk,ntk->n", shape, shape), 1e-9)
     channels = np.where(real, channels, 0)
     c_idx = np.broadcast_to(channels[:, None, :], shape.shape)
