@@ -174,9 +174,9 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
     job = SampleJob(prep.scanner(peaks), localizer,
                     cap=max(1, math.ceil(params.max_training_spikes / max(len(chunks), 1))), seed=params.seed,
                     windows=windows, labels=labels, offsets=segment_offsets(prep.recording),
-                    tolerance=prep.geometry.label_tolerance)
-    if windows:
-        job.footprints = prep.neighbourhood.channels_within(params.peel_radius_um, params.peel_max_channels)
+                    tolerance=prep.geometry.label_tolerance,
+                    footprints=prep.neighbourhood.channels_within(params.peel_radius_um, params.peel_max_channels)
+                    if windows else None)
     runner = runner or LocalRunner()
     found = dict(runner.map(job, chunks, list(range(len(chunks))), desc="training sample", progress=progress))
     found = [found[i] for i in sorted(found) if len(found[i]["peaks"])]
