@@ -138,7 +138,8 @@ def run_mcmc(prep, localizer, peaks, true, count, seed):
     rng = np.random.default_rng(seed)
     subset = np.sort(rng.choice(len(peaks), size=min(count, len(peaks)), replace=False))
     obs = scan(prep.recording, lambda b: {**localizer.observe(b, prep.neighbourhood), "order": b.order},
-               params=prep.params, neighbourhood=prep.neighbourhood, noise=prep.noise, peaks=peaks[subset], progress=False)
+               params=prep.params, neighbourhood=prep.neighbourhood, noise=prep.noise, peaks=peaks[subset],
+               amplitudes=prep.amplitudes, progress=False)
     obs.pop("order")
     amortized = localizer.transform(obs, prep.neighbourhood)
     nuts = nuts_localize(obs["centres"][:, 0], obs["amplitudes"][:, 0], prep.neighbourhood, prep.noise, localizer.globals, seed=seed)

@@ -108,6 +108,20 @@ class MatchedFilter:
         return torch.from_numpy(np.ascontiguousarray(score.T, dtype=np.float32))
 
 
+def large_peaks(slices: list[np.ndarray], noise: np.ndarray, neighbours: np.ndarray, threshold: float, sweep: int,
+                before: int, after: int):
+    """(traces, rows, channels) per slice (T, C) µV: its locally exclusive peaks beyond ``threshold``
+    noise SDs, at least ``before`` / ``after`` samples from its ends: clear spikes to learn
+    shapes from (slices too short are skipped)."""
+    for traces in slices:
+        if len(traces) <= 2 * (before + after + sweep):
+            continue
+        lo, hi = before + sweep, len(traces) - after - sweep - 1
+        rows, channels = detect_chunk(traces, threshold * noise, neighbours, sweep, lo, hi)
+        if len(rows):
+            yield traces, rows, channels
+
+
 def fit_matched_filter(slices: list[np.ndarray], noise: np.ndarray, neighbours: np.ndarray, threshold: float,
                        sweep: int, before: int, after: int, min_spikes: int = 30) -> MatchedFilter | None:
     """A MatchedFilter from random slices (T, C) µV of the preprocessed recording: the prototype
@@ -115,14 +129,9 @@ def fit_matched_filter(slices: list[np.ndarray], noise: np.ndarray, neighbours: 
     own channel (``before``/``after`` samples around the trough). None with fewer than
     ``min_spikes`` such peaks: too little to learn a shape from (the caller detects peaks instead)."""
     shapes = []
-    for traces in slices:
-        if len(traces) <= 2 * (before + after + sweep):
-            continue
-        lo, hi = before + sweep, len(traces) - after - sweep - 1
-        rows, channels = detect_chunk(traces, threshold * noise, neighbours, sweep, lo, hi)
-        if len(rows):
-            window = traces[rows[:, None] + np.arange(-before, after + 1)[None, :], channels[:, None]]
-            shapes.append(window / -window[:, before : before + 1])
+    for traces, rows, channels in large_peaks(slices, noise, neighbours, threshold, sweep, before, after):
+        window = traces[rows[:, None] + np.arange(-before, after + 1)[None, :], channels[:, None]]
+        shapes.append(window / -window[:, before : before + 1])
     if not shapes or sum(len(s) for s in shapes) < min_spikes:
         return None
     prototype = np.concatenate(shapes).mean(0)

@@ -12,6 +12,8 @@ form a lattice fall back to the K nearest real contacts of each channel (no virt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -167,3 +169,56 @@ def peak_amplitudes_at(traces: np.ndarray, rows: np.ndarray, channels: np.ndarra
         np.minimum(lowest, flat[index + offset * num_channels], out=lowest)
     lowest[virtual] = 0.0
     return -lowest
+
+
+@dataclass(frozen=True)
+class AmplitudeReader:
+    """Each spike's negative-peak size (positive µV) per channel: minus the minimum within
+    +/- ``half`` samples of the spike's time.
+
+    With ``basis`` (T, P), the recording's temporal principal components of spike snippets
+    (``fit_amplitude_basis``), each channel's snippet (``before`` + ``after`` samples) is first
+    projected on them. The minimum of the raw trace picks up noise, most of all on the small far
+    channels whose decay places the source; the projection keeps each channel's own spike shape
+    and drops most of the noise."""
+
+    before: int
+    after: int
+    half: int
+    basis: np.ndarray | None = None
+
+    @property
+    def description(self) -> str:
+        """In words, for run.json."""
+        where = f"minimum within +/- {self.half} samples of the spike"
+        if self.basis is None:
+            return where + " on the traces"
+        return where + f" on each snippet projected on {self.basis.shape[1]} temporal principal components of the recording's spikes"
+
+    def of_windows(self, windows: np.ndarray) -> np.ndarray:
+        """(n, M) from (n, before + after, M) snippets."""
+        near = slice(self.before - self.half, self.before + self.half + 1)
+        if self.basis is None:
+            return peak_amplitudes(windows[:, near])
+        coefficients = np.einsum("ntm,tp->npm", windows, self.basis)
+        return -np.einsum("wp,npm->nwm", self.basis[near], coefficients).min(axis=1)
+
+    def at(self, traces: np.ndarray, rows: np.ndarray, channels: np.ndarray) -> np.ndarray:
+        """(n, M) for the spikes at ``rows`` of ``traces`` on ``channels`` (n, M; -1 virtual: 0)."""
+        if self.basis is None:
+            return peak_amplitudes_at(traces, rows, channels, self.half)
+        return self.of_windows(gather_windows(traces, rows, channels, self.before, self.after))
+
+
+def fit_amplitude_basis(snippets: np.ndarray, half: int, before: int, num_components: int,
+                        channels_per_spike: int = 5) -> np.ndarray | None:
+    """(T, P) temporal principal components of (n, T, K) µV spike snippets on their
+    neighbourhoods, from each spike's ``channels_per_spike`` largest channels (where its shape
+    is above the noise), not centred: a zero snippet stays zero. None with fewer than 50 spikes."""
+    if num_components <= 0 or len(snippets) < 50:
+        return None
+    size = -snippets[:, before - half : before + half + 1].min(axis=1)  # (n, K)
+    largest = np.argsort(-size, axis=1)[:, :channels_per_spike]
+    shapes = np.take_along_axis(snippets, largest[:, None, :], axis=2).transpose(0, 2, 1).reshape(-1, snippets.shape[1])
+    _, _, vt = np.linalg.svd(shapes.astype(np.float64), full_matrices=False)
+    return vt[:num_components].T.astype(np.float32)

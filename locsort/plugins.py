@@ -67,7 +67,7 @@ def _localize_node_class():
             # our windows may reach further than SpikeInterface's margin: pad with zeros
             padded = np.pad(np.asarray(traces, dtype=np.float32), ((geo.margin, geo.margin), (0, 0)))
             rows = peaks["sample_index"].astype(np.int64) + geo.margin
-            batch = _features(padded, rows, peaks, None, self.prep.neighbourhood, geo)
+            batch = _features(padded, rows, peaks, None, self.prep.neighbourhood, geo, self.prep.amplitudes)
             location = self.localizer.transform(self.localizer.observe(batch, self.prep.neighbourhood), self.prep.neighbourhood)
             for name, _ in LOCATION_DTYPE:
                 out[name] = location[name]

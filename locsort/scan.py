@@ -12,7 +12,7 @@ import numpy as np
 from .detect import MatchedFilter, detect_chunk
 from .errors import LocsortError
 from .io import describe_files
-from .neighbourhood import Neighbourhood, gather_windows, peak_amplitudes, peak_amplitudes_at
+from .neighbourhood import AmplitudeReader, Neighbourhood, gather_windows
 from .parallel import Chunk, make_chunks, read_chunk
 from .params import Params
 from .spikes import PEAK_DTYPE
@@ -25,7 +25,8 @@ class SpikeBatch:
     peaks : (n,) PEAK_DTYPE, the caller's peaks or the detected ones (amplitude: signed µV)
     centre : (n,) the neighbourhood's centre channel: the peak's channel
     waveforms : (n, T, K) µV on the centre's neighbourhood (virtual slots are 0); None when not extracted
-    amplitudes : (n, K) negative-peak size per slot (positive µV), within the amplitude window; idem
+    amplitudes : (n, K) negative-peak size per slot (positive µV), within the amplitude window
+        (neighbourhood.AmplitudeReader); idem
     order : (n,) position of each spike in the caller's peak array (given peaks only)
 
     While the chunk is being processed, ``amplitudes_around`` reads the neighbourhood
@@ -39,17 +40,17 @@ class SpikeBatch:
     order: np.ndarray | None = None
     _traces: np.ndarray | None = None
     _rows: np.ndarray | None = None  # each spike's row in _traces
-    _amp_half: int = 0
+    _reader: AmplitudeReader | None = None  # how ``amplitudes`` were read
     _first: int = 0  # sample index of _traces' first row
 
     def subset(self, rows: np.ndarray) -> "SpikeBatch":
         pick = lambda a: None if a is None else a[rows]
         return SpikeBatch(self.peaks[rows], self.centre[rows], pick(self.waveforms), pick(self.amplitudes),
-                          pick(self.order), self._traces, pick(self._rows), self._amp_half, self._first)
+                          pick(self.order), self._traces, pick(self._rows), self._reader, self._first)
 
     def amplitudes_around(self, channels: np.ndarray, neighbourhood: Neighbourhood) -> np.ndarray:
-        """(n, K) negative-peak sizes on the neighbourhood of ``channels`` (n,), same window."""
-        return peak_amplitudes_at(self._traces, self._rows, neighbourhood.index[channels], self._amp_half)
+        """(n, K) negative-peak sizes on the neighbourhood of ``channels`` (n,), read the same way."""
+        return self._reader.at(self._traces, self._rows, neighbourhood.index[channels])
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,12 @@ class Scanner:
     noise: np.ndarray
     peaks: np.ndarray | None = None
     matched_filter: MatchedFilter | None = None
+    amplitudes: AmplitudeReader | None = None  # None: the raw traces' minimum
 
     def __post_init__(self):
-        self.geometry = Geometry.from_params(self.params, self.recording.get_sampling_frequency())
+        self.geometry = geo = Geometry.from_params(self.params, self.recording.get_sampling_frequency())
+        if self.amplitudes is None:
+            self.amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half)
         if self.matched_filter is not None:  # the score is already in noise SDs
             self.thresholds = np.full(len(self.noise), self.params.detect_threshold, np.float32)
         else:
@@ -175,7 +179,7 @@ class Scanner:
             rows = batch_peaks["sample_index"] - first
             batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
         if features:
-            return _features(traces, rows, batch_peaks, order, self.neighbourhood, geo, waveforms, first)
+            return _features(traces, rows, batch_peaks, order, self.neighbourhood, geo, self.amplitudes, waveforms, first)
         return SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
 
 
@@ -188,6 +192,7 @@ def scan(
     noise: np.ndarray,
     peaks: np.ndarray | None = None,
     matched_filter: MatchedFilter | None = None,
+    amplitudes: AmplitudeReader | None = None,
     chunks: list[Chunk] | None = None,
     progress: bool = True,
     desc: str = "scan",
@@ -204,7 +209,7 @@ def scan(
     """
     from .distribute import LocalRunner
 
-    scanner = Scanner(recording, params, neighbourhood, noise, peaks, matched_filter)
+    scanner = Scanner(recording, params, neighbourhood, noise, peaks, matched_filter, amplitudes)
     chunks = chunks if chunks is not None else scanner.chunks()
 
     def work(chunk):
@@ -217,18 +222,19 @@ def scan(
     return concatenate_parts(parts, peaks is not None) if concatenate else parts
 
 
-def _features(traces, rows, peaks, order, neighbourhood, geo, with_waveforms: bool = True, first: int = 0) -> SpikeBatch:
+def _features(traces, rows, peaks, order, neighbourhood, geo, reader: AmplitudeReader, with_waveforms: bool = True,
+              first: int = 0) -> SpikeBatch:
     """Neighbourhood waveforms and amplitudes around each peak's channel. Detected peaks are
     already the largest channel within the detection radius; caller-given peaks keep their
     channel (honoured one to one)."""
     centre = peaks["channel_index"].astype(np.int64)
     if with_waveforms:
         waveforms = gather_windows(traces, rows, neighbourhood.index[centre], geo.before, geo.after)
-        amplitudes = peak_amplitudes(waveforms[:, geo.before - geo.amp_half : geo.before + geo.amp_half + 1])
+        amplitudes = reader.of_windows(waveforms)
     else:
         waveforms = None
-        amplitudes = peak_amplitudes_at(traces, rows, neighbourhood.index[centre], geo.amp_half)
-    return SpikeBatch(peaks, centre, waveforms, amplitudes, order, traces, rows, geo.amp_half, first)
+        amplitudes = reader.at(traces, rows, neighbourhood.index[centre])
+    return SpikeBatch(peaks, centre, waveforms, amplitudes, order, traces, rows, reader, first)
 
 
 def concatenate_parts(parts: list[dict], reorder: bool = False) -> dict:

@@ -136,7 +136,8 @@ def test_nuts_reference_agrees_with_the_amortized_posterior(trained, processed):
     prep, spikes, localizer, _ = trained
     subset = np.arange(0, len(peaks), len(peaks) // 4)[:4]
     obs = scan(prep.recording, lambda b: {**localizer.observe(b, prep.neighbourhood), "order": b.order}, params=prep.params,
-               neighbourhood=prep.neighbourhood, noise=prep.noise, peaks=peaks[subset], progress=False)
+               neighbourhood=prep.neighbourhood, noise=prep.noise, peaks=peaks[subset],
+               amplitudes=prep.amplitudes, progress=False)
     obs.pop("order")
     nuts = nuts_localize(obs["centres"][:, 0], obs["amplitudes"][:, 0], prep.neighbourhood, prep.noise, localizer.globals,
                          num_samples=60, warmup_steps=60)

@@ -4,7 +4,8 @@ edge as virtual, and falls back to nearest contacts on irregular layouts."""
 import numpy as np
 import probeinterface as pi
 
-from locsort.neighbourhood import Neighbourhood, gather_windows, peak_amplitudes, peak_amplitudes_at
+from locsort.neighbourhood import (AmplitudeReader, Neighbourhood, fit_amplitude_basis, gather_windows, peak_amplitudes,
+                                   peak_amplitudes_at)
 from locsort.simulate import neuropixels_like_probe
 
 
@@ -66,3 +67,28 @@ def test_peak_amplitudes_at_equals_the_minimum_of_the_gathered_windows():
     expected = peak_amplitudes(gather_windows(traces, rows, channels, before=4, after=5))
     np.testing.assert_array_equal(peak_amplitudes_at(traces, rows, channels, half=4), expected)
     assert np.all(peak_amplitudes_at(traces, rows, channels, half=4)[channels < 0] == 0)
+
+
+def test_amplitudes_read_through_the_spike_basis_are_closer_to_the_noise_free_ones():
+    # spikes of two shapes (a sharp one and a broad one) at random sizes on 6 channels, in white noise
+    rng = np.random.default_rng(0)
+    t = np.arange(-20, 30)
+    shapes = np.stack([-np.exp(-0.5 * (t / 2.0) ** 2) + 0.3 * np.exp(-0.5 * ((t - 6) / 4.0) ** 2),
+                       -np.exp(-0.5 * (t / 5.0) ** 2)], axis=1)
+    n, channels = 400, 6
+    size = rng.uniform(0, 10, (n, channels))
+    kind = rng.integers(0, 2, (n, channels))
+    clean = shapes[:, kind].transpose(1, 0, 2) * size[:, None, :]  # (n, T, channels)
+    snippets = (clean + rng.standard_normal(clean.shape)).astype(np.float32)
+    basis = fit_amplitude_basis(snippets, half=3, before=20, num_components=4)
+    assert basis.shape == (50, 4)
+    denoised, raw = AmplitudeReader(20, 30, 3, basis), AmplitudeReader(20, 30, 3)
+    truth = -clean[:, 17:24].min(axis=1)
+    assert np.abs(denoised.of_windows(snippets) - truth).mean() < 0.6 * np.abs(raw.of_windows(snippets) - truth).mean()
+    # read from traces or from gathered windows: the same; virtual channels read 0
+    traces = rng.standard_normal((300, 8)).astype(np.float32)
+    rows, where = rng.integers(25, 265, 20), rng.integers(-1, 8, (20, 5))
+    np.testing.assert_allclose(denoised.at(traces, rows, where), denoised.of_windows(gather_windows(traces, rows, where, 20, 30)))
+    assert np.all(denoised.at(traces, rows, where)[where < 0] == 0)
+    np.testing.assert_array_equal(raw.at(traces, rows, where), peak_amplitudes_at(traces, rows, where, 3))
+    assert fit_amplitude_basis(snippets[:10], half=3, before=20, num_components=4) is None  # too few spikes
