@@ -108,7 +108,7 @@ class MatchedFilter:
         return torch.from_numpy(np.ascontiguousarray(score.T, dtype=np.float32))
 
 
-def large_peaks(slices: list[np.ndarray], noise: np.ndarray, neighbours: np.ndarray, threshold: float, sweep: int,
+def peaks_in_slices(slices: list[np.ndarray], noise: np.ndarray, neighbours: np.ndarray, threshold: float, sweep: int,
                 before: int, after: int):
     """(traces, rows, channels) per slice (T, C) µV: its locally exclusive peaks beyond ``threshold``
     noise SDs, at least ``before`` / ``after`` samples from its ends: clear spikes to learn
@@ -129,7 +129,7 @@ def fit_matched_filter(slices: list[np.ndarray], noise: np.ndarray, neighbours: 
     own channel (``before``/``after`` samples around the trough). None with fewer than
     ``min_spikes`` such peaks: too little to learn a shape from (the caller detects peaks instead)."""
     shapes = []
-    for traces, rows, channels in large_peaks(slices, noise, neighbours, threshold, sweep, before, after):
+    for traces, rows, channels in peaks_in_slices(slices, noise, neighbours, threshold, sweep, before, after):
         window = traces[rows[:, None] + np.arange(-before, after + 1)[None, :], channels[:, None]]
         shapes.append(window / -window[:, before : before + 1])
     if not shapes or sum(len(s) for s in shapes) < min_spikes:

@@ -25,7 +25,7 @@ from .io import atomic_folder, check_output_folder, check_recording, save_npy_at
 from .localize import make_localizer
 from .localize.baseline import CenterOfMass
 from .neighbourhood import AmplitudeReader, Neighbourhood, fit_amplitude_basis, gather_windows
-from .detect import fit_matched_filter, large_peaks
+from .detect import fit_matched_filter, peaks_in_slices
 from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
 from .params import Params, resolve_device
@@ -95,8 +95,8 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
         # the amplitudes' basis from every spike past the threshold: far channels of small spikes
         # too (6.5 SDs: square MEA 20 µV median 10.96 µm, 5.5: 10.30, 4: 10.58)
         snippets = [gather_windows(traces, rows, neighbourhood.index[channels], geo.before, geo.after)
-                    for traces, rows, channels in large_peaks(slices, noise, neighbours, params.detect_threshold,
-                                                              geo.sweep, geo.before, geo.after)]
+                    for traces, rows, channels in peaks_in_slices(slices, noise, neighbours, params.detect_threshold,
+                                                                  geo.sweep, geo.before, geo.after)]
         basis = fit_amplitude_basis(np.concatenate(snippets), geo.amp_half, geo.before, params.amplitude_components) \
             if snippets else None
         amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half, basis)
