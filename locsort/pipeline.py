@@ -92,13 +92,15 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
             detection = (f"matched filter (the recording's mean spike shape) beyond {params.detect_threshold:g} SDs"
                          if matched_filter is not None else detection + " (too few large spikes in the noise slices "
                          "to learn a spike shape for the matched filter)")
-        # the amplitudes' basis from every spike past the threshold: far channels of small spikes
-        # too (6.5 SDs: square MEA 20 µV median 10.96 µm, 5.5: 10.30, 4: 10.58)
-        snippets = [gather_windows(traces, rows, neighbourhood.index[channels], geo.before, geo.after)
-                    for traces, rows, channels in peaks_in_slices(slices, noise, neighbours, params.detect_threshold,
-                                                                  geo.sweep, geo.before, geo.after)]
-        basis = fit_amplitude_basis(np.concatenate(snippets), geo.amp_half, geo.before, params.amplitude_components) \
-            if snippets else None
+        basis = None
+        if params.amplitude_components > 0:
+            # the amplitudes' basis from every spike past the threshold: far channels of small spikes
+            # too (6.5 SDs: square MEA 20 µV median 10.96 µm, 5.5: 10.30, 4: 10.58)
+            snippets = [gather_windows(traces, rows, neighbourhood.index[channels], geo.before, geo.after)
+                        for traces, rows, channels in peaks_in_slices(slices, noise, neighbours, params.detect_threshold,
+                                                                      geo.sweep, geo.before, geo.after)]
+            if snippets:
+                basis = fit_amplitude_basis(np.concatenate(snippets), geo.amp_half, geo.before, params.amplitude_components)
         amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half, basis)
     return Prepared(processed, params, noise, neighbourhood, timer, matched_filter, detection, amplitudes)
 
