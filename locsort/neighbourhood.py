@@ -13,6 +13,7 @@ form a lattice fall back to the K nearest real contacts of each channel (no virt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -141,13 +142,18 @@ def gather_windows(traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, b
     Channel -1 (virtual) reads zeros. Rows must leave ``before``/``after`` samples inside
     ``traces`` (the chunk margin guarantees it).
     """
-    times = rows[:, None] + np.arange(-before, after)[None, :]
-    # read channel 0 for virtual slots and zero them after: no padded copy of the whole chunk
     virtual = channels < 0
-    windows = traces[times[:, :, None], np.where(virtual, 0, channels)[:, None, :]]
+    # one flat np.take (~2x faster than indexing with a (time, channel) pair of index arrays);
+    # virtual slots read channel 0 and are zeroed after: no padded copy of the whole chunk
+    times = rows[:, None] + np.arange(-before, after)[None, :]
+    windows = np.take(_flat(traces), times[:, :, None] * traces.shape[1] + np.where(virtual, 0, channels)[:, None, :])
     if virtual.any():
-        windows[np.broadcast_to(virtual[:, None, :], windows.shape)] = 0.0
+        windows *= ~virtual[:, None, :]
     return windows
+
+
+def _flat(traces: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(traces).reshape(-1)
 
 
 def peak_amplitudes(windows: np.ndarray) -> np.ndarray:
@@ -162,7 +168,7 @@ def peak_amplitudes_at(traces: np.ndarray, rows: np.ndarray, channels: np.ndarra
     Virtual channels (-1) read 0."""
     virtual = channels < 0
     num_channels = traces.shape[1]
-    flat = traces.reshape(-1)
+    flat = _flat(traces)
     index = rows[:, None] * num_channels + np.where(virtual, 0, channels)
     lowest = flat[index - half * num_channels]
     for offset in range(-half + 1, half + 1):
@@ -195,19 +201,32 @@ class AmplitudeReader:
             return where + " on the traces"
         return where + f" on each snippet projected on {self.basis.shape[1]} temporal principal components of the recording's spikes"
 
+    @cached_property
+    def _filters(self) -> np.ndarray:
+        """(T, 2 half + 1): a snippet times this is its projection on the basis, read at the samples
+        near the spike (one matrix product for projection and reconstruction)."""
+        near = slice(self.before - self.half, self.before + self.half + 1)
+        return np.ascontiguousarray(self.basis @ self.basis[near].T)
+
     def of_windows(self, windows: np.ndarray) -> np.ndarray:
         """(n, M) from (n, before + after, M) snippets."""
-        near = slice(self.before - self.half, self.before + self.half + 1)
         if self.basis is None:
-            return peak_amplitudes(windows[:, near])
-        coefficients = np.einsum("ntm,tp->npm", windows, self.basis)
-        return -np.einsum("wp,npm->nwm", self.basis[near], coefficients).min(axis=1)
+            return peak_amplitudes(windows[:, self.before - self.half : self.before + self.half + 1])
+        return -np.matmul(self._filters.T, windows).min(axis=1)
 
     def at(self, traces: np.ndarray, rows: np.ndarray, channels: np.ndarray) -> np.ndarray:
         """(n, M) for the spikes at ``rows`` of ``traces`` on ``channels`` (n, M; -1 virtual: 0)."""
         if self.basis is None:
             return peak_amplitudes_at(traces, rows, channels, self.half)
-        return self.of_windows(gather_windows(traces, rows, channels, self.before, self.after))
+        # snippets gathered channel-major, (n * M, T), so that the projection is one matrix product
+        virtual = channels < 0
+        num_channels = traces.shape[1]
+        first = (rows - self.before)[:, None] * num_channels + np.where(virtual, 0, channels)
+        index = first[:, :, None] + (np.arange(self.before + self.after) * num_channels)[None, None, :]
+        snippets = np.take(_flat(traces), index).reshape(-1, index.shape[2])
+        amplitudes = -(snippets @ self._filters).min(axis=1).reshape(channels.shape)
+        amplitudes[virtual] = 0.0
+        return amplitudes
 
 
 def fit_amplitude_basis(snippets: np.ndarray, half: int, before: int, num_components: int,
