@@ -170,3 +170,33 @@ def test_spikeinterface_spike_locations_extension(ground_truth_recording):
     locations = analyzer.get_extension("spike_locations").get_data()
     assert len(locations) == truth.sorting.to_spike_vector().size
     assert np.all(np.isfinite(locations["x"]))
+
+
+
+def test_the_amplitude_noise_scale_is_what_the_data_say_and_is_fitted(trained):
+    """Amplitudes drawn from the model with readings half as noisy as the traces (as denoised
+    readings are) are most likely under noise_scale 0.5; the encoder fits it (from 1)."""
+    import pyro
+    import torch
+
+    from locsort.localize.model import ModelGlobals, expected_amplitude, likelihood, model
+    from locsort.neighbourhood import Neighbourhood
+
+    grid = np.stack(np.meshgrid(np.arange(10) * 15.0, np.arange(10) * 15.0), -1).reshape(-1, 2)
+    neighbourhood = Neighbourhood(grid)
+    centres = np.random.default_rng(0).integers(0, len(grid), 2000)
+    real = torch.as_tensor(neighbourhood.real[centres])
+    slot_xy = torch.as_tensor(neighbourhood.offsets[centres])
+    sigma = torch.full(real.shape, 10.0)
+    truth = ModelGlobals(noise_scale=0.5)
+    pyro.set_rng_seed(0)
+    # the observed site sampled instead: amplitudes drawn from the model
+    trace = pyro.poutine.trace(pyro.poutine.uncondition(model)).get_trace(torch.zeros(real.shape), real, slot_xy, sigma, truth)
+    latent = {name: trace.nodes[name]["value"] for name in ("x", "y", "z", "log_alpha", "log_length")}
+    expected = expected_amplitude(*latent.values(), slot_xy, truth)
+    log_likelihood = {scale: float(likelihood(expected, sigma, ModelGlobals(noise_scale=scale)).log_prob(
+        trace.nodes["amplitudes"]["value"])[real].sum()) for scale in (0.25, 0.5, 1.0, 2.0)}
+    assert max(log_likelihood, key=log_likelihood.get) == 0.5, log_likelihood
+
+    _, _, localizer, _ = trained
+    assert abs(localizer.globals.noise_scale - 1.0) > 0.01 and localizer.history["globals"]["noise_scale"] == localizer.globals.noise_scale

@@ -64,12 +64,14 @@ class _LearnedGlobals(nn.Module):
         self.log_decay_length = nn.Parameter(torch.tensor(math.log(g.decay_length_um)))
         self.log_floor = nn.Parameter(torch.tensor(math.log(g.floor)))
         self.log_rel_error = nn.Parameter(torch.tensor(math.log(g.rel_error)))
+        self.log_noise_scale = nn.Parameter(torch.tensor(math.log(g.noise_scale)))
 
     def values(self) -> dict:
         return {
             "decay_length": self.log_decay_length.exp(),
             "floor": self.log_floor.exp(),
             "rel_error": self.log_rel_error.exp(),
+            "noise_scale": self.log_noise_scale.exp(),
         }
 
 
@@ -259,6 +261,7 @@ class AmortizedLocalizer:
         fitted = best_state[1]
         self.globals.floor = fitted["floor"]
         self.globals.rel_error = fitted["rel_error"]
+        self.globals.noise_scale = fitted["noise_scale"]
         if self.globals.decay == "exponential":
             self.globals.decay_length_um = fitted["decay_length"]
         self.history = {"epochs": len(history), "val_loss_per_spike": history, "train_examples": int(len(train)),

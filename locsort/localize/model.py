@@ -9,11 +9,13 @@ Per spike, relative to its centre channel (µm, SpikeInterface frame):
     log_length ~ Normal(log decay_length, decay_length_sd)     exponential law only: each cell's own decay length
     d_k        = |(x, y, z) - (u_k, v_k, 0)|         distance to neighbourhood slot k
     s_k        = decay(d_k, alpha)                   exponential: alpha * exp(-d / length); monopole: alpha / d
-    a_k        ~ Normal(sqrt(s_k^2 + (floor * sigma_k)^2), sqrt(sigma_k^2 + (rel_error * s_k)^2))   real slots only
+    a_k        ~ Normal(sqrt(s_k^2 + (floor * sigma_k)^2), sqrt((noise_scale * sigma_k)^2 + (rel_error * s_k)^2))   real slots only
 
 ``a_k`` is the observed negative-peak size on slot k (minus the minimum within a few samples
 of the centre's peak). ``sigma_k`` is that channel's noise level measured on the recording,
-so posterior widths are in µm and mean something. Taking the minimum over a window makes a
+so posterior widths are in µm and mean something; ``noise_scale`` says how much of that noise an
+amplitude reading keeps (readings on denoised snippets keep less than the trace's: fitted, not
+assumed 1). Taking the minimum over a window makes a
 silent channel read about ``floor * sigma`` rather than 0, hence the sqrt(s^2 + floor^2 sigma^2)
 mean; ``rel_error`` absorbs what a point source cannot explain of a real cell (dendrites).
 Virtual slots (past the probe edge) are masked out of the likelihood.
@@ -29,7 +31,7 @@ why posterior widths without it covered the true soma far too rarely (NOTES.md).
 
 Real cells do not share one decay length (MEArec's biophysical cells: 14-32 µm interquartile),
 hence a per-spike length around a recording-wide median. The global quantities (median decay
-length, floor, rel_error) are fitted to the recording (empirical Bayes: learned with the
+length, floor, noise_scale, rel_error) are fitted to the recording (empirical Bayes: learned with the
 encoder by maximizing the ELBO) and then held fixed, e.g. for MCMC; the priors are fixed.
 """
 
@@ -56,6 +58,7 @@ class ModelGlobals:
     decay_length_um: float = 28.6  # exponential law, median over cells; the paper fixed beta = -0.035 /µm (28.6 µm)
     decay_length_sd: float = 0.35  # log-space SD of the per-cell decay length
     floor: float = 1.0  # silent-channel reading, in noise SDs
+    noise_scale: float = 1.0  # SD of an amplitude reading's noise, in trace noise SDs (denoised readings: < 1)
     rel_error: float = 0.15  # multiplicative model error of the point-source law
     prior_xy_um: float = 40.0  # SD of x, y around the centre channel
     prior_z_um: float = 30.0  # median distance from the probe plane
@@ -87,8 +90,9 @@ def expected_amplitude(x, y, z, log_alpha, log_length, slot_xy, g: ModelGlobals)
 def likelihood(expected, sigma, g: ModelGlobals, learned: dict | None = None):
     floor = learned["floor"] if learned and "floor" in learned else g.floor
     rel = learned["rel_error"] if learned and "rel_error" in learned else g.rel_error
+    noise = learned["noise_scale"] if learned and "noise_scale" in learned else g.noise_scale
     mean = torch.sqrt(expected**2 + (floor * sigma) ** 2)
-    scale = torch.sqrt(sigma**2 + (rel * expected) ** 2)
+    scale = torch.sqrt((noise * sigma) ** 2 + (rel * expected) ** 2)
     return dist.Normal(mean, scale)
 
 
