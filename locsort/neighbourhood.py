@@ -142,14 +142,19 @@ def gather_windows(traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, b
     Channel -1 (virtual) reads zeros. Rows must leave ``before``/``after`` samples inside
     ``traces`` (the chunk margin guarantees it).
     """
+    windows = np.ascontiguousarray(_channel_snippets(traces, rows, channels, before, after).transpose(0, 2, 1))
     virtual = channels < 0
-    # one flat np.take (~2x faster than indexing with a (time, channel) pair of index arrays);
-    # virtual slots read channel 0 and are zeroed after: no padded copy of the whole chunk
-    times = rows[:, None] + np.arange(-before, after)[None, :]
-    windows = np.take(_flat(traces), times[:, :, None] * traces.shape[1] + np.where(virtual, 0, channels)[:, None, :])
     if virtual.any():
-        windows *= ~virtual[:, None, :]
+        np.putmask(windows, np.broadcast_to(virtual[:, None, :], windows.shape), 0.0)
     return windows
+
+
+def _channel_snippets(traces, rows, channels, before, after) -> np.ndarray:
+    """(n, M, before+after) snippets, channel-major, read from a strided view of every window of
+    ``traces`` (no (n, M, T) index array: ~2x faster than indexing time and channel); virtual
+    slots (-1) read channel 0."""
+    windows = np.lib.stride_tricks.sliding_window_view(traces, before + after, axis=0)  # (T - span + 1, C, span)
+    return windows[(rows - before)[:, None], np.where(channels < 0, 0, channels)]
 
 
 def _flat(traces: np.ndarray) -> np.ndarray:
@@ -219,13 +224,10 @@ class AmplitudeReader:
         if self.basis is None:
             return peak_amplitudes_at(traces, rows, channels, self.half)
         # snippets gathered channel-major, (n * M, T), so that the projection is one matrix product
-        virtual = channels < 0
-        num_channels = traces.shape[1]
-        first = (rows - self.before)[:, None] * num_channels + np.where(virtual, 0, channels)
-        index = first[:, :, None] + (np.arange(self.before + self.after) * num_channels)[None, None, :]
-        snippets = np.take(_flat(traces), index).reshape(-1, index.shape[2])
+        span = self.before + self.after
+        snippets = _channel_snippets(traces, rows, channels, self.before, self.after).reshape(-1, span)
         amplitudes = -(snippets @ self._filters).min(axis=1).reshape(channels.shape)
-        amplitudes[virtual] = 0.0
+        amplitudes[channels < 0] = 0.0
         return amplitudes
 
 
