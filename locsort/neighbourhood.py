@@ -153,6 +153,8 @@ def _channel_snippets(traces, rows, channels, before, after) -> np.ndarray:
     """(n, M, before+after) snippets, channel-major, read from a strided view of every window of
     ``traces`` (no (n, M, T) index array: ~2x faster than indexing time and channel); virtual
     slots (-1) read channel 0."""
+    if len(rows) == 0:  # traces may then be shorter than a window
+        return np.zeros((0, channels.shape[1], before + after), traces.dtype)
     windows = np.lib.stride_tricks.sliding_window_view(traces, before + after, axis=0)  # (T - span + 1, C, span)
     return windows[(rows - before)[:, None], np.where(channels < 0, 0, channels)]
 
