@@ -172,7 +172,6 @@ def test_spikeinterface_spike_locations_extension(ground_truth_recording):
     assert np.all(np.isfinite(locations["x"]))
 
 
-
 def test_the_amplitude_noise_scale_is_what_the_data_say_and_is_fitted(trained):
     """Amplitudes drawn from the model with readings half as noisy as the traces (as denoised
     readings are) are most likely under noise_scale 0.5; the encoder fits it (from 1)."""
