@@ -159,10 +159,6 @@ def _channel_snippets(traces, rows, channels, before, after) -> np.ndarray:
     return windows[(rows - before)[:, None], np.where(channels < 0, 0, channels)]
 
 
-def _flat(traces: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(traces).reshape(-1)
-
-
 def peak_amplitudes(windows: np.ndarray) -> np.ndarray:
     """Negative-peak size on each channel (positive µV): minus the minimum over the window."""
     return -windows.min(axis=1)
@@ -175,7 +171,7 @@ def peak_amplitudes_at(traces: np.ndarray, rows: np.ndarray, channels: np.ndarra
     Virtual channels (-1) read 0."""
     virtual = channels < 0
     num_channels = traces.shape[1]
-    flat = _flat(traces)
+    flat = traces.reshape(-1)
     index = rows[:, None] * num_channels + np.where(virtual, 0, channels)
     lowest = flat[index - half * num_channels]
     for offset in range(-half + 1, half + 1):
