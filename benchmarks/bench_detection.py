@@ -57,13 +57,13 @@ def main():
             kwargs = dict(detect_threshold=params.detect_threshold, peak_sign="neg", exclude_sweep_ms=params.detect_sweep_ms,
                           radius_um=params.detect_radius_um, noise_levels=noise)
             job = dict(n_jobs=1, progress_bar=False, chunk_duration="1s")
-            ours_s, ours = best_of(lambda: locsort.detect(processed, params=params, progress=False), args.repeats)
-            default_s, default = best_of(lambda: locsort.detect(processed, params=Params(preprocess=False), progress=False),
+            ours_s, ours = best_of(lambda r=processed, p=params: locsort.detect(r, params=p, progress=False), args.repeats)
+            default_s, default = best_of(lambda r=processed: locsort.detect(r, params=Params(preprocess=False), progress=False),
                                          args.repeats)
             # SpikeInterface's torch variant is far slower (126 s for 60 s x 384 ch): measured at 64 channels only
             methods = ["locally_exclusive"] + (["locally_exclusive_torch"] if num_channels <= 64 else [])
-            theirs = {m: best_of(lambda m=m: detect_peaks(processed, method=m, method_kwargs=kwargs, job_kwargs=job), args.repeats) for m in methods}
-            recall = lambda p: float((match_spikes(spikes_from_peaks(p), processed, truth)[1] >= 0).mean())
+            theirs = {m: best_of(lambda m=m, r=processed, k=kwargs, j=job: detect_peaks(r, method=m, method_kwargs=k, job_kwargs=j), args.repeats) for m in methods}
+            recall = lambda p, r=processed, t=truth: float((match_spikes(spikes_from_peaks(p), r, t)[1] >= 0).mean())
             rows.append((num_channels, "locsort.detect (peaks, 5)", ours_s, len(ours), recall(ours), 1.0))
             rows.append((num_channels, f"locsort.detect default (matched filter, {Params().detect_threshold:g})", default_s,
                          len(default), recall(default), default_s / ours_s))
