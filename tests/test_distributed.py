@@ -203,3 +203,24 @@ def test_work_area_starts_afresh_for_another_run_and_is_exclusive(tmp_path):
         assert np.array_equal(work.load_chunk(2)["x"], np.arange(2))
     with WorkArea(out, {"params": 2}, num_chunks=4) as work:  # other parameters: nothing reused
         assert work.finished() == set()
+
+
+def test_chunk_threads_share_the_cores_and_the_thread_pools_are_put_back():
+    """Two chunk threads that each used torch's and BLAS's pools on every core would contend:
+    while chunks run, each pool gets cores / threads threads, and its size is restored after."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from locsort.distribute import available_cores
+
+    def job(chunk):
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        return torch.get_num_threads(), blas
+
+    before = torch.get_num_threads()
+    seen = dict(LocalRunner(2).map(job, list(range(4)), list(range(4)), progress=False))
+    share = max(1, available_cores() // 2)
+    assert len(seen) == 4
+    for torch_threads, blas in seen.values():
+        assert torch_threads == share and all(n <= share for n in blas)
+    assert torch.get_num_threads() == before
