@@ -211,7 +211,8 @@ def write_report(results, args):
              f"Machine: {machine()}. Peaks = true spike times on each unit's largest channel; error = 2-D distance "
              f"to the true soma (MEArec) or unit position (generator); {args.duration:g} s recordings; one process. "
              "Inference speed: locsort's default pass as in the pipeline (1 s chunks, one thread per core), best of "
-             f"{args.repeats} (the other locsort rows: one pass, the first); SpikeInterface center_of_mass and grid_convolution best of {args.repeats} runs each "
+             f"{args.repeats} (the other locsort rows: one pass, the first); SpikeInterface center_of_mass and "
+             f"grid_convolution best of {args.repeats} runs each "
              "with n_jobs = 1 and 2, monopolar_triangulation one run with n_jobs = 1, all after a warm-up call "
              "(numba compilation not counted).", ""]
     for name, r in results.items():

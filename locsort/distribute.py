@@ -39,7 +39,7 @@ class LocalRunner:
     Threads pay off because reading and filtering (SpikeInterface, NumPy/SciPy) and torch
     release the GIL: on 2 cores two threads make the pass ~1.8x faster. While they run, torch and
     the BLAS libraries get cores / threads threads each: with their own pools on every core as
-    well, the chunk threads contend (localization pass on 2 cores: 0.31 s against 0.54 s).
+    well, the chunk threads contend (np64's localization pass on 2 cores: 0.31 s against 0.54 s).
     At most ``threads + 1`` chunks are in flight, so memory stays a few chunks' worth."""
 
     workers = 1

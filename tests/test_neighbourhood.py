@@ -85,7 +85,8 @@ def test_amplitudes_read_through_the_spike_basis_are_closer_to_the_noise_free_on
     denoised, raw = AmplitudeReader(20, 30, 3, basis), AmplitudeReader(20, 30, 3)
     truth = -clean[:, 17:24].min(axis=1)
     assert np.abs(denoised.of_windows(snippets) - truth).mean() < 0.6 * np.abs(raw.of_windows(snippets) - truth).mean()
-    # read from traces or from gathered windows: the same (up to float32 rounding: the matrix products differ in shape); virtual channels read 0
+    # read from traces or from gathered windows: the same (up to float32 rounding: the matrix products
+    # differ in shape); virtual channels read 0
     traces = rng.standard_normal((300, 8)).astype(np.float32)
     rows, where = rng.integers(25, 265, 20), rng.integers(-1, 8, (20, 5))
     np.testing.assert_allclose(denoised.at(traces, rows, where), denoised.of_windows(gather_windows(traces, rows, where, 20, 30)),
