@@ -87,10 +87,15 @@ def expected_amplitude(x, y, z, log_alpha, log_length, slot_xy, g: ModelGlobals)
     return torch.exp(log_alpha[..., None]) / d
 
 
+def _global(learned: dict | None, name: str, fixed):
+    """A global's value: the tensor being fitted, if it is, else the fixed one."""
+    return learned[name] if learned and name in learned else fixed
+
+
 def likelihood(expected, sigma, g: ModelGlobals, learned: dict | None = None):
-    floor = learned["floor"] if learned and "floor" in learned else g.floor
-    rel = learned["rel_error"] if learned and "rel_error" in learned else g.rel_error
-    noise = learned["noise_scale"] if learned and "noise_scale" in learned else g.noise_scale
+    floor = _global(learned, "floor", g.floor)
+    rel = _global(learned, "rel_error", g.rel_error)
+    noise = _global(learned, "noise_scale", g.noise_scale)
     mean = torch.sqrt(expected**2 + (floor * sigma) ** 2)
     scale = torch.sqrt((noise * sigma) ** 2 + (rel * expected) ** 2)
     return dist.Normal(mean, scale)
@@ -103,20 +108,19 @@ def model(amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | Non
     real : (n, K) bool, slot holds a real channel (virtual slots are masked out)
     slot_xy : (n, K, 2) slot positions relative to the centre channel (µm)
     sigma : (n, K) noise SD of each slot's channel (µV; any positive value for virtual slots)
-    learned : tensors replacing the fixed globals (decay_length, z prior, floor, rel_error)
+    learned : tensors replacing the fixed globals (decay_length, z prior, floor, noise_scale, rel_error)
         while they are fitted
     """
-    value = lambda name, fixed: learned[name] if learned and name in learned else fixed
     n = amplitudes.shape[0]
     with pyro.plate("spikes", n):
         x = pyro.sample("x", dist.Normal(0.0, g.prior_xy_um))
         y = pyro.sample("y", dist.Normal(0.0, g.prior_xy_um))
-        z_median = value("prior_z", torch.tensor(g.prior_z_um))
-        z = pyro.sample("z", dist.LogNormal(torch.log(z_median), value("prior_z_sd", g.prior_z_sd)))
+        z_median = _global(learned, "prior_z", torch.tensor(g.prior_z_um))
+        z = pyro.sample("z", dist.LogNormal(torch.log(z_median), _global(learned, "prior_z_sd", g.prior_z_sd)))
         log_alpha = pyro.sample("log_alpha", dist.Normal(g.prior_log_alpha, g.prior_log_alpha_sd))
         log_length = None
         if g.decay == "exponential":
-            length = value("decay_length", torch.tensor(g.decay_length_um))
+            length = _global(learned, "decay_length", torch.tensor(g.decay_length_um))
             log_length = pyro.sample("log_length", dist.Normal(torch.log(length), g.decay_length_sd))
         expected = expected_amplitude(x, y, z, log_alpha, log_length, slot_xy, g)
         obs = likelihood(expected, sigma, g, learned).mask(real).to_event(1)
