@@ -284,7 +284,7 @@ def test_split_separates_two_neurons_at_one_place_and_merge_rejoins_a_single_neu
 
 
 def test_peeling_subtracts_an_assigned_spike_and_leaves_the_one_under_it():
-    from locsort.sort.peel import Templates, subtract
+    from locsort.sort.peel import Templates, place, subtract
 
     rng = np.random.default_rng(0)
     shape_a = rng.standard_normal((12, 3)).astype(np.float32) * 20  # unit 0 on channels 0, 1, 2 (slot 3 virtual)
@@ -300,6 +300,15 @@ def test_peeling_subtracts_an_assigned_spike_and_leaves_the_one_under_it():
     # what remains is unit 1's spike, up to the least-squares scale's pick-up of it
     assert np.abs(residual - expected).max() < 0.2 * np.abs(shape_b).max()
     assert changed[75:87, 0:3].all() and not changed[:, 3].any() and not changed[:75].any() and not changed[87:].any()
+    # two assigned spikes whose templates overlap are both removed where they add up
+    both, changed = subtract(traces, np.array([80, 84]), np.array([0, 1]), templates, before=6)
+    placed = place(traces, np.array([80, 84]), np.array([0, 1]), templates, before=6)
+    expected = traces.copy()
+    for i in range(2):
+        expected[placed.times[i][:, None], placed.channels[i][placed.real[i]]] -= placed.scale[i] * placed.shape[i][:, placed.real[i]]
+    np.testing.assert_allclose(both, expected, atol=1e-4)
+    assert np.abs(both).max() < 0.02 * np.abs(traces).max()
+    assert changed.sum() == 36 + 36 - 18 and changed[75:90].sum() == changed.sum()  # 12 x 3 each, 9 x 2 shared
     # a unit without a template (no channels) is left alone
     templates.channels[0] = -1
     untouched, nothing = subtract(traces, np.array([80]), np.array([0]), templates, before=6)

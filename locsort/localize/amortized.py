@@ -23,19 +23,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import Trace_ELBO
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LocsortError, UsageError
 from .baseline import CenterOfMass
-from .model import ModelGlobals, latents, model, soma_sd
+from .model import ModelGlobals, elbo, latents, soma_sd
 
 FORMAT = "locsort-encoder"
 FORMAT_VERSION = 1
+# spikes per forward pass at inference: larger batches' activations leave the CPU caches
+# (65,536 ran 4x slower per spike than 2,048; NOTES.md, session 19)
+INFERENCE_BATCH = 2048
 
 
 class Encoder(nn.Module):
@@ -185,15 +186,15 @@ class AmortizedLocalizer:
         scale = (1e-3 + 4.0 * torch.sigmoid(out[:, num:] - 3.0)) * torch.tensor(units, device=out.device)
         return loc, scale
 
-    def _guide(self, amplitudes, real, slot_xy, sigma, g, learned=None):
+    def _approximation(self, amplitudes, real, slot_xy, sigma) -> dict:
+        """The approximate posterior of every latent (name -> distribution, batch (n,))."""
         loc, scale = self._posterior(amplitudes, real, slot_xy, sigma)
-        with pyro.plate("spikes", amplitudes.shape[0]):
-            pyro.sample("x", dist.Normal(loc[:, 0], scale[:, 0]))
-            pyro.sample("y", dist.Normal(loc[:, 1], scale[:, 1]))
-            pyro.sample("z", dist.LogNormal(loc[:, 2], scale[:, 2]))
-            pyro.sample("log_alpha", dist.Normal(loc[:, 3], scale[:, 3]))
-            if loc.shape[1] == 5:
-                pyro.sample("log_length", dist.Normal(loc[:, 4], scale[:, 4]))
+        return {name: (dist.LogNormal if name == "z" else dist.Normal)(loc[:, i], scale[:, i])
+                for i, name in enumerate(latents(self.globals.decay))}
+
+    def _loss(self, batch, learned) -> torch.Tensor:
+        """Negative ELBO summed over the batch's spikes."""
+        return -elbo(self._approximation(*batch), *batch, self.globals, learned).sum()
 
     # ------------------------------------------------------------------ fit
 
@@ -219,7 +220,6 @@ class AmortizedLocalizer:
         self.net = Encoder(num_inputs, self.hidden, 2 * len(latents(self.globals.decay))).to(self.device)
         learned = _LearnedGlobals(self.globals).to(self.device)
         optimizer = torch.optim.Adam(list(self.net.parameters()) + list(learned.parameters()), lr=self.lr)
-        elbo = Trace_ELBO()
         order = rng.permutation(len(centres))
         num_val = max(1, len(order) // 10)
         val, train = order[:num_val], order[num_val:]
@@ -228,29 +228,28 @@ class AmortizedLocalizer:
         best, best_state, stale, history = math.inf, None, 0, []
         start = time.perf_counter()
         bar = tqdm(range(self.max_epochs), desc="train encoder", unit="epoch", disable=not progress, leave=False)
-        with pyro.validation_enabled(False):
-            for _epoch in bar:
-                self.net.train()
-                rng.shuffle(train)
-                for i in range(0, len(train), self.batch_size):
-                    batch = pick(train[i : i + self.batch_size])
-                    loss = elbo.differentiable_loss(model, self._guide, *batch, self.globals, learned.values())
-                    optimizer.zero_grad()
-                    (loss / len(batch[0])).backward()
-                    nn.utils.clip_grad_norm_(self.net.parameters(), 10.0)
-                    optimizer.step()
-                self.net.eval()
-                with torch.no_grad():
-                    val_loss = float(elbo.differentiable_loss(model, self._guide, *val_batch, self.globals, learned.values())) / len(val)
-                history.append(val_loss)
-                bar.set_postfix(val_loss=f"{val_loss:.2f}")
-                if val_loss < best - 1e-3:
-                    best, stale = val_loss, 0
-                    best_state = (copy.deepcopy(self.net.state_dict()), {k: float(v.detach()) for k, v in learned.values().items()})
-                else:
-                    stale += 1
-                if stale >= self.patience or 0 < self.max_seconds < time.perf_counter() - start:
-                    break
+        for _epoch in bar:
+            self.net.train()
+            rng.shuffle(train)
+            for i in range(0, len(train), self.batch_size):
+                batch = pick(train[i : i + self.batch_size])
+                loss = self._loss(batch, learned.values())
+                optimizer.zero_grad()
+                (loss / len(batch[0])).backward()
+                nn.utils.clip_grad_norm_(self.net.parameters(), 10.0)
+                optimizer.step()
+            self.net.eval()
+            with torch.no_grad():
+                val_loss = float(self._loss(val_batch, learned.values())) / len(val)
+            history.append(val_loss)
+            bar.set_postfix(val_loss=f"{val_loss:.2f}")
+            if val_loss < best - 1e-3:
+                best, stale = val_loss, 0
+                best_state = (copy.deepcopy(self.net.state_dict()), {k: float(v.detach()) for k, v in learned.values().items()})
+            else:
+                stale += 1
+            if stale >= self.patience or 0 < self.max_seconds < time.perf_counter() - start:
+                break
         if best_state is None:
             self.net = None
             self.fallback = CenterOfMass(self.fallback_channels)
@@ -279,8 +278,8 @@ class AmortizedLocalizer:
         spike, centres, amplitudes = _flatten(observations, with_spike=True)
         loc_parts, scale_parts = [], []
         with torch.no_grad():
-            for i in range(0, len(centres), 65536):
-                tensors = self._inputs(centres[i : i + 65536], amplitudes[i : i + 65536], neighbourhood)
+            for i in range(0, len(centres), INFERENCE_BATCH):
+                tensors = self._inputs(centres[i : i + INFERENCE_BATCH], amplitudes[i : i + INFERENCE_BATCH], neighbourhood)
                 loc, scale = self._posterior(*tensors)
                 loc_parts.append(loc.cpu().numpy())
                 scale_parts.append(scale.cpu().numpy())

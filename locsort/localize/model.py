@@ -1,5 +1,7 @@
-"""The generative model of spike amplitudes given a point source, written once (Pyro) and used
-by both amortized variational inference (amortized.py) and NUTS (mcmc.py).
+"""The generative model of spike amplitudes given a point source, written once: the priors
+(``priors``) and the amplitudes' distribution given the latents (``amplitudes_given``). The
+Pyro program ``model`` is built from them for NUTS (mcmc.py), and so is ``elbo``, the objective
+that trains the encoder of amortized variational inference (amortized.py).
 
 Per spike, relative to its centre channel (µm, SpikeInterface frame):
 
@@ -42,6 +44,7 @@ from dataclasses import asdict, dataclass
 import pyro
 import pyro.distributions as dist
 import torch
+from torch.distributions import kl_divergence
 
 DECAY_LAWS = ("exponential", "monopole")
 
@@ -101,8 +104,30 @@ def likelihood(expected, sigma, g: ModelGlobals, learned: dict | None = None):
     return dist.Normal(mean, scale)
 
 
+def priors(g: ModelGlobals, learned: dict | None = None) -> dict:
+    """Each latent's prior for one spike, in ``latents`` order (name -> distribution)."""
+    z_median = _global(learned, "prior_z", torch.tensor(g.prior_z_um))
+    found = {
+        "x": dist.Normal(0.0, g.prior_xy_um),
+        "y": dist.Normal(0.0, g.prior_xy_um),
+        "z": dist.LogNormal(torch.log(z_median), _global(learned, "prior_z_sd", g.prior_z_sd)),
+        "log_alpha": dist.Normal(g.prior_log_alpha, g.prior_log_alpha_sd),
+    }
+    if g.decay == "exponential":
+        length = _global(learned, "decay_length", torch.tensor(g.decay_length_um))
+        found["log_length"] = dist.Normal(torch.log(length), g.decay_length_sd)
+    return found
+
+
+def amplitudes_given(values: dict, slot_xy, sigma, g: ModelGlobals, learned: dict | None = None):
+    """The distribution of the K slot amplitudes given the latents' ``values`` (name -> (n,))."""
+    expected = expected_amplitude(values["x"], values["y"], values["z"], values["log_alpha"], values.get("log_length"),
+                                  slot_xy, g)
+    return likelihood(expected, sigma, g, learned)
+
+
 def model(amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | None = None):
-    """The generative model for a batch of spikes.
+    """The generative model for a batch of spikes, as a Pyro program (what NUTS samples).
 
     amplitudes : (n, K) observed negative-peak sizes (µV, >= 0 mostly)
     real : (n, K) bool, slot holds a real channel (virtual slots are masked out)
@@ -111,17 +136,22 @@ def model(amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | Non
     learned : tensors replacing the fixed globals (decay_length, z prior, floor, noise_scale, rel_error)
         while they are fitted
     """
-    n = amplitudes.shape[0]
-    with pyro.plate("spikes", n):
-        x = pyro.sample("x", dist.Normal(0.0, g.prior_xy_um))
-        y = pyro.sample("y", dist.Normal(0.0, g.prior_xy_um))
-        z_median = _global(learned, "prior_z", torch.tensor(g.prior_z_um))
-        z = pyro.sample("z", dist.LogNormal(torch.log(z_median), _global(learned, "prior_z_sd", g.prior_z_sd)))
-        log_alpha = pyro.sample("log_alpha", dist.Normal(g.prior_log_alpha, g.prior_log_alpha_sd))
-        log_length = None
-        if g.decay == "exponential":
-            length = _global(learned, "decay_length", torch.tensor(g.decay_length_um))
-            log_length = pyro.sample("log_length", dist.Normal(torch.log(length), g.decay_length_sd))
-        expected = expected_amplitude(x, y, z, log_alpha, log_length, slot_xy, g)
-        obs = likelihood(expected, sigma, g, learned).mask(real).to_event(1)
+    with pyro.plate("spikes", amplitudes.shape[0]):
+        values = {name: pyro.sample(name, prior) for name, prior in priors(g, learned).items()}
+        obs = amplitudes_given(values, slot_xy, sigma, g, learned).mask(real).to_event(1)
         pyro.sample("amplitudes", obs, obs=amplitudes)
+
+
+def elbo(posterior: dict, amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | None = None):
+    """Per-spike evidence lower bound of ``model`` under a mean-field ``posterior`` (name ->
+    distribution of the same family as the prior): the expected log-likelihood, estimated from
+    one reparameterized draw, minus the KL divergence to the prior, in closed form.
+
+    The same quantity as Pyro's Trace_ELBO on ``model`` (tested), computed without Pyro's
+    tracing: the encoder's training steps are small and were half Pyro bookkeeping; the exact KL
+    also removes the prior terms' sampling noise from the gradients.
+    """
+    draw = {name: q.rsample() for name, q in posterior.items()}
+    log_likelihood = amplitudes_given(draw, slot_xy, sigma, g, learned).log_prob(amplitudes).masked_fill(~real, 0.0).sum(-1)
+    kl = sum(kl_divergence(posterior[name], prior) for name, prior in priors(g, learned).items())
+    return log_likelihood - kl

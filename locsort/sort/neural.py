@@ -54,6 +54,9 @@ NUM_TIME_POINTS = 40  # snippet samples after resampling to a rate-independent g
 EMBEDDING = 128  # backbone output width
 MAX_SHIFT = 1  # training augmentation: snippets move by up to this many points (candidate times wander)
 SLOT_SCALES_UM = (15.0, 30.0, 60.0)  # Fourier features of slot offsets: near neighbours to neighbourhood edge
+# windows per forward pass without gradients: the per-slot activations of larger batches leave
+# the CPU caches, and 8,192 ran 2-4x slower per window than 1,024 (NOTES.md, session 19)
+INFERENCE_BATCH = 1024
 
 
 @dataclass
@@ -187,7 +190,7 @@ class SpikeNet(nn.Module):
         return self.head(self.backbone(waveforms, real, slot_xy), spike_position(waveforms, real, slot_xy, centre_xy))
 
     @torch.no_grad()
-    def imprint(self, tensors, targets, mask, batch_size: int = 8192) -> None:
+    def imprint(self, tensors, targets, mask, batch_size: int = INFERENCE_BATCH) -> None:
         """Imprint the head from labelled spikes (tensors: waveforms, real, slot_xy, centre_xy)."""
         embedding = torch.cat([self.backbone(*(t[i : i + batch_size] for t in tensors[:3]))
                                for i in range(0, len(tensors[0]), batch_size)])
@@ -327,7 +330,7 @@ class NeuralSorter:
         return self
 
     @torch.no_grad()
-    def _shifted_features(self, tensors, batch_size: int = 8192):
+    def _shifted_features(self, tensors, batch_size: int = INFERENCE_BATCH):
         """(S, n, EMBEDDING) backbone outputs and (S, n, 2) spike positions of every window moved
         by each of the S shifts -MAX_SHIFT..MAX_SHIFT: all that a head on a frozen backbone reads,
         computed once instead of once per epoch."""
@@ -350,7 +353,7 @@ class NeuralSorter:
     def num_units(self) -> int:
         return 0 if self.net is None else self.net.head.num_units
 
-    def predict_proba(self, windows: Windows, batch_size: int = 8192) -> torch.Tensor:
+    def predict_proba(self, windows: Windows, batch_size: int = INFERENCE_BATCH) -> torch.Tensor:
         """(n, U) spike probabilities per unit (a tensor on the sorter's device)."""
         if self.net is None:
             raise LocsortError("the neural sorter is not trained: call fit() or load() first")

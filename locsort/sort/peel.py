@@ -115,9 +115,12 @@ def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates:
     t_idx = np.broadcast_to(p.times[:, :, None], p.shape.shape)
     c_idx = np.broadcast_to(p.channels[:, None, :], p.shape.shape)
     keep = np.broadcast_to(p.real[:, None, :], p.shape.shape)
-    # overlapping templates add up (np.subtract.at accumulates repeated indices)
-    np.subtract.at(residual, (t_idx[keep], c_idx[keep]), (p.scale[:, None, None] * p.shape)[keep])
-    changed[t_idx[keep], c_idx[keep]] = True
+    # overlapping templates add up: bincount sums repeated (time, channel) positions (np.subtract.at
+    # does too but took 15 % of the main pass)
+    flat = (t_idx * traces.shape[1] + c_idx)[keep]
+    removed = np.bincount(flat, weights=(p.scale[:, None, None] * p.shape)[keep], minlength=traces.size)
+    residual -= removed.reshape(traces.shape).astype(traces.dtype)
+    changed.flat[flat] = True
     return residual, changed
 
 
