@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyro.distributions as dist
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LocsortError, UsageError
 from .baseline import CenterOfMass
-from .model import ModelGlobals, elbo, latents, soma_sd
+from .model import ModelGlobals, elbo, latents, mean_field, soma_sd
 
 FORMAT = "locsort-encoder"
 FORMAT_VERSION = 1
@@ -188,9 +187,7 @@ class AmortizedLocalizer:
 
     def _approximation(self, amplitudes, real, slot_xy, sigma) -> dict:
         """The approximate posterior of every latent (name -> distribution, batch (n,))."""
-        loc, scale = self._posterior(amplitudes, real, slot_xy, sigma)
-        return {name: (dist.LogNormal if name == "z" else dist.Normal)(loc[:, i], scale[:, i])
-                for i, name in enumerate(latents(self.globals.decay))}
+        return mean_field(*self._posterior(amplitudes, real, slot_xy, sigma), self.globals.decay)
 
     def _loss(self, batch, learned) -> torch.Tensor:
         """Negative ELBO summed over the batch's spikes."""

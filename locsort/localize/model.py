@@ -119,6 +119,13 @@ def priors(g: ModelGlobals, learned: dict | None = None) -> dict:
     return found
 
 
+def mean_field(loc, scale, decay: str) -> dict:
+    """A posterior of independent latents in the priors' families (name -> distribution) from
+    per-latent (n, L) location and scale columns in ``latents`` order."""
+    return {name: (dist.LogNormal if name == "z" else dist.Normal)(loc[:, i], scale[:, i])
+            for i, name in enumerate(latents(decay))}
+
+
 def amplitudes_given(values: dict, slot_xy, sigma, g: ModelGlobals, learned: dict | None = None):
     """The distribution of the K slot amplitudes given the latents' ``values`` (name -> (n,))."""
     expected = expected_amplitude(values["x"], values["y"], values["z"], values["log_alpha"], values.get("log_length"),
