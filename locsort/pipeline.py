@@ -644,7 +644,8 @@ def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -
         spikes["unit_index"] = drop_border_duplicates(spikes["segment_index"], spikes["sample_index"], spikes["unit_index"],
                                                       prep.geometry.refractory)
     if models.label_source != "labels" and params.duplicate_unit_min_shared < 1.0:  # a user's units are kept as given
-        removed = duplicate_units(sorting_from_spikes(spikes, prep.recording), params.duplicate_unit_min_shared)
+        removed = duplicate_units(sorting_from_spikes(spikes, prep.recording), params.duplicate_unit_min_shared,
+                                  params.duplicate_unit_max_lag_ms)
         spikes["unit_index"][np.isin(spikes["unit_index"], removed)] = -1
     return spikes, models
 

@@ -418,3 +418,7 @@ def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():
     independent = np.sort(rng.choice(300_000, 300, replace=False))
     assert duplicate_units(_sorting([real, echo, independent]), min_shared=0.5) == [1]
     assert duplicate_units(_sorting([real, independent]), min_shared=0.5) == []
+    # copies on far channels come up to ~0.7 ms late: found within the default 0.8 ms, not within 0.4 ms
+    late = real[rng.random(400) < 0.6] + 21
+    assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5) == [1]
+    assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5, max_lag_ms=0.4) == []
