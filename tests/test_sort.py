@@ -10,6 +10,7 @@ from locsort.errors import LocsortError, UsageError
 from locsort.evaluate import sorting_accuracy
 from locsort.localize import make_localizer
 from locsort.neighbourhood import Neighbourhood
+from locsort.params import Params
 from locsort.sort.labels import labels_from_sorting, match
 from locsort.sort.neural import NUM_TIME_POINTS, Backbone, NeuralSorter, SpikeNet, Windows, backbone_info, load_backbone
 from locsort.sort.postprocess import assign_units, drop_border_duplicates
@@ -416,9 +417,10 @@ def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():
     real = np.sort(rng.choice(300_000, 400, replace=False))
     echo = real[rng.random(400) < 0.6] + 6  # late copies of 60 % of its spikes, 0.2 ms later
     independent = np.sort(rng.choice(300_000, 300, replace=False))
-    assert duplicate_units(_sorting([real, echo, independent]), min_shared=0.5) == [1]
-    assert duplicate_units(_sorting([real, independent]), min_shared=0.5) == []
-    # copies on far channels come up to ~0.7 ms late: found within the default 0.8 ms, not within 0.4 ms
+    lag = Params().duplicate_unit_max_lag_ms
+    assert duplicate_units(_sorting([real, echo, independent]), min_shared=0.5, max_lag_ms=lag) == [1]
+    assert duplicate_units(_sorting([real, independent]), min_shared=0.5, max_lag_ms=lag) == []
+    # copies on far channels come up to ~0.7 ms late: found within the default lag, not within 0.4 ms
     late = real[rng.random(400) < 0.6] + 21
-    assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5) == [1]
+    assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5, max_lag_ms=lag) == [1]
     assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5, max_lag_ms=0.4) == []

@@ -71,7 +71,7 @@ def drop_border_duplicates(segment: np.ndarray, samples: np.ndarray, units: np.n
     return units
 
 
-def duplicate_units(sorting, min_shared: float, max_lag_ms: float = 0.8) -> list:
+def duplicate_units(sorting, min_shared: float, max_lag_ms: float) -> list:
     """Ids of units that repeat another unit: at least ``min_shared`` of their spikes coincide
     (within ``max_lag_ms``) with the other's, which keeps more spikes. A spike that reaches
     channels beyond the detection radius a little later is a second candidate there, and the
