@@ -584,11 +584,33 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         return None, None
     with prep.timer.stage("train neural"):
         sorter = NeuralSorter(epochs=params.neural_epochs, lr=params.neural_lr, batch_size=params.neural_batch_size,
-                              patience=params.neural_patience, frozen_epochs=params.neural_frozen_epochs, max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed)
+                              patience=params.neural_patience, frozen_epochs=params.neural_frozen_epochs, max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed,
+                              ensemble=params.neural_ensemble or (1 if label_source == "clustering" else 3))
         sorter.fit(sample.windows, targets, mask, backbone=_backbone(params), progress=False)
+        if label_source != "clustering":
+            units = _with_network_units(prep, sample, sorter, units)
         templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, targets.shape[1],
                                   sample.footprints)
     return sorter, templates
+
+
+def _with_network_units(prep: Prepared, sample: TrainingSample, sorter, units: np.ndarray) -> np.ndarray:
+    """``units`` (-1: unlabelled) with the unlabelled spikes of the sample given the unit the
+    trained network assigns them, so that peeling templates average all of a unit's sample
+    spikes: a user's labels may be only the first K spikes of each unit, and 10 spikes make a
+    noisy template (or none, below peel.MIN_SPIKES on the unit's usual centre)."""
+    import torch
+
+    from .sort.postprocess import assign_units
+
+    proba = sorter.predict_proba(sample.windows)
+    assigned = np.full(len(units), -1, np.int64)
+    segments = sample.peaks["segment_index"]
+    for segment in np.unique(segments):
+        rows = np.flatnonzero(segments == segment)
+        assigned[rows], _ = assign_units(sample.peaks["sample_index"][rows], proba[torch.as_tensor(rows, device=proba.device)],
+                                         prep.params.neural_threshold, prep.geometry.refractory)
+    return np.where(units >= 0, units, assigned)
 
 
 def _merge_shifted(prep: Prepared, sample: TrainingSample, units: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ from locsort.localize import make_localizer
 from locsort.neighbourhood import Neighbourhood
 from locsort.params import Params
 from locsort.sort.labels import labels_from_sorting, match
-from locsort.sort.neural import NUM_TIME_POINTS, Backbone, NeuralSorter, SpikeNet, Windows, backbone_info, load_backbone
+from locsort.sort.neural import (NUM_TIME_POINTS, Backbone, Ensemble, NeuralSorter, SpikeNet, Windows, backbone_info,
+                                 load_backbone)
 from locsort.sort.postprocess import assign_units, drop_border_duplicates
 from locsort.sort.pretrained import BACKBONE_PATH
 
@@ -97,6 +98,8 @@ def test_neural_sorter_trained_on_ground_truth_recovers_the_units(ground_truth_r
     _, truth = ground_truth_recording
     spikes, result, sorting = trained_on_truth
     assert result.neural is not None and result.neural.pretrained and result.label_source == "labels"
+    # with a user's labels the default is an ensemble of three networks from different seeds
+    assert isinstance(result.neural.net, Ensemble) and len(result.neural.net.members) == 3
     score = sorting_accuracy(sorting, truth)
     assert score["num_units"] <= 20  # at most one output unit per labelled unit
     assert score["well_detected"] >= 14, score
@@ -126,6 +129,48 @@ def test_trained_neural_sorter_saves_and_loads_to_the_same_outputs(tmp_path, gro
               metadata={"format": "locsort-neural-sorter", "version": "1", "kind": "sorter", "num_time_points": str(NUM_TIME_POINTS)})
     with pytest.raises(LocsortError, match="another locsort"):
         NeuralSorter.load(tmp_path / "old.safetensors")
+
+
+def test_an_ensemble_averages_its_members_probabilities():
+    positions = np.stack(np.meshgrid(np.arange(5) * 20.0, np.arange(5) * 20.0), -1).reshape(-1, 2)
+    hood = Neighbourhood(positions)
+    rng = np.random.default_rng(1)
+    centre = rng.integers(0, len(positions), 30)
+    inputs = (torch.as_tensor(rng.normal(size=(30, NUM_TIME_POINTS, hood.size)), dtype=torch.float32),
+              torch.as_tensor(hood.real[centre]), torch.as_tensor(hood.offsets[centre], dtype=torch.float32),
+              torch.as_tensor(hood.positions[centre], dtype=torch.float32))
+    torch.manual_seed(0)
+    members = [SpikeNet(4).eval(), SpikeNet(4).eval()]
+    with torch.no_grad():
+        expected = (torch.sigmoid(members[0](*inputs)) + torch.sigmoid(members[1](*inputs))) / 2
+        torch.testing.assert_close(torch.sigmoid(Ensemble(members)(*inputs)), expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(expected, torch.sigmoid(members[0](*inputs)))  # the members differ
+
+
+def test_peeling_templates_from_few_labels_take_the_networks_other_spikes(ground_truth_recording):
+    """With 5 labelled spikes per unit, the unlabelled spikes of the training stretch join the
+    unit the trained network gives them (peeling templates average them too); labels stay."""
+    recording, truth = ground_truth_recording
+    params = locsort.Params(**FAST, localization_method="center_of_mass")
+    prep = locsort.pipeline.prepare(recording, params)
+    labels = labels_from_sorting(truth.sorting, prep.recording, max_spikes_per_unit=5)
+    sample = locsort.pipeline._training_sample(prep, make_localizer("center_of_mass", params), None, progress=False,
+                                               windows=True, labels=labels)
+    labelled = np.where((sample.targets * sample.mask).max(1) > 0, (sample.targets * sample.mask).argmax(1), -1)
+    sorter = NeuralSorter(epochs=4).fit(sample.windows, sample.targets, sample.mask, backbone=load_backbone(BACKBONE_PATH))
+    units = locsort.pipeline._with_network_units(prep, sample, sorter, labelled)
+    assert np.array_equal(units[labelled >= 0], labelled[labelled >= 0])
+    added = (labelled < 0) & (units >= 0)
+    assert added.sum() >= 2 * (labelled >= 0).sum(), (added.sum(), (labelled >= 0).sum())
+    # the added spikes are mostly the unit's own: the truth's unit of the nearest true spike
+    vector = truth.sorting.to_spike_vector()
+    times, true_unit = vector["sample_index"], vector["unit_index"]
+    when = sample.peaks["sample_index"][added]
+    right = np.clip(np.searchsorted(times, when), 1, len(times) - 1)
+    nearest = np.where(np.abs(times[right] - when) < np.abs(times[right - 1] - when), right, right - 1)
+    true_label = np.array([list(labels.unit_ids).index(uid) for uid in truth.sorting.unit_ids[true_unit[nearest]]])
+    agree = (np.abs(times[nearest] - when) <= 5) & (true_label == units[added])
+    assert agree.mean() > 0.8, agree.mean()
 
 
 def test_pretrained_backbone_is_shipped_documented_and_fits_any_geometry():

@@ -196,6 +196,29 @@ class SpikeNet(nn.Module):
                                for i in range(0, len(tensors[0]), batch_size)])
         self.head.imprint(embedding, spike_position(*tensors), targets, mask)
 
+    @property
+    def num_units(self) -> int:
+        return self.head.num_units
+
+
+class Ensemble(nn.Module):
+    """SpikeNets trained alike from different seeds; outputs the logit of their mean
+    probability. With a few labels per unit, one network's head fits its K positives tightly
+    and what it calls an unseen spike of the unit depends on its seed; the average of several
+    is steadier (BENCHMARKS.md, transfer learning)."""
+
+    def __init__(self, members: list[SpikeNet]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, waveforms, real, slot_xy, centre_xy):
+        probability = torch.stack([torch.sigmoid(net(waveforms, real, slot_xy, centre_xy)) for net in self.members]).mean(0)
+        return torch.logit(probability, eps=1e-6)
+
+    @property
+    def num_units(self) -> int:
+        return self.members[0].num_units
+
 
 def _shift(waveforms: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Training augmentation: move each snippet by up to ``max_shift`` points in time, as
@@ -232,7 +255,7 @@ class NeuralSorter:
 
     def __init__(self, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256, max_seconds: float = 0.0,
                  patience: int = 5, device: str = "cpu", seed: int = 0, backbone_lr_scale: float = 0.3,
-                 frozen_epochs: int = 0):
+                 frozen_epochs: int = 0, ensemble: int = 1):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -242,7 +265,8 @@ class NeuralSorter:
         self.seed = seed
         self.backbone_lr_scale = backbone_lr_scale
         self.frozen_epochs = frozen_epochs
-        self.net: SpikeNet | None = None
+        self.ensemble = max(1, int(ensemble))
+        self.net: SpikeNet | Ensemble | None = None
         self.pretrained = False
         self.history: dict = {}
 
@@ -250,14 +274,28 @@ class NeuralSorter:
 
     def fit(self, windows: Windows, targets: np.ndarray, mask: np.ndarray | None = None,
             backbone: Backbone | None = None, progress: bool = False) -> "NeuralSorter":
+        """Train ``ensemble`` networks (one: a SpikeNet; more: an Ensemble of them)."""
         targets = np.asarray(targets, dtype=np.float32)
-        num_units = targets.shape[1]
-        if num_units == 0:
+        if targets.shape[1] == 0:
             raise LocsortError("no units to train the neural sorter on: the labels have no unit with a labelled spike")
         mask = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-        torch.manual_seed(self.seed)
-        generator = torch.Generator().manual_seed(self.seed)
-        rng = np.random.default_rng(self.seed)
+        members, histories = [], []
+        for j in range(self.ensemble):
+            # members differ in seed (head start, held-out split, batch order); seeds 1000
+            # apart, so that runs with neighbouring seeds share no member
+            members.append(self._fit_member(windows, targets, mask, backbone, progress, self.seed + 1000 * j))
+            histories.append(self.history)
+        self.net = members[0] if len(members) == 1 else Ensemble(members).eval()
+        self.history = {**histories[0], "members": len(members), "seconds": sum(h["seconds"] for h in histories)}
+        return self
+
+    def _fit_member(self, windows: Windows, targets: np.ndarray, mask: np.ndarray, backbone: Backbone | None,
+                    progress: bool, seed: int) -> SpikeNet:
+        """One SpikeNet trained from ``seed`` (also left in ``self.net`` and ``self.history``)."""
+        num_units = targets.shape[1]
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
         self.pretrained = backbone is not None
         self.net = SpikeNet(num_units, copy.deepcopy(backbone) if backbone is not None else None).to(self.device)
         tensors = self._tensors(windows)
@@ -327,7 +365,7 @@ class NeuralSorter:
         self.history = {"epochs": len(history), "val_loss": history, "train_windows": int(len(train)),
                         "units": int(num_units), "pretrained_backbone": self.pretrained,
                         "seconds": time.perf_counter() - start}
-        return self
+        return self.net
 
     @torch.no_grad()
     def _shifted_features(self, tensors, batch_size: int = INFERENCE_BATCH):
@@ -351,7 +389,7 @@ class NeuralSorter:
 
     @property
     def num_units(self) -> int:
-        return 0 if self.net is None else self.net.head.num_units
+        return 0 if self.net is None else self.net.num_units
 
     def predict_proba(self, windows: Windows, batch_size: int = INFERENCE_BATCH) -> torch.Tensor:
         """(n, U) spike probabilities per unit (a tensor on the sorter's device)."""
@@ -372,9 +410,13 @@ class NeuralSorter:
 
         if self.net is None:
             raise LocsortError("nothing to save: the neural sorter was not trained")
+        if backbone_only and isinstance(self.net, Ensemble):
+            raise LocsortError("an ensemble of networks has no single backbone to save")
         module = self.net.backbone if backbone_only else self.net
+        members = len(self.net.members) if isinstance(self.net, Ensemble) else 1
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "kind": "backbone" if backbone_only else "sorter",
-                "num_units": str(self.num_units), "num_time_points": str(NUM_TIME_POINTS), "info": json.dumps(info or {})}
+                "num_units": str(self.num_units), "members": str(members), "num_time_points": str(NUM_TIME_POINTS),
+                "info": json.dumps(info or {})}
         save_safetensors_atomic(path, module.state_dict(), meta)
 
     @classmethod
@@ -383,7 +425,8 @@ class NeuralSorter:
         if kind != "sorter":
             raise UsageError(f"{path} holds a backbone only (load it with load_backbone and fine-tune a head)")
         sorter = cls(device=device, **kwargs)
-        sorter.net = SpikeNet(int(meta["num_units"]))
+        num_units, members = int(meta["num_units"]), int(meta.get("members", 1))
+        sorter.net = SpikeNet(num_units) if members == 1 else Ensemble([SpikeNet(num_units) for _ in range(members)])
         _load_state(sorter.net, state, path)
         sorter.net.to(sorter.device).eval()
         return sorter
