@@ -50,7 +50,10 @@ def main():
     parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds averaged per cell")
+    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from benchmarks/results, run nothing")
     args = parser.parse_args()
+    if args.report_only:
+        return write_report(load_results("transfer"), args)
 
     import locsort
 
@@ -86,7 +89,9 @@ def write_report(results, args):
              "half. Each cell: mean accuracy / units with accuracy >= 0.8 / false-positive units, each the mean over the "
              "training seeds (per-seed accuracies in benchmarks/results). Both rows imprint the head from the labelled "
              "spikes (one prototype per unit) and then train; a pretrained backbone is frozen for the first "
-             f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned.", ""]
+             f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned. With labels, the sorter is "
+             "an ensemble of 3 such networks trained from different seeds (neural_ensemble), and peeling's unit templates "
+             "average every spike of the labelled stretch that the trained network assigns to the unit.", ""]
     for name, rows in results.items():
         ks = sorted({int(key.split("K=")[1]) for key in rows})
         lines += [f"### {name}: {RECORDINGS[name]}", "", "| | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
