@@ -585,7 +585,7 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
     with prep.timer.stage("train neural"):
         sorter = NeuralSorter(epochs=params.neural_epochs, lr=params.neural_lr, batch_size=params.neural_batch_size,
                               patience=params.neural_patience, frozen_epochs=params.neural_frozen_epochs, max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed,
-                              ensemble=params.neural_ensemble or (1 if label_source == "clustering" else 3))
+                              ensemble=params.neural_ensemble or (3 if label_source == "labels" and params.label_max_spikes_per_unit else 1))
         sorter.fit(sample.windows, targets, mask, backbone=_backbone(params), progress=False)
         if label_source != "clustering":
             units = _with_network_units(prep, sample, sorter, units)

@@ -98,8 +98,6 @@ def test_neural_sorter_trained_on_ground_truth_recovers_the_units(ground_truth_r
     _, truth = ground_truth_recording
     spikes, result, sorting = trained_on_truth
     assert result.neural is not None and result.neural.pretrained and result.label_source == "labels"
-    # with a user's labels the default is an ensemble of three networks from different seeds
-    assert isinstance(result.neural.net, Ensemble) and len(result.neural.net.members) == 3
     score = sorting_accuracy(sorting, truth)
     assert score["num_units"] <= 20  # at most one output unit per labelled unit
     assert score["well_detected"] >= 14, score
@@ -145,6 +143,21 @@ def test_an_ensemble_averages_its_members_probabilities():
         expected = (torch.sigmoid(members[0](*inputs)) + torch.sigmoid(members[1](*inputs))) / 2
         torch.testing.assert_close(torch.sigmoid(Ensemble(members)(*inputs)), expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(expected, torch.sigmoid(members[0](*inputs)))  # the members differ
+
+
+def test_an_ensemble_saves_and_loads_to_the_same_outputs(tmp_path):
+    positions = np.stack(np.meshgrid(np.arange(5) * 20.0, np.arange(5) * 20.0), -1).reshape(-1, 2)
+    hood = Neighbourhood(positions)
+    rng = np.random.default_rng(2)
+    centre = rng.integers(0, len(positions), 200)
+    windows = Windows(rng.normal(size=(200, NUM_TIME_POINTS, hood.size)).astype(np.float16), hood.real[centre],
+                      hood.offsets[centre], hood.positions[centre].astype(np.float32))
+    targets = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 200)]
+    sorter = NeuralSorter(epochs=2, ensemble=2).fit(windows, targets)
+    assert isinstance(sorter.net, Ensemble) and len(sorter.net.members) == 2 and sorter.num_units == 3
+    sorter.save(tmp_path / "ensemble.safetensors")
+    loaded = NeuralSorter.load(tmp_path / "ensemble.safetensors")
+    torch.testing.assert_close(loaded.predict_proba(windows), sorter.predict_proba(windows))
 
 
 def test_peeling_templates_from_few_labels_take_the_networks_other_spikes(ground_truth_recording):
