@@ -541,6 +541,7 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
     """A NeuralSorter trained on the training sample and its units' peeling templates, or
     (None, None) when there is nothing to learn (then the caller clusters every spike, and
     ``notes`` says why)."""
+    from .sort.cluster import renumber
     from .sort.neural import NeuralSorter
     from .sort.peel import Templates
 
@@ -565,6 +566,8 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
                                                params.merge_max_amplitude_ratio)
                 if params.merge_max_shift_ms > 0 and len(units) and units.max() >= 1:
                     units = _merge_shifted(prep, sample, units)
+        copies = _late_copies(prep, sample, units)
+        units = renumber(np.where(copies, -1, units))
         num_units = int(units.max()) + 1 if len(units) and units.max() >= 0 else 0
         if num_units == 0:
             notes.append("the clustering of the training sample found no units, so the neural sorter was not trained")
@@ -572,6 +575,7 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         targets = np.zeros((len(units), num_units), np.float32)
         targets[np.flatnonzero(units >= 0), units[units >= 0]] = 1.0
         mask = np.repeat((units >= 0)[:, None], num_units, axis=1)
+        mask[copies] = True  # a late copy is a known negative of every unit: the network learns to reject it
     else:
         targets, mask = sample.targets, sample.mask
         units = np.where((targets * mask).max(axis=1) > 0, (targets * mask).argmax(axis=1), -1)
@@ -592,6 +596,22 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, targets.shape[1],
                                   sample.footprints)
     return sorter, templates
+
+
+def _late_copies(prep: Prepared, sample: TrainingSample, units: np.ndarray) -> np.ndarray:
+    """(n,) bool: the sample's spikes in clusters that repeat a larger cluster's spikes a little
+    later (sort/postprocess.duplicate_units): one neuron's spikes detected again on far
+    channels. On the 128-channel MEArec recording two such clusters became units whose spikes
+    were false positives of a true unit (#8's precision 0.68; NOTES.md, session 21)."""
+    from .sort.labels import segment_offsets
+    from .sort.postprocess import repeated_unit_spikes
+
+    params = prep.params
+    if params.duplicate_unit_min_shared >= 1.0:
+        return np.zeros(len(units), bool)
+    times = sample.peaks["sample_index"] + segment_offsets(prep.recording)[sample.peaks["segment_index"]]
+    return repeated_unit_spikes(times, units, prep.recording.get_sampling_frequency(), params.duplicate_unit_min_shared,
+                                params.duplicate_unit_max_lag_ms)
 
 
 def _with_network_units(prep: Prepared, sample: TrainingSample, sorter, units: np.ndarray) -> np.ndarray:

@@ -482,3 +482,11 @@ def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():
     late = real[rng.random(400) < 0.6] + 21
     assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5, max_lag_ms=lag) == [1]
     assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5, max_lag_ms=0.4) == []
+    # the same test on training-sample clusters (one time axis, -1: no cluster) flags the copy's spikes
+    from locsort.sort.postprocess import repeated_unit_spikes
+
+    times = np.concatenate([real, late, independent, [150_000]])
+    units = np.concatenate([np.zeros(len(real)), np.ones(len(late)), np.full(len(independent), 2), [-1]]).astype(np.int64)
+    shuffle = rng.permutation(len(times))
+    flagged = repeated_unit_spikes(times[shuffle], units[shuffle], 30_000.0, 0.5, lag)
+    assert np.array_equal(flagged, units[shuffle] == 1)

@@ -85,3 +85,17 @@ def duplicate_units(sorting, min_shared: float, max_lag_ms: float) -> list:
     kept = remove_redundant_units(sorting, align=False, remove_strategy="max_spikes", duplicate_threshold=min_shared,
                                   delta_time=max_lag_ms)
     return sorted(set(sorting.unit_ids.tolist()) - set(kept.unit_ids.tolist()))
+
+
+def repeated_unit_spikes(times: np.ndarray, units: np.ndarray, sampling_frequency: float, min_shared: float,
+                         max_lag_ms: float) -> np.ndarray:
+    """(n,) bool: the spikes of units that repeat another (``duplicate_units``), for clusters of
+    spikes at ``times`` (samples, one time axis) with ``units`` (-1: none)."""
+    from spikeinterface.core import NumpySorting
+
+    keep = np.flatnonzero(units >= 0)
+    if len(np.unique(units[keep])) < 2:
+        return np.zeros(len(units), bool)
+    order = keep[np.argsort(times[keep], kind="stable")]
+    sorting = NumpySorting.from_samples_and_labels([times[order]], [units[order]], sampling_frequency)
+    return np.isin(units, duplicate_units(sorting, min_shared, max_lag_ms))
