@@ -95,7 +95,7 @@ class Params:
     merge_min_similarity: float = 0.95  # merge clusters whose templates agree this well (cosine over shared contacts; 1: never)
     merge_max_amplitude_ratio: float = 1.5  # ... and whose template sizes differ by at most this factor
     merge_max_shift_ms: float = 0.3  # ... also when one template is shifted by up to this (one neuron detected on channels its spike reaches at different times; 0: lag 0 only)
-    duplicate_unit_min_shared: float = 0.5  # a unit with this share of its spikes within duplicate_unit_max_lag_ms of a larger unit's repeats it and is removed (own labels only; 1: never); on the training sample's clusters too, whose copies become negatives the network learns to reject (np128 0.925 / 45 -> 0.929 / 46, #8's precision 0.68 -> 0.88)
+    duplicate_unit_min_shared: float = 0.5  # a unit with this share of its spikes within duplicate_unit_max_lag_ms of a larger unit's repeats it and is removed (own labels only; 1: never); on the training sample's clusters too, whose copies become negatives the network learns to reject (np128 0.925 / 45 -> 0.929 / 46, #8's precision 0.68 -> 0.88; every pair with a coincidence is examined, not only SpikeInterface's agreement >= 0.2: FP units 2 -> 0)
     duplicate_unit_max_lag_ms: float = 0.8  # ... (late copies on far channels come 0.4-0.7 ms after the spike: np128 FP units 4 -> 2 at 0.8 ms, accuracy unchanged; np64 unchanged; NOTES.md session 20)
     cluster_location_scale_um: float = 5.0  # µm that count as one unit of distance in the clustering space
 

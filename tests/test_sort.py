@@ -482,6 +482,9 @@ def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():
     late = real[rng.random(400) < 0.6] + 21
     assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5, max_lag_ms=lag) == [1]
     assert duplicate_units(_sorting([real, late, independent]), min_shared=0.5, max_lag_ms=0.4) == []
+    # a small copy of a large unit (agreement 40 / 400 = 0.1, below SpikeInterface's default pre-filter of 0.2)
+    few = np.sort(rng.choice(real, 40, replace=False)) + 21
+    assert duplicate_units(_sorting([real, few, independent]), min_shared=0.5, max_lag_ms=lag) == [1]
     # the same test on training-sample clusters (one time axis, -1: no cluster) flags the copy's spikes
     from locsort.sort.postprocess import repeated_unit_spikes
 
