@@ -129,14 +129,18 @@ def test_trained_neural_sorter_saves_and_loads_to_the_same_outputs(tmp_path, gro
         NeuralSorter.load(tmp_path / "old.safetensors")
 
 
-def test_an_ensemble_averages_its_members_probabilities():
+def _noise_windows(n: int, seed: int) -> Windows:
+    """``n`` windows of white noise on random centres of a 5 x 5 grid of 20 µm."""
     positions = np.stack(np.meshgrid(np.arange(5) * 20.0, np.arange(5) * 20.0), -1).reshape(-1, 2)
     hood = Neighbourhood(positions)
-    rng = np.random.default_rng(1)
-    centre = rng.integers(0, len(positions), 30)
-    inputs = (torch.as_tensor(rng.normal(size=(30, NUM_TIME_POINTS, hood.size)), dtype=torch.float32),
-              torch.as_tensor(hood.real[centre]), torch.as_tensor(hood.offsets[centre], dtype=torch.float32),
-              torch.as_tensor(hood.positions[centre], dtype=torch.float32))
+    rng = np.random.default_rng(seed)
+    centre = rng.integers(0, len(positions), n)
+    return Windows(rng.normal(size=(n, NUM_TIME_POINTS, hood.size)).astype(np.float16), hood.real[centre],
+                   hood.offsets[centre], hood.positions[centre].astype(np.float32))
+
+
+def test_an_ensemble_averages_its_members_probabilities():
+    inputs = NeuralSorter()._tensors(_noise_windows(30, seed=1))
     torch.manual_seed(0)
     members = [SpikeNet(4).eval(), SpikeNet(4).eval()]
     with torch.no_grad():
@@ -146,13 +150,8 @@ def test_an_ensemble_averages_its_members_probabilities():
 
 
 def test_an_ensemble_saves_and_loads_to_the_same_outputs(tmp_path):
-    positions = np.stack(np.meshgrid(np.arange(5) * 20.0, np.arange(5) * 20.0), -1).reshape(-1, 2)
-    hood = Neighbourhood(positions)
-    rng = np.random.default_rng(2)
-    centre = rng.integers(0, len(positions), 200)
-    windows = Windows(rng.normal(size=(200, NUM_TIME_POINTS, hood.size)).astype(np.float16), hood.real[centre],
-                      hood.offsets[centre], hood.positions[centre].astype(np.float32))
-    targets = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 200)]
+    windows = _noise_windows(200, seed=2)
+    targets = np.eye(3, dtype=np.float32)[np.random.default_rng(2).integers(0, 3, 200)]
     sorter = NeuralSorter(epochs=2, ensemble=2).fit(windows, targets)
     assert isinstance(sorter.net, Ensemble) and len(sorter.net.members) == 2 and sorter.num_units == 3
     sorter.save(tmp_path / "ensemble.safetensors")
