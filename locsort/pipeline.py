@@ -601,8 +601,9 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
 def _late_copies(prep: Prepared, sample: TrainingSample, units: np.ndarray) -> np.ndarray:
     """(n,) bool: the sample's spikes in clusters that repeat a larger cluster's spikes within
     ``duplicate_unit_max_lag_ms`` (sort/postprocess.duplicate_units): one neuron's spikes
-    detected again on far channels. On the 128-channel MEArec recording two such clusters became units whose spikes
-    were false positives of a true unit (#8's precision 0.68; NOTES.md, session 21)."""
+    detected again on far channels. On the 128-channel MEArec recording two such clusters
+    became units whose spikes were false positives of a true unit (#8's precision 0.68;
+    NOTES.md, session 21)."""
     from .sort.labels import segment_offsets
     from .sort.postprocess import repeated_unit_spikes
 

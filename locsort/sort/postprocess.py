@@ -97,7 +97,7 @@ def repeated_unit_spikes(times: np.ndarray, units: np.ndarray, sampling_frequenc
     from spikeinterface.core import NumpySorting
 
     keep = np.flatnonzero(units >= 0)
-    if len(np.unique(units[keep])) < 2:
+    if len(keep) == 0:
         return np.zeros(len(units), bool)
     order = keep[np.argsort(times[keep], kind="stable")]
     sorting = NumpySorting.from_samples_and_labels([times[order]], [units[order]], sampling_frequency)
