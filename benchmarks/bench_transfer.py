@@ -90,8 +90,10 @@ def write_report(results, args):
              "training seeds (per-seed accuracies in benchmarks/results). Both rows imprint the head from the labelled "
              "spikes (one prototype per unit) and then train; a pretrained backbone is frozen for the first "
              f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned. With labels limited to K per "
-             "unit, the sorter is an ensemble of 3 such networks trained from different seeds (neural_ensemble), and peeling's unit templates "
-             "average every spike of the labelled stretch that the trained network assigns to the unit.", ""]
+             "unit, the sorter is an ensemble of 3 such networks trained from different seeds (neural_ensemble), each trained with 4 "
+             "synthetic spikes per labelled spike (its unit's mean snippet plus another labelled spike's noise; "
+             "neural_synthetic_positives), and peeling's unit templates average every spike of the labelled stretch that the "
+             "trained network assigns to the unit.", ""]
     for name, rows in results.items():
         ks = sorted({int(key.split("K=")[1]) for key in rows})
         lines += [f"### {name}: {RECORDINGS[name]}", "", "| | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]

@@ -586,10 +586,13 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         if label_source != "clustering":
             raise LocsortError(notes[-1] + "; give labels covering more of the recording or a larger K")
         return None, None
+    few_labels = label_source == "labels" and params.label_max_spikes_per_unit > 0  # a user's first K spikes per unit
     with prep.timer.stage("train neural"):
         sorter = NeuralSorter(epochs=params.neural_epochs, lr=params.neural_lr, batch_size=params.neural_batch_size,
                               patience=params.neural_patience, frozen_epochs=params.neural_frozen_epochs, max_seconds=params.neural_max_seconds, device=resolve_device(params.device), seed=params.seed,
-                              ensemble=params.neural_ensemble or (3 if label_source == "labels" and params.label_max_spikes_per_unit else 1))
+                              ensemble=params.neural_ensemble or (3 if few_labels else 1),
+                              synthetic_positives=params.neural_synthetic_positives if params.neural_synthetic_positives >= 0
+                              else (4 if few_labels else 0))
         sorter.fit(sample.windows, targets, mask, backbone=_backbone(params), progress=False)
         if label_source != "clustering":
             units = _with_network_units(prep, sample, sorter, units)

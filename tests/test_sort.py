@@ -159,6 +159,39 @@ def test_an_ensemble_saves_and_loads_to_the_same_outputs(tmp_path):
     torch.testing.assert_close(loaded.predict_proba(windows), sorter.predict_proba(windows))
 
 
+def test_synthetic_positives_are_a_units_mean_snippet_plus_another_labelled_spikes_noise():
+    from locsort.sort.neural import _with_synthetic_positives
+
+    hood = Neighbourhood(np.stack(np.meshgrid(np.arange(5) * 20.0, np.arange(5) * 20.0), -1).reshape(-1, 2))
+    corner, middle = 0, 12
+    assert not hood.real[corner].all() and hood.real[middle].all()
+    rng = np.random.default_rng(3)
+    template = np.sin(np.linspace(0, 3, NUM_TIME_POINTS))[:, None] * rng.normal(size=hood.size) * 8
+    # unit 0: 8 spikes on the corner contact and a lone one on the middle contact; unit 1: 6 spikes
+    # (the opposite sign) on the middle contact; then a negative and an unlabelled window
+    centre = np.array([corner] * 8 + [middle] * 9)
+    owner = np.array([0] * 9 + [1] * 6 + [-1, -1])
+    sign = np.select([owner == 0, owner == 1], [1.0, -1.0], 0.0)
+    waves = (rng.normal(size=(len(centre), NUM_TIME_POINTS, hood.size)) + sign[:, None, None] * template) * hood.real[centre][:, None, :]
+    windows = Windows(waves.astype(np.float16), hood.real[centre], hood.offsets[centre], hood.positions[centre].astype(np.float32))
+    targets = np.zeros((len(centre), 2), np.float32)
+    targets[owner >= 0, owner[owner >= 0]] = 1
+    mask = np.ones_like(targets)
+    mask[-1] = 0
+    new, tensors, y, m = _with_synthetic_positives(NeuralSorter()._tensors(windows), torch.as_tensor(targets),
+                                                   torch.as_tensor(mask), torch.arange(len(centre)), 200,
+                                                   torch.Generator().manual_seed(0))
+    assert np.array_equal(new, np.arange(len(centre), len(centre) + 200 * 14))  # the lone spike has no noise of its own to give
+    for unit, rows, contact in ((0, np.arange(8), corner), (1, np.arange(9, 15), middle)):
+        made = new[y[new, unit].numpy() == 1]
+        assert len(made) == 200 * len(rows) and (y[made, 1 - unit] == 0).all() and (m[made] == 1).all()
+        assert np.allclose(tensors[3][made].numpy(), hood.positions[contact])
+        noise = tensors[0][made].numpy() - waves[rows].mean(0)  # around the unit's mean snippet on its contact
+        real = hood.real[contact]
+        assert abs(noise[:, :, real].std() - 1.0) < 0.08  # noise of the data's size on every contact, not shrunk by the mean
+        assert not noise[:, :, ~real].any()  # virtual slots stay empty
+
+
 def test_peeling_templates_from_few_labels_take_the_networks_other_spikes(ground_truth_recording):
     """With 5 labelled spikes per unit, the unlabelled spikes of the training stretch join the
     unit the trained network gives them (peeling templates average them too); labels stay."""
