@@ -190,6 +190,9 @@ def test_synthetic_positives_are_a_units_mean_snippet_plus_another_labelled_spik
         real = hood.real[contact]
         assert abs(noise[:, :, real].std() - 1.0) < 0.08  # noise of the data's size on every contact, not shrunk by the mean
         assert not noise[:, :, ~real].any()  # virtual slots stay empty
+    lone = _with_synthetic_positives(NeuralSorter()._tensors(windows), torch.as_tensor(targets), torch.as_tensor(mask),
+                                     torch.arange(8, 10), 200, torch.Generator())  # one spike per unit (K = 1): nothing to add
+    assert len(lone[0]) == 0 and len(lone[1][0]) == len(centre)
 
 
 def test_peeling_templates_from_few_labels_take_the_networks_other_spikes(ground_truth_recording):
