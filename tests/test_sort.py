@@ -129,12 +129,16 @@ def test_trained_neural_sorter_saves_and_loads_to_the_same_outputs(tmp_path, gro
         NeuralSorter.load(tmp_path / "old.safetensors")
 
 
+def _grid_neighbourhood() -> Neighbourhood:
+    """Neighbourhoods of a 5 x 5 grid of 20 µm (the corners' have virtual slots)."""
+    return Neighbourhood(np.stack(np.meshgrid(np.arange(5) * 20.0, np.arange(5) * 20.0), -1).reshape(-1, 2))
+
+
 def _noise_windows(n: int, seed: int) -> Windows:
-    """``n`` windows of white noise on random centres of a 5 x 5 grid of 20 µm."""
-    positions = np.stack(np.meshgrid(np.arange(5) * 20.0, np.arange(5) * 20.0), -1).reshape(-1, 2)
-    hood = Neighbourhood(positions)
+    """``n`` windows of white noise on random centres of the 5 x 5 grid."""
+    hood = _grid_neighbourhood()
     rng = np.random.default_rng(seed)
-    centre = rng.integers(0, len(positions), n)
+    centre = rng.integers(0, len(hood.positions), n)
     return Windows(rng.normal(size=(n, NUM_TIME_POINTS, hood.size)).astype(np.float16), hood.real[centre],
                    hood.offsets[centre], hood.positions[centre].astype(np.float32))
 
@@ -162,7 +166,7 @@ def test_an_ensemble_saves_and_loads_to_the_same_outputs(tmp_path):
 def test_synthetic_positives_are_a_units_mean_snippet_plus_another_labelled_spikes_noise():
     from locsort.sort.neural import _with_synthetic_positives
 
-    hood = Neighbourhood(np.stack(np.meshgrid(np.arange(5) * 20.0, np.arange(5) * 20.0), -1).reshape(-1, 2))
+    hood = _grid_neighbourhood()
     corner, middle = 0, 12
     assert not hood.real[corner].all() and hood.real[middle].all()
     rng = np.random.default_rng(3)
