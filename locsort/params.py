@@ -81,6 +81,7 @@ class Params:
     peel_max_channels: int = 40  # ... at most this many, the nearest (dense arrays: bounds the training sample's memory)
     neural_rescue_min_probability: float = 0.1  # a candidate the network rejects goes to the best-fitting template among its 3 most probable units of at least this probability (overlapping spikes; 1: off; np64 0.847 -> 0.849, np128 0.923 -> 0.926; 0.05 / 0.1 and fit 0.3 / 0.5 / 0.7 within 0.001)
     neural_rescue_min_fit: float = 0.5  # ... when that template removes at least this fraction of its energy at the spike
+    peel_detect_threshold: float = 4.5  # the residual is searched at this threshold (x noise level), under the subtracted spikes and wherever the first pass found nothing: faint units' spikes between this and detect_threshold (with lagged_copy_min_share: np64 0.849 / 43 -> 0.869 / 44, np128 0.929 / 46 -> 0.944 / 46; 5.0: 0.854 / 0.944; 4.0: 0.869 / 0.941; NOTES.md session 23)
     neural_peel_threshold: float = 0.95  # a spike found under others must be this probable (the residual holds leftovers of imperfect subtraction; 0.5 / 0.8 / 0.95: np64 accuracy 0.831 / 0.834 / 0.837)
     neural_peel_min_fit: float = 0.3  # ... and one its unit's template fits: least squares removes at least this fraction of the template's energy from the residual (leftovers of imperfect subtraction: np64 0.837 -> 0.843, np128 0.917 -> 0.918; NOTES.md session 12)
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)
@@ -98,6 +99,7 @@ class Params:
     merge_max_shift_ms: float = 0.3  # ... also when one template is shifted by up to this (one neuron detected on channels its spike reaches at different times; 0: lag 0 only)
     duplicate_unit_min_shared: float = 0.5  # a unit with this share of its spikes within duplicate_unit_max_lag_ms of a larger unit's repeats it and is removed (own labels only; 1: never); on the training sample's clusters too, whose copies become negatives the network learns to reject (np128 0.925 / 45 -> 0.929 / 46, #8's precision 0.68 -> 0.88; every pair with a coincidence is examined, not only SpikeInterface's agreement >= 0.2: FP units 2 -> 0)
     duplicate_unit_max_lag_ms: float = 0.8  # ... (late copies on far channels come 0.4-0.7 ms after the spike: np128 FP units 4 -> 2 at 0.8 ms, accuracy unchanged; np64 unchanged; NOTES.md session 20)
+    lagged_copy_min_share: float = 0.02  # a unit's spikes at one fixed lag (within duplicate_unit_max_lag_ms) from a larger unit's are that unit's spikes detected again on far channels and are removed, when they are at least this share of its spikes and far above chance (sort/postprocess.lagged_copy_spikes; 1: never; at peel_detect_threshold 4.5, without it: np64 0.863 / 42, np128 0.934 / 45)
     cluster_location_scale_um: float = 5.0  # µm that count as one unit of distance in the clustering space
 
     # --- execution ---

@@ -303,15 +303,16 @@ class ChunkJob:
         """The spikes found under the assigned ones (sort/peel.py), their units and the seconds
         spent detecting them."""
         from .sort.neural import Windows
-        from .sort.peel import subtract, unexplained, unfitted
+        from .sort.peel import subtract, unclaimed, unexplained, unfitted
         from .sort.postprocess import assign_units
 
         neighbourhood, geo = self.scanner.neighbourhood, self.scanner.geometry
         assigned = units >= 0
         residual, changed = subtract(batch._traces, batch._rows[assigned], units[assigned], self.templates, geo.before)
         detect_start = time.perf_counter()
-        hidden = self.scanner.batch_in(residual, batch._first, chunk)
-        hidden = hidden.subset(np.flatnonzero(changed[hidden._rows, hidden.centre]))
+        hidden = self.scanner.batch_in(residual, batch._first, chunk, threshold=self.scanner.params.peel_detect_threshold)
+        new = changed | unclaimed(changed.shape, batch._rows, batch.centre, self.scanner.detect_neighbours, geo.sweep)
+        hidden = hidden.subset(np.flatnonzero(new[hidden._rows, hidden.centre]))
         detecting = time.perf_counter() - detect_start
         if len(hidden.centre) == 0:
             return hidden, np.zeros(0, np.int64), detecting
@@ -666,7 +667,7 @@ def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -
     uninterrupted one compute the same thing.
     """
     from .sort.labels import labels_from_sorting
-    from .sort.postprocess import drop_border_duplicates, duplicate_units
+    from .sort.postprocess import drop_border_duplicates, duplicate_units, lagged_copy_spikes
 
     params = prep.params
     if params.sorter not in ("neural", "cluster"):
@@ -693,6 +694,11 @@ def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -
         removed = duplicate_units(sorting_from_spikes(spikes, prep.recording), params.duplicate_unit_min_shared,
                                   params.duplicate_unit_max_lag_ms)
         spikes["unit_index"][np.isin(spikes["unit_index"], removed)] = -1
+    if models.neural is not None:
+        copies = lagged_copy_spikes(spikes["segment_index"], spikes["sample_index"], spikes["unit_index"], spikes["amplitude"],
+                                    prep.recording.get_sampling_frequency(), prep.recording.get_total_samples(),
+                                    params.duplicate_unit_max_lag_ms, params.lagged_copy_min_share)
+        spikes["unit_index"][copies] = -1
     return spikes, models
 
 

@@ -155,15 +155,18 @@ class Scanner:
             first -= pad_left
         return self.batch_in(traces, first, chunk, features, waveforms)
 
-    def batch_in(self, traces: np.ndarray, first: int, chunk: Chunk, features: bool = True, waveforms: bool = True) -> SpikeBatch:
+    def batch_in(self, traces: np.ndarray, first: int, chunk: Chunk, features: bool = True, waveforms: bool = True,
+                 threshold: float | None = None) -> SpikeBatch:
         """``batch`` on traces already read (T, C), whose first row is sample ``first`` and which
-        hold ``chunk`` with the geometry's margin on both sides (e.g. a chunk with spikes peeled off)."""
+        hold ``chunk`` with the geometry's margin on both sides (e.g. a chunk with spikes peeled off).
+        ``threshold``: detect at this many noise levels instead of ``params.detect_threshold``."""
         geo = self.geometry
         lo, hi = chunk.start - first, chunk.end - first
         order = None
         if self.peaks is None:
             signal = traces if self.matched_filter is None else -self.matched_filter.score(traces, self.noise)
-            rows, channels = detect_chunk(signal, self.thresholds, self.detect_neighbours, geo.sweep, lo, hi)
+            thresholds = self.thresholds if threshold is None else self.thresholds * np.float32(threshold / self.params.detect_threshold)
+            rows, channels = detect_chunk(signal, thresholds, self.detect_neighbours, geo.sweep, lo, hi)
             batch_peaks = np.zeros(len(rows), PEAK_DTYPE)
             batch_peaks["sample_index"] = rows + first
             batch_peaks["channel_index"] = channels

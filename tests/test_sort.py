@@ -532,3 +532,49 @@ def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():
     shuffle = rng.permutation(len(times))
     flagged = repeated_unit_spikes(times[shuffle], units[shuffle], 30_000.0, 0.5, lag)
     assert np.array_equal(flagged, units[shuffle] == 1)
+
+
+def test_a_larger_units_spikes_detected_again_at_one_lag_are_removed_from_the_smaller_unit():
+    from locsort.sort.postprocess import lagged_copy_spikes
+
+    rng = np.random.default_rng(5)
+    length = 1_800_000  # 60 s at 30 kHz, in two segments
+    source = np.sort(rng.choice(length, 600, replace=False))
+    copied = np.sort(rng.choice(source, 120, replace=False))
+    copies = copied + 11 + rng.integers(-1, 2, 120)  # 0.37 ms later, +-1 sample
+    own = np.sort(rng.choice(length, 300, replace=False))  # the smaller unit's own spikes
+    other = np.sort(rng.choice(length, 500, replace=False))  # a third unit, independent
+    samples = np.concatenate([source, copies, own, other])
+    units = np.concatenate([np.zeros(600), np.ones(120 + 300), np.full(500, 2)]).astype(np.int64)
+    amplitudes = np.concatenate([np.full(600, -200.0), np.full(420, -60.0), np.full(500, -90.0)])
+    is_copy = np.zeros(len(samples), bool)
+    is_copy[600:720] = True
+    half = length // 2  # the same spikes in two segments of half the length
+    segments = (samples >= half).astype(np.int64)
+    within = samples - segments * half
+    crossing = np.zeros(len(samples), bool)  # a copy whose source lies in the other segment is not one there
+    crossing[600:720] = (copied >= half) != (copies >= half)
+    args = (30_000.0, length, Params().duplicate_unit_max_lag_ms)
+    drop = lagged_copy_spikes(segments, within, units, amplitudes, *args, min_share=0.02)
+    assert drop[is_copy & ~crossing].all()
+    assert not drop[units == 0].any() and not drop[units == 2].any()  # the larger unit keeps its spikes; others untouched
+    assert drop[600 + 120 : 1020].sum() <= 3  # the smaller unit's own spikes that fall at that lag by chance
+    # never with min_share 1, nor when the copies are too few to stand out from chance
+    assert not lagged_copy_spikes(segments, within, units, amplitudes, *args, min_share=1.0).any()
+    few = np.flatnonzero(is_copy)[6:]
+    assert not lagged_copy_spikes(np.delete(segments, few), np.delete(within, few), np.delete(units, few),
+                                  np.delete(amplitudes, few), *args, min_share=0.0).any()
+    # the weaker unit is the copy whichever comes first: the same spikes with the amplitudes swapped
+    swapped = np.where(units == 0, -60.0, np.where(units == 1, -200.0, -90.0))
+    drop = lagged_copy_spikes(segments, within, units, swapped, *args, min_share=0.02)
+    assert drop[units == 0].sum() >= 110 and not drop[units == 1].any()
+
+
+def test_peeling_looks_again_only_where_the_first_detection_found_nothing():
+    from locsort.sort.peel import unclaimed
+
+    neighbours = np.array([[0, 1, -1], [1, 0, 2], [2, 1, 3], [3, 2, -1]])  # 4 channels in a row, radius: next ones
+    free = unclaimed((100, 4), rows=np.array([40]), channels=np.array([1]), neighbours=neighbours, sweep=3)
+    assert not free[37:44, 0:3].any()  # +-3 samples on channel 1 and its neighbours 0 and 2
+    assert free[:, 3].all() and free[:37].all() and free[44:].all()
+    assert unclaimed((10, 4), np.zeros(0, np.int64), np.zeros(0, np.int64), neighbours, 3).all()

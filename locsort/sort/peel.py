@@ -10,6 +10,13 @@ from the chunk's traces, detection runs again on the residual, and the new candi
 where something was subtracted go to the network like any other; one it assigns must also be
 fitted by its unit's template (``unfitted``).
 
+The residual is searched at a lower threshold (``peel_detect_threshold``) than the first pass,
+and also where the first pass found nothing (``unclaimed``): a faint unit's spikes often stay
+below the detection threshold (np128 #42: 42 % detected at 5.5 noise levels), and the network
+and the template fit, not the threshold, decide whether they are spikes. Spikes of larger units
+detected again on far channels at that threshold are removed afterwards
+(postprocess.lagged_copy_spikes).
+
 Templates are each unit's mean snippet (µV, the snippet span of Params) on the channels within
 ``peel_radius_um`` of its most common centre channel, from the labelled training sample. That
 footprint is wider than the detection radius: a large spike still crosses the detection
@@ -186,6 +193,23 @@ def _best_within(samples: np.ndarray, units: np.ndarray, strength: np.ndarray, s
         units[weaker] = -1
         order = order[units[order] >= 0]
     return units
+
+
+def unclaimed(shape: tuple, rows: np.ndarray, channels: np.ndarray, neighbours: np.ndarray, sweep: int) -> np.ndarray:
+    """(T, C) bool: where the first pass's detection found no candidate, i.e. farther than
+    ``sweep`` samples or than the detection radius (``neighbours``, (C, M) -1 padded) from every
+    candidate at ``rows``, ``channels``. A residual candidate there is new even though nothing
+    was subtracted; elsewhere it is the first pass's candidate again."""
+    free = np.ones(shape, bool)
+    if len(rows) == 0:
+        return free
+    times = np.clip(rows[:, None] + np.arange(-sweep, sweep + 1)[None, :], 0, shape[0] - 1)  # (n, W)
+    near = neighbours[channels]  # (n, M)
+    t_idx = np.broadcast_to(times[:, :, None], times.shape + near.shape[1:])
+    c_idx = np.broadcast_to(near[:, None, :], t_idx.shape)
+    real = c_idx >= 0
+    free[t_idx[real], c_idx[real]] = False
+    return free
 
 
 def unexplained(samples: np.ndarray, units: np.ndarray, first_samples: np.ndarray, first_units: np.ndarray,

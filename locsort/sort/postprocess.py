@@ -102,3 +102,78 @@ def repeated_unit_spikes(times: np.ndarray, units: np.ndarray, sampling_frequenc
     order = keep[np.argsort(times[keep], kind="stable")]
     sorting = NumpySorting.from_samples_and_labels([times[order]], [units[order]], sampling_frequency)
     return np.isin(units, duplicate_units(sorting, min_shared, max_lag_ms))
+
+
+COPY_JITTER = 2  # samples: a copy's lag to its source spike varies by this much either way
+COPY_MIN_COUNT = 10  # fewer lagged coincidences than this are never called copies
+COPY_MIN_Z = 5.0  # ... nor are counts within this many Poisson SDs of what independent units give
+
+
+def lagged_copy_spikes(segments: np.ndarray, samples: np.ndarray, units: np.ndarray, amplitudes: np.ndarray,
+                       sampling_frequency: float, num_samples: int, max_lag_ms: float, min_share: float) -> np.ndarray:
+    """(n,) bool: spikes that are another unit's spike detected again, to be removed.
+
+    A large spike crosses the threshold again on far channels a little later (or earlier), and
+    when the network gives that second candidate to a small unit whose spikes look alike there,
+    the small unit's spike train holds copies of the large unit's at one fixed lag: a peak of
+    their cross-correlogram within ``max_lag_ms`` (np128: #26's unit repeated #38's spikes 11-12
+    samples later; at the peeling threshold such copies cost 0.05-0.17 accuracy on 3 units). Two
+    neurons do not fire at one sub-millisecond lag by chance, so when the peak (``COPY_JITTER``
+    samples either side) holds at least ``min_share`` of the smaller unit's spikes, at least
+    ``COPY_MIN_COUNT`` and ``COPY_MIN_Z`` Poisson SDs above chance, the smaller unit's spikes at
+    that lag from the larger one's are removed. Smaller: by median |amplitude| (the copy is the
+    weaker image of its source). SpikeInterface computes the correlograms of all unit pairs.
+
+    ``segments``, ``samples``, ``units`` (-1: none), ``amplitudes``: per spike (any order);
+    ``num_samples``: the recording's total length, for the chance level.
+    """
+    from spikeinterface.core import NumpySorting
+    from spikeinterface.postprocessing import compute_correlograms
+
+    drop = np.zeros(len(units), bool)
+    assigned = np.flatnonzero(units >= 0)
+    if min_share >= 1.0 or len(assigned) == 0 or len(np.unique(units[assigned])) < 2:
+        return drop
+    half = int(round(max_lag_ms * sampling_frequency / 1000))
+    num_units = int(units[assigned].max()) + 1
+    trains = []
+    for segment in range(int(segments.max()) + 1):
+        rows = assigned[segments[assigned] == segment]
+        rows = rows[np.argsort(samples[rows], kind="stable")]
+        trains.append((samples[rows], units[rows]))
+    sorting = NumpySorting.from_samples_and_labels([t for t, _ in trains], [u for _, u in trains], sampling_frequency,
+                                                   unit_ids=np.arange(num_units))
+    # one bin per sample; SpikeInterface's correlogram[j, i, half + lag] counts spikes of j at lag
+    # samples after one of i: transposed, [source, copy, half + lag]
+    bin_ms = 1000.0 / sampling_frequency
+    correlogram = compute_correlograms(sorting, window_ms=2 * half * bin_ms, bin_ms=bin_ms)[0].transpose(1, 0, 2)
+    half = correlogram.shape[2] // 2
+    width = 2 * COPY_JITTER + 1
+    window = correlogram[:, :, : correlogram.shape[2] - width + 1].copy()  # counts within +/- COPY_JITTER of each lag
+    for shift in range(1, width):
+        window += correlogram[:, :, shift : correlogram.shape[2] - width + 1 + shift]
+    peak = window.max(axis=2)
+    lag = window.argmax(axis=2) + COPY_JITTER - half  # the peak's centre lag, copy after source
+    count = np.bincount(units[assigned], minlength=num_units).astype(float)
+    by_unit = assigned[np.argsort(units[assigned], kind="stable")]
+    median = np.zeros(num_units)
+    for unit, rows in zip(np.unique(units[by_unit]), np.split(by_unit, np.cumsum(count[count > 0]).astype(int)[:-1])):
+        median[unit] = np.median(np.abs(amplitudes[rows]))
+    chance = count[:, None] * count[None, :] * width / max(num_samples, 1)
+    # i is the source, j the copy: the copy is the weaker unit (ties: the one with fewer spikes)
+    weaker = (median[None, :] < median[:, None]) | ((median[None, :] == median[:, None]) & (count[None, :] < count[:, None]))
+    copies = (weaker & (peak >= COPY_MIN_COUNT) & (peak >= min_share * count[None, :])
+              & (peak > chance + COPY_MIN_Z * np.sqrt(np.maximum(chance, 1.0))))
+    for source, copy in zip(*np.nonzero(copies)):
+        for segment, (times, train_units) in enumerate(trains):
+            source_times = times[train_units == source]
+            rows = assigned[(segments[assigned] == segment) & (units[assigned] == copy)]
+            if len(source_times) == 0 or len(rows) == 0:
+                continue
+            # the copy's spikes within COPY_JITTER of (a source spike + lag)
+            expected = samples[rows] - lag[source, copy]
+            after = np.searchsorted(source_times, expected - COPY_JITTER, side="left")
+            hit = after < len(source_times)
+            hit[hit] = source_times[after[hit]] <= expected[hit] + COPY_JITTER
+            drop[rows[hit]] = True
+    return drop
