@@ -300,8 +300,8 @@ class ChunkJob:
                       params.neural_rescue_min_probability, params.neural_rescue_min_fit, geo.before + geo.after)
 
     def _peel(self, chunk, batch: SpikeBatch, units: np.ndarray) -> tuple[SpikeBatch, np.ndarray, float]:
-        """The spikes found under the assigned ones (sort/peel.py), their units and the seconds
-        spent detecting them."""
+        """The spikes found on the residual (sort/peel.py: under the assigned ones, and where the
+        first pass found nothing), their units and the seconds spent detecting them."""
         from .sort.neural import Windows
         from .sort.peel import subtract, unclaimed, unexplained, unfitted
         from .sort.postprocess import assign_units
