@@ -136,13 +136,12 @@ def lagged_copy_spikes(segments: np.ndarray, samples: np.ndarray, units: np.ndar
         return drop
     half = int(round(max_lag_ms * sampling_frequency / 1000))
     num_units = int(units[assigned].max()) + 1
-    trains = []
+    by_segment = []  # each segment's assigned spikes in time order
     for segment in range(int(segments.max()) + 1):
         rows = assigned[segments[assigned] == segment]
-        rows = rows[np.argsort(samples[rows], kind="stable")]
-        trains.append((samples[rows], units[rows]))
-    sorting = NumpySorting.from_samples_and_labels([t for t, _ in trains], [u for _, u in trains], sampling_frequency,
-                                                   unit_ids=np.arange(num_units))
+        by_segment.append(rows[np.argsort(samples[rows], kind="stable")])
+    sorting = NumpySorting.from_samples_and_labels([samples[r] for r in by_segment], [units[r] for r in by_segment],
+                                                   sampling_frequency, unit_ids=np.arange(num_units))
     # one bin per sample; SpikeInterface's correlogram[j, i, half + lag] counts spikes of j at lag
     # samples after one of i: transposed, [source, copy, half + lag]
     bin_ms = 1000.0 / sampling_frequency
@@ -165,9 +164,9 @@ def lagged_copy_spikes(segments: np.ndarray, samples: np.ndarray, units: np.ndar
     copies = (weaker & (peak >= COPY_MIN_COUNT) & (peak >= min_share * count[None, :])
               & (peak > chance + COPY_MIN_Z * np.sqrt(np.maximum(chance, 1.0))))
     for source, copy in zip(*np.nonzero(copies)):
-        for segment, (times, train_units) in enumerate(trains):
-            source_times = times[train_units == source]
-            rows = assigned[(segments[assigned] == segment) & (units[assigned] == copy)]
+        for segment_rows in by_segment:
+            source_times = samples[segment_rows[units[segment_rows] == source]]
+            rows = segment_rows[units[segment_rows] == copy]
             if len(source_times) == 0 or len(rows) == 0:
                 continue
             # the copy's spikes within COPY_JITTER of (a source spike + lag)
