@@ -570,6 +570,8 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         copies = _late_copies(prep, sample, units)
         units = renumber(np.where(copies, -1, units))
         num_units = int(units.max()) + 1 if len(units) and units.max() >= 0 else 0
+        if num_units and params.cluster_adopt_min_fit < 1.0:
+            units = _adopted(prep, sample, units, num_units, np.flatnonzero((units < 0) & ~copies))
         if num_units == 0:
             notes.append("the clustering of the training sample found no units, so the neural sorter was not trained")
             return None, None
@@ -600,6 +602,17 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, targets.shape[1],
                                   sample.footprints)
     return sorter, templates
+
+
+def _adopted(prep: Prepared, sample: TrainingSample, units: np.ndarray, num_units: int, open_rows: np.ndarray) -> np.ndarray:
+    """``units`` with the unclustered spikes at ``open_rows`` given to the cluster whose template
+    fits them (sort/peel.adopt): a unit's spikes detected away from its usual channel."""
+    from .sort.peel import Templates, adopt
+
+    with prep.timer.stage("cluster"):
+        templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, num_units, sample.footprints)
+        return adopt(sample.snippets, sample.footprints[sample.peaks["channel_index"]], units, open_rows, templates,
+                     prep.params.cluster_adopt_min_fit, prep.noise, prep.params.cluster_adopt_max_residual)
 
 
 def _late_copies(prep: Prepared, sample: TrainingSample, units: np.ndarray) -> np.ndarray:

@@ -578,3 +578,28 @@ def test_peeling_looks_again_only_where_the_first_detection_found_nothing():
     assert not free[37:44, 0:3].any()  # +-3 samples on channel 1 and its neighbours 0 and 2
     assert free[:, 3].all() and free[:37].all() and free[44:].all()
     assert unclaimed((10, 4), np.zeros(0, np.int64), np.zeros(0, np.int64), neighbours, 3).all()
+
+
+def test_an_unclustered_spike_goes_to_the_cluster_whose_template_explains_it_down_to_the_noise():
+    from locsort.sort.peel import Templates, adopt
+
+    rng = np.random.default_rng(6)
+    shapes = rng.standard_normal((2, 14, 4)).astype(np.float32) * 10
+    shapes[1, :, 3] *= 0.2  # unit 1 lies mostly on channels 1-3
+    templates = Templates(shapes, np.array([[0, 1, 2, 3], [1, 2, 3, 4]]))
+    noise = np.ones(5)
+    on_0123, on_1234 = np.array([0, 1, 2, 3]), np.array([1, 2, 3, 4])
+    snippets = rng.standard_normal((6, 14, 4)).astype(np.float32)  # unit noise everywhere
+    channels = np.array([on_1234, on_0123, on_0123, on_0123, on_0123, on_0123])
+    snippets[1, :, 1:4] += shapes[1, :, :3]  # unit 1 detected one channel lower than its usual centre
+    snippets[3, 2:, :] += shapes[0, :-2]  # unit 0, two samples late
+    snippets[4] += shapes[0] + rng.standard_normal((14, 4)).astype(np.float32) * 15  # unit 0 under another spike
+    # row 2: noise only
+    units = np.array([0, -1, -1, -1, -1, -1])
+    open_rows = np.array([1, 2, 3, 4])  # row 5 (a known copy) is not open
+    adopted = adopt(snippets, channels, units, open_rows, templates, min_fit=0.5, noise=noise, max_residual=1.3)
+    np.testing.assert_array_equal(adopted, [0, 1, -1, 0, -1, -1])
+    np.testing.assert_array_equal(units, [0, -1, -1, -1, -1, -1])  # the input is left alone
+    anything = adopt(snippets, channels, units, open_rows, templates, min_fit=0.5, noise=noise, max_residual=1e9)
+    assert anything[4] == 0  # what the residual test refused: the template fits, but leaves another spike
+    assert anything[2] == -1  # noise is not fitted by either template at all
