@@ -84,6 +84,7 @@ class Params:
     peel_detect_threshold: float = 4.5  # the residual is searched at this threshold (x noise level), under the subtracted spikes and wherever the first pass found nothing: faint units' spikes between this and detect_threshold (with lagged_copy_min_share: np64 0.849 / 43 -> 0.869 / 44, np128 0.929 / 46 -> 0.944 / 46; 5.0: 0.854 / 0.944; 4.0: 0.869 / 0.941; NOTES.md session 23)
     neural_peel_threshold: float = 0.95  # a spike found under others must be this probable (the residual holds leftovers of imperfect subtraction; 0.5 / 0.8 / 0.95: np64 accuracy 0.831 / 0.834 / 0.837)
     neural_peel_min_fit: float = 0.3  # ... and one its unit's template fits: least squares removes at least this fraction of the template's energy from the residual (leftovers of imperfect subtraction: np64 0.837 -> 0.843, np128 0.917 -> 0.918; NOTES.md session 12)
+    neural_peel_min_z: float = 4.5  # ... and match its unit's template, prewhitened by the noise's correlations across channels and time, this many noise SDs above noise alone (sort/peel.Significance; 0: off; np128 0.955 / 48 -> 0.962 / 49, np64 0.867 -> 0.869 / 44; 5.0: 0.963 / 0.868; NOTES.md session 24)
     neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)
     label_max_spikes_per_unit: int = 0  # with user labels: train on the first K spikes of each unit (0: all)
     label_tolerance_ms: float = 0.4  # a labelled spike marks the nearest candidate within this (SpikeInterface's match tolerance)

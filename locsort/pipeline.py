@@ -29,7 +29,7 @@ from .detect import fit_matched_filter, peaks_in_slices
 from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
 from .params import Params, resolve_device
-from .preprocess import noise_levels, noise_slices, preprocess
+from .preprocess import noise_correlations, noise_levels, noise_slices, preprocess
 from .scan import Geometry, Scanner, SpikeBatch, concatenate_parts, scan
 from .sort.cluster import cluster, clustering_features
 from .spikes import PEAK_DTYPE, check_peaks, spikes_from_peaks
@@ -61,6 +61,8 @@ class Prepared:
     matched_filter: object = None  # detect.MatchedFilter (None: detect on the traces)
     detection: str = ""  # how spikes are detected, in words (run.json)
     amplitudes: AmplitudeReader | None = None  # how channel amplitudes are read (None: raw traces)
+    noise_covariance: np.ndarray | None = None  # (C, C) µV² across channels (preprocess.noise_correlations)
+    noise_autocorrelation: np.ndarray | None = None  # (snippet length,) in time, 1 at lag 0
 
     def scanner(self, peaks=None) -> Scanner:
         return Scanner(self.recording, self.params, self.neighbourhood, self.noise, peaks, self.matched_filter,
@@ -82,9 +84,10 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
         processed = preprocess(recording, params)
         slices = noise_slices(processed, params)
         noise = noise_levels(processed, params, slices)
+        geo = Geometry.from_params(params, processed.get_sampling_frequency())
+        covariance, autocorrelation = noise_correlations(slices, noise, geo.before + geo.after)
         neighbourhood = Neighbourhood.from_recording(processed, params.neighbourhood_channels)
         matched_filter, detection = None, f"negative peaks beyond {params.detect_threshold:g} noise SDs"
-        geo = Geometry.from_params(params, processed.get_sampling_frequency())
         neighbours = neighbourhood.channels_within(params.detect_radius_um)
         if params.detect_method == "matched":  # its prototype from spikes 1 SD above threshold: clear shapes
             matched_filter = fit_matched_filter(slices, noise, neighbours, params.detect_threshold + 1.0, geo.sweep,
@@ -102,7 +105,8 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
             if snippets:
                 basis = fit_amplitude_basis(np.concatenate(snippets), geo.amp_half, geo.before, params.amplitude_components)
         amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half, basis)
-    return Prepared(processed, params, noise, neighbourhood, timer, matched_filter, detection, amplitudes)
+    return Prepared(processed, params, noise, neighbourhood, timer, matched_filter, detection, amplitudes, covariance,
+                    autocorrelation)
 
 
 @dataclass
@@ -248,6 +252,7 @@ class ChunkJob:
     refractory: int = 0
     keep_pcs: bool = True  # False: no waveform PCs (localization only), so no waveform windows unless the neural sorter needs them
     templates: object = None  # sort/peel.Templates: with the neural sorter on detected spikes, peel and detect again
+    significance: object = None  # sort/peel.Significance of the templates: peeled spikes must stand out of the noise
 
     def __call__(self, chunk) -> dict:
         from .sort.neural import Windows
@@ -321,6 +326,11 @@ class ChunkJob:
         hidden_units, _ = assign_units(found, proba, self.scanner.params.neural_peel_threshold, self.refractory)
         hidden_units = unfitted(residual, hidden._rows, hidden_units, self.templates, geo.before,
                                 self.scanner.params.neural_peel_min_fit)
+        if self.significance is not None:
+            tested = np.flatnonzero(hidden_units >= 0)
+            tested = tested[self.templates.defined[hidden_units[tested]]]
+            z = self.significance.z(residual, hidden._rows[tested], hidden_units[tested], self.templates.channels, geo.before)
+            hidden_units[tested[z < self.scanner.params.neural_peel_min_z]] = -1
         return hidden, unexplained(found, hidden_units, batch.peaks["sample_index"][assigned], units[assigned],
                                    geo.before + geo.after), detecting
 
@@ -355,8 +365,14 @@ def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=N
     """One pass over every chunk (see ChunkJob). Returns spike records and (n, P) centre-channel
     PCs (None without ``keep_pcs``)."""
     params, timer = prep.params, prep.timer
+    templates = models.templates if params.neural_peel else None
+    significance = None
+    if templates is not None and params.neural_peel_min_z > 0:
+        from .sort.peel import Significance
+
+        significance = Significance.fit(templates, prep.noise_covariance, prep.noise_autocorrelation)
     job = ChunkJob(prep.scanner(peaks), models.localizer, models.basis, models.neural, prep.geometry.refractory, keep_pcs,
-                   models.templates if params.neural_peel else None)
+                   templates, significance)
     chunks = job.scanner.chunks()
     started = time.perf_counter()
     parts = _run_chunks(job, chunks, runner or LocalRunner(), work, "detect + localize" if peaks is None else "localize",

@@ -51,3 +51,26 @@ def noise_levels(recording, params: Params | None = None, slices: list[np.ndarra
     if not np.all(np.isfinite(levels)):
         raise LocsortError("the recording contains NaN or Inf samples; clean or interpolate them before sorting")
     return levels
+
+
+def noise_correlations(slices: list[np.ndarray], noise: np.ndarray, max_lag: int,
+                       max_samples: int = 30_000) -> tuple[np.ndarray, np.ndarray]:
+    """(C, C) covariance (µV²) across channels and (max_lag + 1,) autocorrelation in time of the
+    noise, from the noise slices clipped at 4 SDs (spikes in the slices would otherwise count as
+    noise). Noise on dense probes is spatially correlated (MEArec's distance-correlated noise,
+    residual common noise on real probes), so a template's match with noise alone is much
+    wider than per-channel noise levels say; sort/peel.Significance needs both."""
+    parts, taken = [], 0
+    for traces in slices:
+        if taken >= max_samples:
+            break
+        part = np.clip(traces[: max_samples - taken].astype(np.float64), -4 * noise, 4 * noise)
+        parts.append(part - part.mean(axis=0))
+        taken += len(part)
+    if not parts or taken <= max_lag + 1:
+        return np.diag(noise.astype(np.float64) ** 2), np.eye(1, max_lag + 1)[0]
+    covariance = sum(p.T @ p for p in parts) / taken
+    white = [p / np.sqrt(np.maximum(np.diag(covariance), 1e-12)) for p in parts]
+    autocorrelation = np.array([np.mean(np.concatenate([(w[: len(w) - lag] * w[lag:]).mean(axis=1) for w in white]))
+                                for lag in range(max_lag + 1)])
+    return covariance, autocorrelation / autocorrelation[0]

@@ -603,3 +603,36 @@ def test_an_unclustered_spike_goes_to_the_cluster_whose_template_explains_it_dow
     anything = adopt(snippets, channels, units, open_rows, templates, min_fit=0.5, noise=noise, max_residual=1e9)
     assert anything[4] == 0  # what the residual test refused: the template fits, but leaves another spike
     assert anything[2] == -1  # noise is not fitted by either template at all
+
+
+def test_a_templates_match_with_noise_alone_is_the_same_however_the_noise_is_correlated():
+    from locsort.preprocess import noise_correlations
+    from locsort.sort.peel import Significance, Templates
+
+    rng = np.random.default_rng(7)
+    channels, length, span, before = 6, 60_000, 16, 6
+    shape = np.zeros((span, channels), np.float32)
+    shape[before - 2:before + 3, :3] = -np.array([2, 5, 8, 5, 2])[:, None] * np.array([1.0, 0.6, 0.3])
+    templates = Templates(shape[None], np.arange(channels)[None])
+    rows = rng.integers(span, length - span, 3000)
+    units = np.zeros(len(rows), np.int64)
+
+    def z_on(noise):
+        covariance, autocorrelation = noise_correlations([noise.astype(np.float32)], noise.std(axis=0), span)
+        significance = Significance.fit(templates, covariance, autocorrelation)
+        return covariance, autocorrelation, significance, significance.z(noise, rows, units, templates.channels, before)
+
+    white = rng.standard_normal((length + 1, channels))
+    _, _, _, z_white = z_on(white[1:])
+    correlated = (0.7 * white[1:] + 0.7 * white[:-1]) @ (np.eye(channels) + 0.8)  # channels at ~0.9, samples at ~0.5
+    covariance, autocorrelation, significance, z_correlated = z_on(correlated)
+    np.testing.assert_allclose(covariance, np.cov(correlated.T), rtol=0.05)
+    assert autocorrelation[0] == 1 and abs(autocorrelation[1] - 0.5) < 0.03 and abs(autocorrelation[3]) < 0.03
+    # in noise SDs the match with noise alone is distributed alike (a best of 3 shifts of a unit normal)
+    assert abs(np.std(z_correlated) - np.std(z_white)) < 0.08
+    assert abs(np.percentile(z_correlated, 99) - np.percentile(z_white, 99)) < 0.4
+    with_spikes = correlated.copy()
+    for row in rows[:200]:
+        with_spikes[row - before:row - before + span] += shape
+    z_spikes = significance.z(with_spikes, rows[:200], units[:200], templates.channels, before)
+    assert np.percentile(z_spikes, 5) > np.percentile(z_correlated, 99.9)
