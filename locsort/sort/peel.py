@@ -259,24 +259,29 @@ def adopt(snippets: np.ndarray, channels: np.ndarray, units: np.ndarray, open_ro
     span = snippets.shape[1] - 2 * max_shift
     x = snippets[open_rows, max_shift: max_shift + span].astype(np.float32)  # (r, S, M)
     best_gain, best_unit = np.full(len(open_rows), -np.inf), np.full(len(open_rows), -1)
+    footprint = channels[open_rows]  # (r, M)
     for unit in np.flatnonzero(templates.defined):
         real = templates.channels[unit] >= 0
         slot = np.full(int(max(templates.channels[unit].max(), channels.max())) + 2, -1)
         slot[templates.channels[unit][real]] = np.flatnonzero(real)
-        where = slot[channels[open_rows]]  # (r, M) the template's slot for each footprint channel, -1: none
-        where[channels[open_rows] < 0] = -1
-        covered = where >= 0
+        where = np.where(footprint >= 0, slot[footprint], -1)  # (r, M) the template's slot for each footprint channel, -1: none
         wave = templates.waveforms[unit]
+        per_channel = np.append((wave**2).sum(axis=0), 0.0)  # slot -1 reads the appended 0
+        rows = np.flatnonzero(per_channel[where].sum(axis=1) >= 0.9 * min_coverage * per_channel.sum())  # worth the exact test
+        if len(rows) == 0:
+            continue
+        where, spikes = where[rows], x[rows]
+        covered = where >= 0
         for shift in range(-max_shift, max_shift + 1):
             part = wave[max_shift + shift: max_shift + shift + span]  # (S, M_u)
             total = float((part**2).sum())
             shape = np.where(covered[:, None, :], part[:, np.maximum(where, 0)].transpose(1, 0, 2), 0.0)  # (r, S, M)
             energy = np.einsum("rsm,rsm->r", shape, shape)
-            projection = np.einsum("rsm,rsm->r", x, shape)
+            projection = np.einsum("rsm,rsm->r", spikes, shape)
             scale = np.clip(projection / np.maximum(energy, 1e-9), *SCALE_RANGE)
             gain = 2 * scale * projection - scale**2 * energy
-            fits = (energy >= min_coverage * total) & (gain >= min_fit * energy) & (gain > best_gain)
-            best_gain[fits], best_unit[fits] = gain[fits], unit
+            fits = (energy >= min_coverage * total) & (gain >= min_fit * energy) & (gain > best_gain[rows])
+            best_gain[rows[fits]], best_unit[rows[fits]] = gain[fits], unit
     expected = span * np.where(channels[open_rows] >= 0, noise[np.maximum(channels[open_rows], 0)] ** 2, 0).sum(axis=1)
     residual = (x.astype(np.float64) ** 2).sum(axis=(1, 2)) - best_gain
     explained = (best_unit >= 0) & (residual <= max_residual * expected)
