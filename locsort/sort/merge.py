@@ -19,19 +19,23 @@ def unit_templates(labels: np.ndarray, windows, num_units: int) -> tuple[np.ndar
     """(U, P, T) mean waveforms on the P contact positions the windows cover, (U, P) the number
     of spikes that contributed to each (0: the unit never reaches that contact), and (P, 2)
     those positions (µm)."""
-    import torch
+    from scipy.sparse import csr_matrix
 
     keep = labels >= 0
     real = windows.real[keep]
     absolute = windows.centre_xy[keep][:, None, :] + windows.slot_xy[keep]  # (n, K, 2) µm on the probe
-    positions, contact = np.unique(np.round(absolute[real], 1), axis=0, return_inverse=True)
+    # contacts by position to 0.1 µm; one integer key per position (np.unique over rows is 10x slower)
+    tenths = np.round(absolute[real].astype(np.float64) * 10).astype(np.int64)
+    keys, contact = np.unique(tenths[:, 0] * (1 << 32) + (tenths[:, 1] + (1 << 31)), return_inverse=True)
+    positions = np.column_stack([keys // (1 << 32), keys % (1 << 32) - (1 << 31)]) / 10.0
     unit = np.repeat(labels[keep][:, None], real.shape[1], axis=1)[real]
     num_contacts = len(positions)
-    flat = torch.as_tensor(unit * num_contacts + contact.ravel())
-    samples = torch.as_tensor(windows.waveforms[keep].transpose(0, 2, 1)[real], dtype=torch.float32)  # (pairs, T)
-    sums = torch.zeros(num_units * num_contacts, samples.shape[1]).index_add_(0, flat, samples)
-    counts = torch.bincount(flat, minlength=num_units * num_contacts).double().numpy()
-    templates = sums.double().numpy() / np.maximum(counts, 1)[:, None]
+    flat = unit * num_contacts + contact.ravel()
+    samples = windows.waveforms[keep].transpose(0, 2, 1)[real].astype(np.float64)  # (pairs, T)
+    # sum per (unit, contact) as one sparse product (torch's index_add_ took half of split_units)
+    onehot = csr_matrix((np.ones(len(flat)), (flat, np.arange(len(flat)))), shape=(num_units * num_contacts, len(flat)))
+    counts = np.bincount(flat, minlength=num_units * num_contacts).astype(np.float64)
+    templates = (onehot @ samples) / np.maximum(counts, 1)[:, None]
     return templates.reshape(num_units, num_contacts, -1), counts.reshape(num_units, num_contacts), positions
 
 

@@ -63,7 +63,8 @@ def _split_one(windows, min_size: int, num_contacts: int, num_pcs: int, rng) -> 
     energy = np.where(covered, (templates[0] ** 2).sum(axis=1), -1.0)
     contacts = np.argsort(-energy)[: min(num_contacts, int(covered.sum()))]
     features = _waveforms_on(windows, positions[contacts], templates[0][contacts])
-    features = PCA(n_components=min(num_pcs, features.shape[1], n - 1), random_state=0).fit_transform(features)
+    features = PCA(n_components=min(num_pcs, features.shape[1], n - 1), svd_solver="covariance_eigh",
+                   random_state=0).fit_transform(features)  # n >> features: eigh of the covariance, not a full SVD
     # HDBSCAN's cost grows fast with n: find the groups on a bounded subset, then assign the rest
     fitted = features[np.sort(rng.choice(n, size=min(n, 4000), replace=False))]
     scale = len(fitted) / n
