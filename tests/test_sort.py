@@ -589,12 +589,11 @@ def test_an_unclustered_spike_goes_to_the_cluster_whose_template_explains_it_dow
     templates = Templates(shapes, np.array([[0, 1, 2, 3], [1, 2, 3, 4]]))
     noise = np.ones(5)
     on_0123, on_1234 = np.array([0, 1, 2, 3]), np.array([1, 2, 3, 4])
-    snippets = rng.standard_normal((6, 14, 4)).astype(np.float32)  # unit noise everywhere
+    snippets = rng.standard_normal((6, 14, 4)).astype(np.float32)  # unit noise everywhere (row 2: nothing else)
     channels = np.array([on_1234, on_0123, on_0123, on_0123, on_0123, on_0123])
     snippets[1, :, 1:4] += shapes[1, :, :3]  # unit 1 detected one channel lower than its usual centre
     snippets[3, 2:, :] += shapes[0, :-2]  # unit 0, two samples late
     snippets[4] += shapes[0] + rng.standard_normal((14, 4)).astype(np.float32) * 15  # unit 0 under another spike
-    # row 2: noise only
     units = np.array([0, -1, -1, -1, -1, -1])
     open_rows = np.array([1, 2, 3, 4])  # row 5 (a known copy) is not open
     adopted = adopt(snippets, channels, units, open_rows, templates, min_fit=0.5, noise=noise, max_residual=1.3)

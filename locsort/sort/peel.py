@@ -136,7 +136,7 @@ class Significance:
         span = templates.waveforms.shape[1]
         lags = np.abs(np.arange(span)[:, None] - np.arange(span)[None, :])
         rho = np.where(lags < len(autocorrelation), autocorrelation[np.minimum(lags, len(autocorrelation) - 1)], 0.0)
-        rho_reg = rho + 1e-2 * np.eye(span)
+        rho_reg = rho + 1e-2 * np.eye(span)  # ridge: the band-passed noise's autocorrelation matrix is near-singular
         for unit in np.flatnonzero(templates.defined):
             real = templates.channels[unit] >= 0
             channels = templates.channels[unit][real]
