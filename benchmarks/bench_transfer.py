@@ -50,6 +50,8 @@ def main():
     parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds averaged per cell")
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES),
+                        help="rows to run (the others keep their stored results)")
     parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from benchmarks/results, run nothing")
     args = parser.parse_args()
     if args.report_only:
@@ -65,7 +67,7 @@ def main():
         labels = first_half(truth.sorting, half)
         rows = results.setdefault(name, {})
         for k in args.k:
-            for backbone in BACKBONES:
+            for backbone in args.backbones:
                 runs = []
                 for seed in args.seeds:
                     sorting = locsort.sort(recording, params={"label_max_spikes_per_unit": k, "neural_backbone": backbone, "seed": seed},
@@ -92,8 +94,10 @@ def write_report(results, args):
              f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned. With labels limited to K per "
              "unit, the sorter is an ensemble of 3 such networks trained from different seeds (neural_ensemble), each trained with 4 "
              "synthetic spikes per labelled spike (its unit's mean snippet plus another labelled spike's noise; "
-             "neural_synthetic_positives), and peeling's unit templates average every spike of the labelled stretch that the "
-             "trained network assigns to the unit.", ""]
+             "neural_synthetic_positives). That ensemble then labels a sample of the whole recording, and one network is "
+             "trained again, from scratch in both rows, on the labelled spikes plus its labelling (self-training; "
+             "neural_self_training): the rows differ in the few-label stage only. Peeling's unit templates average every "
+             "sample spike that the final network assigns to the unit.", ""]
     for name, rows in results.items():
         ks = sorted({int(key.split("K=")[1]) for key in rows})
         lines += [f"### {name}: {RECORDINGS[name]}", "", "| | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]

@@ -73,6 +73,7 @@ class Params:
     neural_frozen_epochs: int = 10  # a pretrained backbone stays frozen this many epochs while the new (imprinted) head trains, then all is fine-tuned
     neural_ensemble: int = 0  # networks trained from different seeds, probabilities averaged; 0: 3 with a user's labels limited to K per unit (first 10 per unit, np64: 0.805 -> 0.820), else 1 (all first-half labels 0.843 -> 0.846 at twice the time; own clustering np128 0.925 -> 0.926)
     neural_synthetic_positives: int = -1  # synthetic spikes per labelled spike while training: its unit's mean snippet plus another labelled spike's noise; -1: 4 with a user's labels limited to K per unit (np64 pretrained K=10 0.820 -> 0.834, square MEA 0.712 -> 0.759), else 0 (own clustering: np64 0.849 -> 0.850, np128 unchanged, at more training time)
+    neural_self_training: int = -1  # 1: a network trained on a user's labels labels a sample of the whole recording and a second network trains on both, from scratch (pipeline._self_trained); 0: never; -1: with labels limited to K per unit (3 seeds, K = 10, pretrained: np64 0.847 -> 0.871, square MEA 0.784 -> 0.823; scratch K = 20: 0.855 -> 0.868, 0.816 -> 0.845; NOTES.md session 26)
     neural_patience: int = 3  # epochs without held-out loss improvement before stopping
     neural_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
     neural_threshold: float = 0.5  # a candidate is a spike when its units' probabilities add up above this; it goes to its most probable unit

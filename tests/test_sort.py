@@ -214,15 +214,47 @@ def test_peeling_templates_from_few_labels_take_the_networks_other_spikes(ground
     assert np.array_equal(units[labelled >= 0], labelled[labelled >= 0])
     added = (labelled < 0) & (units >= 0)
     assert added.sum() >= 2 * (labelled >= 0).sum(), (added.sum(), (labelled >= 0).sum())
-    # the added spikes are mostly the unit's own: the truth's unit of the nearest true spike
+    # the added spikes are mostly the unit's own
+    agree = _true_label(truth, labels, sample.peaks["sample_index"][added]) == units[added]
+    assert agree.mean() > 0.8, agree.mean()
+
+
+def _true_label(truth, labels, when: np.ndarray) -> np.ndarray:
+    """The labels' unit index of the true spike nearest each time in ``when`` (one segment),
+    -1 where none is within 5 samples."""
     vector = truth.sorting.to_spike_vector()
     times, true_unit = vector["sample_index"], vector["unit_index"]
-    when = sample.peaks["sample_index"][added]
     right = np.clip(np.searchsorted(times, when), 1, len(times) - 1)
     nearest = np.where(np.abs(times[right] - when) < np.abs(times[right - 1] - when), right, right - 1)
     true_label = np.array([list(labels.unit_ids).index(uid) for uid in truth.sorting.unit_ids[true_unit[nearest]]])
-    agree = (np.abs(times[nearest] - when) <= 5) & (true_label == units[added])
-    assert agree.mean() > 0.8, agree.mean()
+    return np.where(np.abs(times[nearest] - when) <= 5, true_label, -1)
+
+
+def test_few_labels_self_training_learns_from_the_spikes_after_the_labelled_stretch(ground_truth_recording):
+    """With 5 labelled spikes per unit, the network trained on them labels a sample of the whole
+    recording and a second network trains on both: it is trained on the spikes after the
+    labelled stretch, assigns them to their true units, and every unit gets a peeling template."""
+    recording, truth = ground_truth_recording
+    params = locsort.Params(**FAST, localization_method="center_of_mass")
+    prep = locsort.pipeline.prepare(recording, params)
+    labels = labels_from_sorting(truth.sorting, prep.recording, max_spikes_per_unit=5)
+    localizer = make_localizer("center_of_mass", params)
+    sample = locsort.pipeline._training_sample(prep, localizer, None, progress=False, windows=True, labels=labels,
+                                               chunks=locsort.pipeline._chunks_before(prep, labels.end))
+    unlabelled = locsort.pipeline._training_sample(prep, localizer, None, progress=False, windows=True)
+    first = NeuralSorter(epochs=4).fit(sample.windows, sample.targets, sample.mask, backbone=load_backbone(BACKBONE_PATH))
+    second, templates = locsort.pipeline._self_trained(prep, sample, unlabelled, first, labels.end)
+    later = unlabelled.peaks["sample_index"] >= labels.end
+    assert labels.end < 0.5 * recording.get_num_samples() and later.sum() > len(sample.peaks)
+    assert second.history["train_windows"] >= 0.85 * (len(sample.peaks) + later.sum())  # the labelled rows once, the later ones too
+    assert templates.defined.all()
+    when = unlabelled.peaks["sample_index"][later]
+    assigned, _ = assign_units(when, second.predict_proba(unlabelled.windows.subset(np.flatnonzero(later))),
+                               params.neural_threshold, prep.geometry.refractory)
+    true_label = _true_label(truth, labels, when)
+    spike = true_label >= 0
+    assert (assigned[spike] >= 0).mean() > 0.8  # recall of the later true spikes
+    assert (assigned[spike] == true_label[spike]).mean() > 0.8
 
 
 def test_pretrained_backbone_is_shipped_documented_and_fits_any_geometry():
