@@ -659,7 +659,7 @@ def _self_trained(prep: Prepared, labelled: TrainingSample, unlabelled: Training
     unknown, not negatives), from scratch: with thousands of labels a backbone pretrained on
     another probe type only holds it back (the few-label stage is where pretraining pays).
     NOTES.md session 26, 3 seeds, K = 10, pretrained backbone in the first stage: np64 0.847 ->
-    0.866 (second stage pretrained) / 0.871 (from scratch), square MEA 0.784 -> 0.811 / 0.823."""
+    0.867 (second stage pretrained) / 0.870 (from scratch), square MEA 0.784 -> 0.811 / 0.823."""
     from .sort.labels import segment_offsets
     from .sort.neural import Windows
     from .sort.peel import Templates
