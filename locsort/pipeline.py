@@ -669,9 +669,9 @@ def _self_trained(prep: Prepared, labelled: TrainingSample, unlabelled: Training
     times = unlabelled.peaks["sample_index"] + segment_offsets(prep.recording)[unlabelled.peaks["segment_index"]]
     later = np.flatnonzero(times >= labelled_end)
     peaks, windows, snippets = unlabelled.peaks[later], unlabelled.windows.subset(later), unlabelled.snippets[later]
-    unlabelled = TrainingSample({}, unlabelled.centre_waveforms[later], peaks, windows, snippets, footprints=unlabelled.footprints)
-    num_units = labelled.targets.shape[1]
-    pseudo = _with_network_units(prep, unlabelled, sorter, np.full(len(later), -1, np.int64))
+    rest = TrainingSample({}, unlabelled.centre_waveforms[later], peaks, windows, snippets, footprints=unlabelled.footprints)
+    num_units, no_units = labelled.targets.shape[1], np.full(len(later), -1, np.int64)
+    pseudo = _with_network_units(prep, rest, sorter, no_units)
     targets = np.zeros((len(later), num_units), np.float32)
     targets[np.flatnonzero(pseudo >= 0), pseudo[pseudo >= 0]] = 1.0
     with prep.timer.stage("train neural"):
@@ -681,7 +681,7 @@ def _self_trained(prep: Prepared, labelled: TrainingSample, unlabelled: Training
             backbone=None, progress=False)
         units = np.concatenate([
             _with_network_units(prep, labelled, sorter, _labelled_units(labelled)),
-            _with_network_units(prep, unlabelled, sorter, np.full(len(later), -1, np.int64))])
+            _with_network_units(prep, rest, sorter, no_units)])
         templates = Templates.fit(np.concatenate([labelled.snippets, snippets]),
                                   np.concatenate([labelled.peaks["channel_index"], peaks["channel_index"]]), units,
                                   num_units, labelled.footprints)
