@@ -120,8 +120,7 @@ def write_report(results, args):
 
 
 def _seed_range(row) -> str:
-    per_seed = row.get("accuracy_per_seed") or [row["mean_accuracy"]]
-    return f"{min(per_seed):.3f}-{max(per_seed):.3f}"
+    return f"{min(row['accuracy_per_seed']):.3f}-{max(row['accuracy_per_seed']):.3f}"
 
 
 if __name__ == "__main__":

@@ -599,9 +599,7 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         if num_units == 0:
             notes.append("the clustering of the training sample found no units, so the neural sorter was not trained")
             return None, None
-        targets = np.zeros((len(units), num_units), np.float32)
-        targets[np.flatnonzero(units >= 0), units[units >= 0]] = 1.0
-        mask = np.repeat((units >= 0)[:, None], num_units, axis=1)
+        targets, mask = _unit_targets(units, num_units)
         mask[copies] = True  # a late copy is a known negative of every unit: the network learns to reject it
     else:
         targets, mask = sample.targets, sample.mask
@@ -621,6 +619,13 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, targets.shape[1],
                                   sample.footprints)
     return sorter, templates
+
+
+def _unit_targets(units: np.ndarray, num_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, mask), each (n, U), for training on ``units`` (-1: unknown, masked for every unit)."""
+    targets = np.zeros((len(units), num_units), np.float32)
+    targets[np.flatnonzero(units >= 0), units[units >= 0]] = 1.0
+    return targets, np.repeat((units >= 0)[:, None], num_units, axis=1)
 
 
 def _labelled_units(sample: TrainingSample) -> np.ndarray:
@@ -671,14 +676,11 @@ def _self_trained(prep: Prepared, labelled: TrainingSample, unlabelled: Training
     peaks, windows, snippets = unlabelled.peaks[later], unlabelled.windows.subset(later), unlabelled.snippets[later]
     rest = TrainingSample({}, unlabelled.centre_waveforms[later], peaks, windows, snippets, footprints=unlabelled.footprints)
     num_units, no_units = labelled.targets.shape[1], np.full(len(later), -1, np.int64)
-    pseudo = _with_network_units(prep, rest, sorter, no_units)
-    targets = np.zeros((len(later), num_units), np.float32)
-    targets[np.flatnonzero(pseudo >= 0), pseudo[pseudo >= 0]] = 1.0
+    targets, mask = _unit_targets(_with_network_units(prep, rest, sorter, no_units), num_units)
     with prep.timer.stage("train neural"):
         sorter = _new_sorter(params, few_labels=False).fit(
             Windows.concatenate([labelled.windows, windows]), np.concatenate([labelled.targets, targets]),
-            np.concatenate([labelled.mask, np.repeat((pseudo >= 0)[:, None], num_units, axis=1)]),
-            backbone=None, progress=False)
+            np.concatenate([labelled.mask, mask]), backbone=None, progress=False)
         units = np.concatenate([
             _with_network_units(prep, labelled, sorter, _labelled_units(labelled)),
             _with_network_units(prep, rest, sorter, no_units)])
