@@ -90,13 +90,15 @@ def write_report(results, args):
              f"Machine: {machine()}. Labels: ground truth of the first half, first K spikes per unit; scored on the second "
              "half. Each cell: mean accuracy / units with accuracy >= 0.8 / false-positive units, each the mean over the "
              "training seeds (per-seed accuracies in benchmarks/results). Both rows imprint the head from the labelled "
-             "spikes (one prototype per unit) and then train; a pretrained backbone is frozen for the first "
+             "spikes (one prototype per unit) and then train; a backbone they start from (pretrained or adapted) is frozen for the first "
              f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned. With labels limited to K per "
-             "unit, the sorter is an ensemble of 3 such networks trained from different seeds (neural_ensemble), each trained with 4 "
+             "unit, a network is first trained on locsort's own clustering of a sample of the whole recording (no labels; "
+             "from the pretrained backbone in the first row, from random weights in the second) and the few-label networks "
+             "fine-tune its backbone (neural_adapted_backbone); they are an ensemble of 3 networks trained from different seeds (neural_ensemble), each trained with 4 "
              "synthetic spikes per labelled spike (its unit's mean snippet plus another labelled spike's noise; "
              "neural_synthetic_positives). That ensemble then labels a sample of the whole recording, and one network is "
              "trained again, from scratch in both rows, on the labelled spikes plus its labelling (self-training; "
-             "neural_self_training): the rows differ in the few-label stage only. Peeling's unit templates average every "
+             "neural_self_training): the rows differ in the backbone's starting point only. Peeling's unit templates average every "
              "sample spike that the final network assigns to the unit.", ""]
     for name, rows in results.items():
         ks = sorted({int(key.split("K=")[1]) for key in rows})

@@ -400,17 +400,21 @@ def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None,
     models = Models(localizer, notes=list(labels.notes) if labels is not None else [], label_source=label_source)
     chunks = _chunks_before(prep, labels.end) if labels is not None else None
     self_training = label_source == "labels" and _self_training(prep.params)
+    adapting = label_source == "labels" and _adapting_backbone(prep.params)
     with prep.timer.stage("fit"):
         sample = _training_sample(prep, localizer, peaks, progress, windows=bool(label_source), labels=labels,
                                   chunks=chunks, runner=runner)
         # self-training reads a sample of the whole recording anyway; the localizer and the
         # waveform basis learn from it rather than from the few labels' short stretch
-        unlabelled = _training_sample(prep, localizer, peaks, progress, windows=True, runner=runner) if self_training else None
+        unlabelled = (_training_sample(prep, localizer, peaks, progress, windows=True, runner=runner)
+                      if self_training or adapting else None)
         fit_on = unlabelled if unlabelled is not None else sample
         fit_localizer(prep, localizer, fit_on, progress)
         models.basis = fit_waveform_basis(fit_on.centre_waveforms, prep.params.waveform_pcs)
     if label_source:
-        models.neural, models.templates = _train_neural(prep, sample, localizer, models.basis, label_source, models.notes)
+        backbone = _adapted_backbone(prep, unlabelled, localizer, models.basis, models.notes) if adapting else _backbone(prep.params)
+        models.neural, models.templates = _train_neural(prep, sample, localizer, models.basis, label_source, models.notes,
+                                                        backbone)
         if self_training and models.neural is not None:
             models.neural, models.templates = _self_trained(prep, sample, unlabelled, models.neural, labels.end)
             models.notes.append(f"self-training: the neural sorter trained again on {models.neural.history['train_windows']} "
@@ -563,10 +567,10 @@ def _backbone(params: Params):
     return load_backbone(path)
 
 
-def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, label_source: str, notes: list):
-    """A NeuralSorter trained on the training sample and its units' peeling templates, or
-    (None, None) when there is nothing to learn (then the caller clusters every spike, and
-    ``notes`` says why)."""
+def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, label_source: str, notes: list, backbone=None):
+    """A NeuralSorter trained on the training sample, fine-tuning ``backbone`` (None: from
+    scratch), and its units' peeling templates, or (None, None) when there is nothing to learn
+    (then the caller clusters every spike, and ``notes`` says why)."""
     from .sort.cluster import renumber
     from .sort.peel import Templates
 
@@ -613,7 +617,7 @@ def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, labe
         return None, None
     few_labels = label_source == "labels" and params.label_max_spikes_per_unit > 0  # a user's first K spikes per unit
     with prep.timer.stage("train neural"):
-        sorter = _new_sorter(params, few_labels).fit(sample.windows, targets, mask, backbone=_backbone(params), progress=False)
+        sorter = _new_sorter(params, few_labels).fit(sample.windows, targets, mask, backbone=backbone, progress=False)
         if label_source != "clustering":
             units = _with_network_units(prep, sample, sorter, units)
         templates = Templates.fit(sample.snippets, sample.peaks["channel_index"], units, targets.shape[1],
@@ -651,6 +655,35 @@ def _self_training(params: Params) -> bool:
     """Whether a network trained on a user's labels is trained again on its own labelling of the
     whole recording (auto: when the labels are limited to the first K spikes per unit)."""
     return params.neural_self_training > 0 or (params.neural_self_training < 0 and params.label_max_spikes_per_unit > 0)
+
+
+def _adapting_backbone(params: Params) -> bool:
+    """Whether the few-label networks fine-tune a backbone first trained on locsort's own
+    clustering of the recording (auto: when the labels are limited to the first K spikes per unit)."""
+    return params.neural_adapted_backbone > 0 or (params.neural_adapted_backbone < 0 and params.label_max_spikes_per_unit > 0)
+
+
+def _adapted_backbone(prep: Prepared, unlabelled: TrainingSample, localizer, basis, notes: list):
+    """The backbone of a network trained, as the default sort trains it, on locsort's own
+    clustering of ``unlabelled`` (a sample of the whole recording; no labels used), or the
+    configured backbone when the clustering finds no units.
+
+    With K labels per unit the few-label networks learn what tells this recording's units apart
+    from K spikes each; a backbone fitted to a pretraining simulator (or a random one) does not
+    separate this recording's similar waveforms, and those confusions pass on to self-training.
+    A clustering of thousands of spikes, with its own errors between units, still shows the
+    backbone the recording's waveforms, channels and noise. bench_transfer, 3 seeds, square MEA
+    (another probe type and simulator than the pretraining): pretrained K = 5 / 10 0.723 / 0.823 ->
+    0.782 / 0.837, from scratch 0.691 / 0.815 -> 0.811 / 0.836; np64 from scratch K = 5 0.802 ->
+    0.873 (NOTES.md session 28)."""
+    found = []
+    sorter, _ = _train_neural(prep, unlabelled, localizer, basis, "clustering", found, _backbone(prep.params))
+    if sorter is None:
+        notes.append("the backbone was not adapted to this recording (" + "; ".join(found) + ")")
+        return _backbone(prep.params)
+    notes.append(f"backbone adapted to this recording: trained on locsort's own clustering of {sorter.history['train_windows']} "
+                 f"spikes into {sorter.num_units} units before the labels")
+    return getattr(sorter.net, "members", [sorter.net])[0].backbone  # an ensemble (neural_ensemble > 1): its first member's
 
 
 def _self_trained(prep: Prepared, labelled: TrainingSample, unlabelled: TrainingSample, sorter, labelled_end: int):

@@ -277,26 +277,60 @@ def test_imprinted_head_sorts_held_out_spikes_from_ten_labels_per_unit(ground_tr
     recording, truth = ground_truth_recording
     params = locsort.Params(**FAST, localization_method="center_of_mass")
     prep = locsort.pipeline.prepare(recording, params)
-    labels = labels_from_sorting(truth.sorting, prep.recording)
-    sample = locsort.pipeline._training_sample(prep, make_localizer("center_of_mass", params), None, progress=False,
+    held_out_accuracy = _imprinted_head_accuracy(prep, labels_from_sorting(truth.sorting, prep.recording), shots=10)
+    pretrained, random = held_out_accuracy(load_backbone(BACKBONE_PATH)), held_out_accuracy(Backbone())
+    assert pretrained > 0.9 and pretrained > random, (pretrained, random)
+
+
+def _imprinted_head_accuracy(prep, labels, shots: int):
+    """A function of a backbone: the fraction of a labelled training sample's spikes, past the
+    first ``shots`` of each unit, that a head imprinted from those first ones (no training)
+    gives to their own unit."""
+    sample = locsort.pipeline._training_sample(prep, make_localizer("center_of_mass", prep.params), None, progress=False,
                                                windows=True, labels=labels)
     labelled = np.flatnonzero(sample.targets.any(1))
     unit = sample.targets[labelled].argmax(1)
-    shots = np.concatenate([labelled[unit == u][:10] for u in range(sample.targets.shape[1])])
-    held_out = np.setdiff1d(labelled, shots)
+    first = np.concatenate([labelled[unit == u][:shots] for u in range(sample.targets.shape[1])])
+    held_out = np.setdiff1d(labelled, first)
     sorter = NeuralSorter()
 
-    def held_out_accuracy(backbone):
+    def accuracy(backbone):
         torch.manual_seed(0)
         net = SpikeNet(sample.targets.shape[1], backbone).eval()
-        net.imprint(sorter._tensors(sample.windows.subset(shots)), torch.as_tensor(sample.targets[shots]),
-                    torch.ones(len(shots), sample.targets.shape[1]))
+        net.imprint(sorter._tensors(sample.windows.subset(first)), torch.as_tensor(sample.targets[first]),
+                    torch.ones(len(first), sample.targets.shape[1]))
         with torch.no_grad():
             predicted = net(*sorter._tensors(sample.windows.subset(held_out))).argmax(1).numpy()
         return float(np.mean(predicted == sample.targets[held_out].argmax(1)))
 
-    pretrained, random = held_out_accuracy(load_backbone(BACKBONE_PATH)), held_out_accuracy(Backbone())
-    assert pretrained > 0.9 and pretrained > random, (pretrained, random)
+    return accuracy
+
+
+def test_few_label_networks_fine_tune_a_backbone_trained_on_the_recordings_own_clustering(ground_truth_recording,
+                                                                                           monkeypatch):
+    """With 20 labelled spikes per unit, a network is first trained on locsort's own clustering of
+    the whole recording (from the shipped backbone, no labels); the few-label networks fine-tune
+    its backbone, and the self-trained network after them starts from scratch."""
+    recording, truth = ground_truth_recording
+    params = locsort.Params(**FAST, localization_method="center_of_mass", label_max_spikes_per_unit=20, neural_frozen_epochs=2)
+    prep = locsort.pipeline.prepare(recording, params)
+    labels = labels_from_sorting(truth.sorting, prep.recording, max_spikes_per_unit=20)
+    fits = []  # (sorter, backbone it was given, units it learned) of every training, in order
+    fit = NeuralSorter.fit
+
+    def recorded_fit(self, windows, targets, mask=None, backbone=None, progress=False):
+        fits.append((self, backbone, targets.shape[1]))
+        return fit(self, windows, targets, mask, backbone=backbone, progress=progress)
+
+    monkeypatch.setattr(NeuralSorter, "fit", recorded_fit)
+    models = locsort.pipeline._fit_models(prep, "center_of_mass", None, progress=False, labels=labels, label_source="labels")
+    (own, shipped, clusters), (few, adapted, units), (last, none, _) = fits
+    shipped_state = load_backbone(BACKBONE_PATH).state_dict()
+    assert all(torch.equal(shipped.state_dict()[k], v) for k, v in shipped_state.items())
+    assert own.num_units == clusters >= 10 and units == labels.num_units
+    assert adapted is own.net.backbone and any(not torch.equal(adapted.state_dict()[k], v) for k, v in shipped_state.items())
+    assert isinstance(few.net, Ensemble) and none is None and models.neural is last
+    assert any(n.startswith("backbone adapted to this recording: trained on locsort's own clustering") for n in models.notes)
 
 
 def test_pretrained_backbone_stays_frozen_while_the_new_head_learns():
