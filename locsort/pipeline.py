@@ -567,7 +567,7 @@ def _backbone(params: Params):
     return load_backbone(path)
 
 
-def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, label_source: str, notes: list, backbone=None):
+def _train_neural(prep: Prepared, sample: TrainingSample, localizer, basis, label_source: str, notes: list, backbone):
     """A NeuralSorter trained on the training sample, fine-tuning ``backbone`` (None: from
     scratch), and its units' peeling templates, or (None, None) when there is nothing to learn
     (then the caller clusters every spike, and ``notes`` says why)."""
@@ -676,11 +676,11 @@ def _adapted_backbone(prep: Prepared, unlabelled: TrainingSample, localizer, bas
     (another probe type and simulator than the pretraining): pretrained K = 5 / 10 0.723 / 0.823 ->
     0.782 / 0.837, from scratch 0.691 / 0.815 -> 0.811 / 0.836; np64 from scratch K = 5 0.802 ->
     0.873 (NOTES.md session 28)."""
-    found = []
-    sorter, _ = _train_neural(prep, unlabelled, localizer, basis, "clustering", found, _backbone(prep.params))
+    found, configured = [], _backbone(prep.params)  # fit() trains a copy: ``configured`` stays as loaded
+    sorter, _ = _train_neural(prep, unlabelled, localizer, basis, "clustering", found, configured)
     if sorter is None:
         notes.append("the backbone was not adapted to this recording (" + "; ".join(found) + ")")
-        return _backbone(prep.params)
+        return configured
     notes.append(f"backbone adapted to this recording: trained on locsort's own clustering of {sorter.history['train_windows']} "
                  f"spikes into {sorter.num_units} units before the labels")
     return getattr(sorter.net, "members", [sorter.net])[0].backbone  # an ensemble (neural_ensemble > 1): its first member's
