@@ -399,8 +399,8 @@ def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None,
     localizer = localizer if localizer is not None else make_localizer(method, prep.params)
     models = Models(localizer, notes=list(labels.notes) if labels is not None else [], label_source=label_source)
     chunks = _chunks_before(prep, labels.end) if labels is not None else None
-    self_training = label_source == "labels" and _self_training(prep.params)
-    adapting = label_source == "labels" and _adapting_backbone(prep.params)
+    self_training = label_source == "labels" and _with_few_labels(prep.params.neural_self_training, prep.params)
+    adapting = label_source == "labels" and _with_few_labels(prep.params.neural_adapted_backbone, prep.params)
     with prep.timer.stage("fit"):
         sample = _training_sample(prep, localizer, peaks, progress, windows=bool(label_source), labels=labels,
                                   chunks=chunks, runner=runner)
@@ -651,16 +651,10 @@ def _new_sorter(params: Params, few_labels: bool):
                         else (4 if few_labels else 0))
 
 
-def _self_training(params: Params) -> bool:
-    """Whether a network trained on a user's labels is trained again on its own labelling of the
-    whole recording (auto: when the labels are limited to the first K spikes per unit)."""
-    return params.neural_self_training > 0 or (params.neural_self_training < 0 and params.label_max_spikes_per_unit > 0)
-
-
-def _adapting_backbone(params: Params) -> bool:
-    """Whether the few-label networks fine-tune a backbone first trained on locsort's own
-    clustering of the recording (auto: when the labels are limited to the first K spikes per unit)."""
-    return params.neural_adapted_backbone > 0 or (params.neural_adapted_backbone < 0 and params.label_max_spikes_per_unit > 0)
+def _with_few_labels(setting: int, params: Params) -> bool:
+    """A few-label stage's switch (neural_self_training, neural_adapted_backbone): 1 on, 0 off,
+    -1 (auto) on when a user's labels are limited to the first K spikes per unit."""
+    return setting > 0 or (setting < 0 and params.label_max_spikes_per_unit > 0)
 
 
 def _adapted_backbone(prep: Prepared, unlabelled: TrainingSample, localizer, basis, notes: list):
