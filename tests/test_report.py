@@ -197,3 +197,42 @@ def test_report_multi_segment_multi_shank(tmp_path):
     assert _cell(page, "num-segments") == "2"
     assert _cell(page, "num-spikes") == str(n)
     assert "could not be made" not in page
+
+
+def test_unit_templates_average_up_to_the_quota_of_spikes_of_frequent_and_rare_units():
+    """Traces that are zero except for one known waveform per unit at its spike times: each
+    template is that waveform exactly (SD 0), from TEMPLATE_SPIKES_PER_UNIT spikes of a frequent
+    unit (read in shared stretches) and from every spike of a rare one (read on its own)."""
+    from spikeinterface.core import NumpyRecording, NumpySorting
+
+    from locsort.report import TEMPLATE_SPIKES_PER_UNIT, _compute_templates, _Context, _template_reads
+
+    fs, num_samples = 30000.0, 300_000
+    rng = np.random.default_rng(0)
+    # spikes 100 samples apart or more, so that no other spike reaches a 90-sample window
+    frequent = np.sort(rng.choice(np.arange(100, 200_000, 100), size=400, replace=False))
+    rare = np.array([210_000, 230_000, 250_000, 270_000, 299_990])  # the last is too close to the end for a window
+    shape = np.sin(np.linspace(0, 3 * np.pi, 40)) * np.hanning(40)
+    traces = np.zeros((num_samples, 4), np.float32)
+    for times, channel, gain in ((frequent, 1, -50.0), (rare, 3, 30.0)):
+        for t in times:
+            traces[t - 10 : t + 30, channel] += (gain * shape)[: num_samples - t + 10]
+    recording = NumpyRecording([traces], fs)
+    recording.set_dummy_probe_from_locations(np.column_stack([np.zeros(4), np.arange(4) * 20.0]))
+    spikes = np.zeros(len(frequent) + len(rare), dtype=SPIKE_DTYPE)
+    spikes["sample_index"] = np.r_[frequent, rare]
+    spikes["unit_index"] = np.r_[np.zeros(len(frequent)), np.ones(len(rare))]
+    order = np.argsort(spikes["sample_index"])
+    spikes = spikes[order]
+    sorting = NumpySorting.from_samples_and_labels([spikes["sample_index"]], [spikes["unit_index"].astype(int)], fs)
+    ctx = _Context(recording, spikes, sorting, 1000, np.random.default_rng(0))
+    mean, sd, counts, nbefore = _compute_templates(ctx, np.array([0, 1]))
+    assert counts.tolist() == [TEMPLATE_SPIKES_PER_UNIT, len(rare) - 1]
+    # the frequent unit has ~15 spikes per 0.25 s stretch: its 100 come from a few shared reads
+    reads = _template_reads(ctx, np.array([0, 1]), nbefore, mean.shape[1])
+    assert len(reads) <= 15 and sum(len(rows) for _, _, _, rows, _ in reads) == counts.sum()
+    for k, (channel, gain) in enumerate(((1, -50.0), (3, 30.0))):
+        expected = np.zeros(mean.shape[1])
+        expected[nbefore - 10 : nbefore + 30] = gain * shape
+        np.testing.assert_allclose(mean[k, :, channel], expected, atol=1e-4)
+        assert np.abs(np.delete(mean[k], channel, axis=1)).max() == 0 and sd[k].max() < 1e-3

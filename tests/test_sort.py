@@ -333,6 +333,31 @@ def test_few_label_networks_fine_tune_a_backbone_trained_on_the_recordings_own_c
     assert any(n.startswith("backbone adapted to this recording: trained on locsort's own clustering") for n in models.notes)
 
 
+def test_few_label_networks_keep_the_configured_backbone_when_the_own_clustering_finds_no_units(ground_truth_recording,
+                                                                                                 monkeypatch):
+    """No cluster can reach ``cluster_min_size``: the own-clustering network is not trained, the
+    few-label networks fine-tune the shipped backbone instead, and the notes say why."""
+    recording, truth = ground_truth_recording
+    params = locsort.Params(**FAST, localization_method="center_of_mass", label_max_spikes_per_unit=20,
+                            neural_frozen_epochs=2, cluster_min_size=10**9)
+    prep = locsort.pipeline.prepare(recording, params)
+    labels = labels_from_sorting(truth.sorting, prep.recording, max_spikes_per_unit=20)
+    given = []  # the backbone every training was given, in order
+    fit = NeuralSorter.fit
+
+    def recorded_fit(self, windows, targets, mask=None, backbone=None, progress=False):
+        given.append(backbone)
+        return fit(self, windows, targets, mask, backbone=backbone, progress=progress)
+
+    monkeypatch.setattr(NeuralSorter, "fit", recorded_fit)
+    models = locsort.pipeline._fit_models(prep, "center_of_mass", None, progress=False, labels=labels, label_source="labels")
+    shipped, none = given
+    assert none is None and models.neural.num_units == labels.num_units
+    assert all(torch.equal(shipped.state_dict()[k], v) for k, v in load_backbone(BACKBONE_PATH).state_dict().items())
+    assert ("the backbone was not adapted to this recording (the clustering of the training sample found no units, so "
+            "the neural sorter was not trained)") in models.notes
+
+
 def test_pretrained_backbone_stays_frozen_while_the_new_head_learns():
     """Linear probing, then fine-tuning: during the first ``frozen_epochs`` the backbone keeps
     its pretrained weights; afterwards it adapts."""

@@ -143,9 +143,12 @@ def lagged_copy_spikes(segments: np.ndarray, samples: np.ndarray, units: np.ndar
     sorting = NumpySorting.from_samples_and_labels([samples[r] for r in by_segment], [units[r] for r in by_segment],
                                                    sampling_frequency, unit_ids=np.arange(num_units))
     # one bin per sample; SpikeInterface's correlogram[j, i, half + lag] counts spikes of j at lag
-    # samples after one of i: transposed, [source, copy, half + lag]
+    # samples after one of i: transposed, [source, copy, half + lag]. The numpy method counts the
+    # same as the numba one and needs no compilation, which cost every new process 1.3-1.7 s
+    # (numpy: 0.01 s on 60 s of np64, 0.3 s on an hour; NOTES.md session 29)
     bin_ms = 1000.0 / sampling_frequency
-    correlogram = compute_correlograms(sorting, window_ms=2 * half * bin_ms, bin_ms=bin_ms)[0].transpose(1, 0, 2)
+    correlogram = compute_correlograms(sorting, window_ms=2 * half * bin_ms, bin_ms=bin_ms,
+                                       method="numpy")[0].transpose(1, 0, 2)
     half = correlogram.shape[2] // 2
     width = 2 * COPY_JITTER + 1
     window = correlogram[:, :, : correlogram.shape[2] - width + 1].copy()  # counts within +/- COPY_JITTER of each lag
