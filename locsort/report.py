@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 DPI = 110
 MAX_TEMPLATE_UNITS = 64  # units drawn in templates.png, largest median |amplitude| first
-TEMPLATE_SPIKES_PER_UNIT = 100  # random spikes averaged per unit (fewer when many units)
+TEMPLATE_SPIKES_PER_UNIT = 100  # random spikes averaged per unit (fewer if the unit has fewer or the reads run out)
 MAX_TEMPLATE_READS = 400  # get_traces calls for all templates together (each filters all channels: ~15 ms at 384)
 TEMPLATE_READ_S = 0.25  # length of the stretches read first, each holding many units' spikes
 TEMPLATE_TIME_BUDGET_S = 30.0  # stop reading traces after this and average what was read
@@ -527,16 +527,14 @@ def _template_reads(ctx: _Context, units: np.ndarray, nbefore: int, width: int) 
     reads first go to random ``TEMPLATE_READ_S`` stretches, each giving every unit still short
     of spikes all it has there; units still short after half the reads (rare ones) get reads
     around their own spikes. The demo (46 units, 60 s): 10 spikes per unit from 376 sparse
-    reads before, 100 per unit from ~60 reads now (NOTES.md session 29)."""
+    reads before, 100 per unit from ~70 reads now (NOTES.md session 29)."""
     spikes, fs = ctx.spikes, ctx.fs
-    slot_of_unit = np.full(max(ctx.num_units, 1), -1, np.int64)
+    slot_of_unit = np.full(ctx.num_units + 1, -1, np.int64)  # unit index -> slot; the last entry serves -1 (unassigned)
     slot_of_unit[units] = np.arange(len(units))
     seg_len = ctx.segment_samples[ctx.spike_seg] if len(spikes) else np.zeros(0, np.int64)
     start = spikes["sample_index"].astype(np.int64) - nbefore
     valid = (start >= 0) & (start + width <= seg_len) & (spikes["segment_index"] >= 0)
-    valid &= spikes["segment_index"] < ctx.num_segments
-    units_of = np.where(ctx.assigned, ctx.unit_index, 0).clip(0, len(slot_of_unit) - 1)
-    valid &= ctx.assigned & (slot_of_unit[units_of] >= 0)
+    valid &= (spikes["segment_index"] < ctx.num_segments) & (slot_of_unit[ctx.unit_index] >= 0)
     rows = np.flatnonzero(valid)
     rows = rows[np.lexsort((start[rows], ctx.spike_seg[rows]))]
     slots = slot_of_unit[ctx.unit_index[rows]]
@@ -570,9 +568,7 @@ def _template_reads(ctx: _Context, units: np.ndarray, nbefore: int, width: int) 
             break
         candidates = members[k][need[slots[members[k]]] > 0]
         if len(candidates):
-            chosen = take(candidates)
-            if len(chosen):
-                add_read(chosen)
+            add_read(take(candidates))
     # rare units: random spikes of their own, grouped into reads when close in time
     left = np.flatnonzero(~taken & (need[slots] > 0))
     if len(left) and len(reads) < MAX_TEMPLATE_READS:
