@@ -964,7 +964,7 @@ def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Model
     with atomic_folder(out, overwrite) as tmp:
         with timer.stage("write"):
             save_npy_atomic(tmp / "spikes.npy", spikes)
-            sorting.save(folder=tmp / "sorting")
+            _save_sorting(sorting, tmp / "sorting")
             if getattr(localizer, "net", None) is not None:  # reusable on recordings of the same probe type
                 localizer.save(tmp / "encoder.safetensors")
             if result.neural is not None:
@@ -1003,6 +1003,17 @@ def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Model
         }
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=_json_default))
     return RunResult(out, spikes, sorting, dict(timer), evaluation, "; ".join(notes) or None)
+
+
+def _save_sorting(sorting, folder: Path) -> None:
+    """``sorting`` (in memory, from ``sorting_from_spikes``) saved as a SpikeInterface folder,
+    without SpikeInterface's warning that an in-memory sorting has no provenance to save: the
+    run's provenance is run.json, and the warning only puzzled CLI users."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The extractor is not serializable to file")
+        sorting.save(folder=folder)
 
 
 def _export_phy(recording, sorting, folder: Path) -> None:

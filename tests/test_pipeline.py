@@ -156,3 +156,20 @@ def test_atomic_folder_replaces_only_on_success(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert (out / "new.txt").exists() and not (out / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sorting_folder_is_written_without_spikeinterfaces_provenance_warning(tmp_path):
+    """The output's sorting/ folder loads back with every spike, and saving it does not print
+    SpikeInterface's "not serializable, provenance not saved" warning at the user."""
+    import warnings
+
+    from spikeinterface.core import NumpySorting, load
+
+    sorting = NumpySorting.from_samples_and_labels([np.array([5, 40, 90])], [np.array([0, 1, 0])], 30000.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        locsort.pipeline._save_sorting(sorting, tmp_path / "sorting")
+    assert not [w for w in caught if "provenance" in str(w.message)]
+    loaded = load(tmp_path / "sorting")
+    np.testing.assert_array_equal(loaded.get_unit_spike_train(0), [5, 90])
+    np.testing.assert_array_equal(loaded.get_unit_spike_train(1), [40])
