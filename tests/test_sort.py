@@ -306,6 +306,19 @@ def _imprinted_head_accuracy(prep, labels, shots: int):
     return accuracy
 
 
+def _recorded_fits(monkeypatch) -> list:
+    """(sorter, backbone it was given, units it learned) of every NeuralSorter.fit call from now
+    on, in order; fit itself still runs."""
+    fits, fit = [], NeuralSorter.fit
+
+    def recorded_fit(self, windows, targets, mask=None, backbone=None, progress=False):
+        fits.append((self, backbone, targets.shape[1]))
+        return fit(self, windows, targets, mask, backbone=backbone, progress=progress)
+
+    monkeypatch.setattr(NeuralSorter, "fit", recorded_fit)
+    return fits
+
+
 def test_few_label_networks_fine_tune_a_backbone_trained_on_the_recordings_own_clustering(ground_truth_recording,
                                                                                            monkeypatch):
     """With 20 labelled spikes per unit, a network is first trained on locsort's own clustering of
@@ -315,14 +328,7 @@ def test_few_label_networks_fine_tune_a_backbone_trained_on_the_recordings_own_c
     params = locsort.Params(**FAST, localization_method="center_of_mass", label_max_spikes_per_unit=20, neural_frozen_epochs=2)
     prep = locsort.pipeline.prepare(recording, params)
     labels = labels_from_sorting(truth.sorting, prep.recording, max_spikes_per_unit=20)
-    fits = []  # (sorter, backbone it was given, units it learned) of every training, in order
-    fit = NeuralSorter.fit
-
-    def recorded_fit(self, windows, targets, mask=None, backbone=None, progress=False):
-        fits.append((self, backbone, targets.shape[1]))
-        return fit(self, windows, targets, mask, backbone=backbone, progress=progress)
-
-    monkeypatch.setattr(NeuralSorter, "fit", recorded_fit)
+    fits = _recorded_fits(monkeypatch)
     models = locsort.pipeline._fit_models(prep, "center_of_mass", None, progress=False, labels=labels, label_source="labels")
     (own, shipped, clusters), (few, adapted, units), (last, none, _) = fits
     shipped_state = load_backbone(BACKBONE_PATH).state_dict()
@@ -342,16 +348,9 @@ def test_few_label_networks_keep_the_configured_backbone_when_the_own_clustering
                             neural_frozen_epochs=2, cluster_min_size=10**9)
     prep = locsort.pipeline.prepare(recording, params)
     labels = labels_from_sorting(truth.sorting, prep.recording, max_spikes_per_unit=20)
-    given = []  # the backbone every training was given, in order
-    fit = NeuralSorter.fit
-
-    def recorded_fit(self, windows, targets, mask=None, backbone=None, progress=False):
-        given.append(backbone)
-        return fit(self, windows, targets, mask, backbone=backbone, progress=progress)
-
-    monkeypatch.setattr(NeuralSorter, "fit", recorded_fit)
+    fits = _recorded_fits(monkeypatch)
     models = locsort.pipeline._fit_models(prep, "center_of_mass", None, progress=False, labels=labels, label_source="labels")
-    shipped, none = given
+    (_, shipped, _), (_, none, _) = fits
     assert none is None and models.neural.num_units == labels.num_units
     assert all(torch.equal(shipped.state_dict()[k], v) for k, v in load_backbone(BACKBONE_PATH).state_dict().items())
     assert ("the backbone was not adapted to this recording (the clustering of the training sample found no units, so "
