@@ -964,7 +964,7 @@ def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Model
     with atomic_folder(out, overwrite) as tmp:
         with timer.stage("write"):
             save_npy_atomic(tmp / "spikes.npy", spikes)
-            _save_sorting(sorting, tmp / "sorting")
+            save_sorting(sorting, tmp / "sorting")
             if getattr(localizer, "net", None) is not None:  # reusable on recordings of the same probe type
                 localizer.save(tmp / "encoder.safetensors")
             if result.neural is not None:
@@ -1005,10 +1005,11 @@ def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Model
     return RunResult(out, spikes, sorting, dict(timer), evaluation, "; ".join(notes) or None)
 
 
-def _save_sorting(sorting, folder: Path) -> None:
+def save_sorting(sorting, folder: Path) -> None:
     """``sorting`` (in memory, from ``sorting_from_spikes``) saved as a SpikeInterface folder,
-    without SpikeInterface's warning that an in-memory sorting has no provenance to save: the
-    run's provenance is run.json, and the warning only puzzled CLI users."""
+    without SpikeInterface's warning that an in-memory sorting has no provenance to save: a run's
+    provenance is its run.json (or run_sorter's own log), and the warning only puzzled users.
+    Used by ``run`` and by the run_sorter plug-in."""
     import warnings
 
     with warnings.catch_warnings():

@@ -100,11 +100,11 @@ def _sorter_class():
 
         @classmethod
         def _run_from_folder(cls, sorter_output_folder, params, verbose):
-            from .pipeline import sort
+            from .pipeline import save_sorting, sort
 
             recording = cls.load_recording_from_folder(sorter_output_folder.parent, with_warnings=False)
             sorting = sort(recording, params=dict(params), progress=verbose)
-            sorting.save(folder=sorter_output_folder / "sorting")
+            save_sorting(sorting, sorter_output_folder / "sorting")
 
     return LocsortSorter
 

@@ -168,7 +168,7 @@ def test_sorting_folder_is_written_without_spikeinterfaces_provenance_warning(tm
     sorting = NumpySorting.from_samples_and_labels([np.array([5, 40, 90])], [np.array([0, 1, 0])], 30000.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        locsort.pipeline._save_sorting(sorting, tmp_path / "sorting")
+        locsort.pipeline.save_sorting(sorting, tmp_path / "sorting")
     assert not [w for w in caught if "provenance" in str(w.message)]
     loaded = load(tmp_path / "sorting")
     np.testing.assert_array_equal(loaded.get_unit_spike_train(0), [5, 90])
