@@ -261,6 +261,7 @@ class AmortizedLocalizer:
         if self.globals.decay == "exponential":
             self.globals.decay_length_um = fitted["decay_length"]
         self.history = {"epochs": len(history), "val_loss_per_spike": history, "train_examples": int(len(train)),
+                        "held_out_examples": int(len(val)),
                         "seconds": time.perf_counter() - start, "globals": self.globals.asdict()}
         return self
 
