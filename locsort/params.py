@@ -18,6 +18,11 @@ class Params:
     freq_max: float = 6000.0  # Hz, low-pass edge: spikes carry little power above
     common_reference: str = "median"  # "median", "average" or "none": removes noise shared by all channels
     filter_direction: str = "forward-backward"  # "forward-backward" (zero phase) or "forward" (causal, ~3x cheaper)
+    # 2 flat + 1 noisy of 64 channels (bench_bad_channels.py, 60 s generated): accuracy 0.855 / 1 FP unit kept
+    # as they are, 0.873 / 0 interpolated (intact 0.873 / 0); median location error 8.10 -> 5.83 µm (intact 5.82)
+    bad_channels: str = "auto"  # channels interpolated from their neighbours (SpikeInterface's interpolate_bad_channels) before the common reference: "auto" finds flat and very noisy ones (bad_channel_flat, bad_channel_noisy), "none" keeps every channel, or comma-separated channel ids
+    bad_channel_flat: float = 0.2  # "auto": band-passed noise level below this x the median channel's: flat (dead)
+    bad_channel_noisy: float = 5.0  # ... above this x the median channel's: noisy (SpikeInterface's detect_bad_channels std/mad threshold)
 
     # --- chunking (every pass over the traces) ---
     chunk_duration: float = 1.0  # s of traces per chunk: memory per chunk, independent of duration
@@ -44,10 +49,9 @@ class Params:
     com_channels: int = 9  # centre-of-mass baseline (and fallback): number of nearest real channels
     decay_law: str = "exponential"  # amplitude vs distance: "exponential" or "monopole" (1/r)
     source_offset_um: float = 8.0  # SD per axis of soma vs point source (model.py): widens x/y posterior SDs
-    # amplitude jitter (the paper's): channels within this many µV of the largest also serve as centre (0: off).
     # Off by default: on the five benchmark recordings 10 µV gave the same or worse errors at 2-3x the
     # training time of the same number of epochs without it (BENCHMARKS.md, session 11 in NOTES.md)
-    jitter_uv: float = 0.0
+    jitter_uv: float = 0.0  # amplitude jitter (the paper's): channels within this many µV of the largest also serve as centre (0: off)
     max_jitter_centres: int = 4  # at most this many centres per spike
     encoder_hidden: int = 256  # width of the encoder MLP
     encoder_batch_size: int = 512  # spikes per ELBO step

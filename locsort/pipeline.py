@@ -29,7 +29,7 @@ from .detect import fit_matched_filter, peaks_in_slices
 from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
 from .params import Params, resolve_device
-from .preprocess import noise_correlations, noise_levels, noise_slices, preprocess
+from .preprocess import band_pass, find_bad_channels, noise_correlations, noise_levels, noise_slices, referenced, referenced_slices
 from .scan import Geometry, Scanner, SpikeBatch, concatenate_parts, scan
 from .sort.cluster import cluster, clustering_features
 from .spikes import PEAK_DTYPE, check_peaks, spikes_from_peaks
@@ -63,6 +63,7 @@ class Prepared:
     amplitudes: AmplitudeReader | None = None  # how channel amplitudes are read (None: raw traces)
     noise_covariance: np.ndarray | None = None  # (C, C) µV² across channels (preprocess.noise_correlations)
     noise_autocorrelation: np.ndarray | None = None  # (snippet length,) in time, 1 at lag 0
+    bad_channels: dict = field(default_factory=dict)  # channel id -> why it was interpolated (preprocess.find_bad_channels)
 
     def scanner(self, peaks=None) -> Scanner:
         return Scanner(self.recording, self.params, self.neighbourhood, self.noise, peaks, self.matched_filter,
@@ -81,8 +82,11 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
     if params.detect_method not in ("matched", "peak"):
         raise UsageError(f"unknown detect_method {params.detect_method!r}: use matched or peak")
     with timer.stage("preprocess"):
-        processed = preprocess(recording, params)
-        slices = noise_slices(processed, params)
+        filtered = band_pass(recording, params)
+        slices = noise_slices(filtered, params)
+        bad_channels = find_bad_channels(filtered, params, slices)
+        processed = referenced(filtered, params, bad_channels)
+        slices = referenced_slices(slices, filtered, params, bad_channels)
         noise = noise_levels(processed, params, slices)
         geo = Geometry.from_params(params, processed.get_sampling_frequency())
         covariance, autocorrelation = noise_correlations(slices, noise, geo.before + geo.after)
@@ -106,7 +110,7 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
                 basis = fit_amplitude_basis(np.concatenate(snippets), geo.amp_half, geo.before, params.amplitude_components)
         amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half, basis)
     return Prepared(processed, params, noise, neighbourhood, timer, matched_filter, detection, amplitudes, covariance,
-                    autocorrelation)
+                    autocorrelation, bad_channels)
 
 
 @dataclass
@@ -958,6 +962,9 @@ def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Model
     sorter = {"sorter": params.sorter, "labels": result.label_source or None, "notes": result.notes,
               "neural_training": result.neural.history if result.neural is not None else None}
     notes = ([localization["fallback"]] if localization["fallback"] else []) + result.notes
+    if prep.bad_channels:
+        notes.insert(0, "channels interpolated from their neighbours: "
+                     + ", ".join(f"{channel} ({why})" for channel, why in prep.bad_channels.items()))
     if execution["resumed"]["models"] or execution["resumed"]["chunks"]:
         notes.append(f"continued an interrupted run ({execution['resumed']['chunks']} of {execution['resumed']['of_chunks']} "
                      "chunks were already done)")
@@ -977,6 +984,7 @@ def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Model
             write_report(
                 tmp, recording=prep.recording, spikes=spikes, sorting=sorting, title=f"locsort: {source or 'recording'}",
                 timings=dict(timer), evaluation=evaluation, ground_truth=ground_truth, params=params.asdict(), seed=params.seed,
+                run_notes=notes,
             )
         info = {
             "locsort_version": __version__,
@@ -991,6 +999,7 @@ def _write_run(out: Path, overwrite: bool, prep: Prepared, spikes, models: Model
                 "num_segments": int(prep.recording.get_num_segments()),
                 "duration_s": float(sum(prep.recording.get_duration(s) for s in range(prep.recording.get_num_segments()))),
             },
+            "bad_channels": {str(channel): why for channel, why in prep.bad_channels.items()},
             "detection": prep.detection,
             "amplitudes": prep.amplitudes.description,
             "num_spikes": int(len(spikes)),

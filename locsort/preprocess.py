@@ -1,16 +1,17 @@
-"""Band-pass and common reference through SpikeInterface (lazy: nothing is computed here),
-and the per-channel noise level every later threshold is expressed in."""
+"""Band-pass, interpolation of bad channels and common reference through SpikeInterface
+(lazy: nothing is computed here but the search for bad channels), and the per-channel noise
+level every later threshold is expressed in."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import LocsortError
+from .errors import LocsortError, UsageError
 from .params import Params
 
 
-def preprocess(recording, params: Params | None = None):
-    """The recording in µV as float32, band-passed and common-referenced per ``params``."""
+def band_pass(recording, params: Params | None = None):
+    """The recording in µV as float32, band-passed per ``params`` (lazy)."""
     import spikeinterface.preprocessing as spre
 
     params = params or Params()
@@ -23,9 +24,79 @@ def preprocess(recording, params: Params | None = None):
         freq_max = min(params.freq_max, 0.95 * nyquist)
         recording = spre.bandpass_filter(recording, freq_min=params.freq_min, freq_max=freq_max, dtype="float32",
                                          direction=params.filter_direction)
-        if params.common_reference != "none":
-            recording = spre.common_reference(recording, reference="global", operator=params.common_reference)
     return recording
+
+
+def find_bad_channels(filtered, params: Params | None = None, slices: list[np.ndarray] | None = None) -> dict:
+    """Channels to interpolate from their neighbours, channel id -> why: those ``params.bad_channels``
+    names, or with "auto" the flat and the very noisy ones. A channel's noise level is read on the
+    band-passed traces ``filtered`` (band_pass; or on their noise ``slices``), before the common
+    reference, which would give a flat channel the others' common signal."""
+    params = params or Params()
+    ids = list(filtered.channel_ids)
+    setting = params.bad_channels.strip()
+    if setting == "none":
+        return {}
+    if setting != "auto":
+        given = [c.strip() for c in setting.split(",") if c.strip()]
+        by_name = {str(c): c for c in ids}
+        unknown = [c for c in given if c not in by_name]
+        if unknown:
+            raise UsageError(f"bad_channels names channels the recording does not have: {', '.join(unknown)} "
+                             f"(its channel ids: {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''})")
+        return {by_name[c]: "named in bad_channels" for c in given}
+    if len(ids) < 4:  # too few channels for a median to say what a normal channel is
+        return {}
+    # a handful of slices tells flat and noisy channels apart (healthy ones sit within 0.85-1.25 of the
+    # median on the benchmark recordings) at a quarter of the cost of all
+    levels = noise_levels(filtered, params, slices[:5] if slices is not None else None)
+    typical = float(np.median(levels))
+    bad = {}
+    for channel, level in zip(ids, levels / max(typical, 1e-12)):
+        if level < params.bad_channel_flat:
+            bad[channel] = f"flat, noise {level:.2f} x the median channel's"
+        elif level > params.bad_channel_noisy:
+            bad[channel] = f"noisy, noise {level:.1f} x the median channel's"
+    return bad
+
+
+def preprocess(recording, params: Params | None = None, bad_channels=None):
+    """The recording in µV as float32: band-passed, ``bad_channels`` (ids; None: find_bad_channels
+    decides) interpolated from their neighbours, common-referenced, per ``params``."""
+    params = params or Params()
+    filtered = band_pass(recording, params)
+    return referenced(filtered, params, find_bad_channels(filtered, params) if bad_channels is None else bad_channels)
+
+
+def referenced(filtered, params: Params, bad_channels):
+    """The band-passed recording with ``bad_channels`` interpolated and the common reference removed (lazy)."""
+    import spikeinterface.preprocessing as spre
+
+    recording = filtered
+    if len(bad_channels):
+        if len(bad_channels) > recording.get_num_channels() // 2:
+            raise LocsortError(f"{len(bad_channels)} of {recording.get_num_channels()} channels are flat or noisy "
+                               f"({', '.join(map(str, list(bad_channels)[:8]))} ...): too few good ones to interpolate them from; "
+                               "check the recording and its probe file, or set bad_channels")
+        # kriging from the neighbouring channels (SpikeInterface's, as in the IBL pipeline): the channel
+        # count and indices stay, so outputs refer to the recording's own channels
+        recording = spre.interpolate_bad_channels(recording, bad_channel_ids=list(bad_channels))
+    if params.preprocess and params.common_reference != "none":
+        recording = spre.common_reference(recording, reference="global", operator=params.common_reference)
+    return recording
+
+
+def referenced_slices(slices: list[np.ndarray], filtered, params: Params, bad_channels) -> list[np.ndarray]:
+    """``referenced`` applied to noise slices already read from ``filtered``: the processed
+    recording's own noise slices (both steps act sample by sample), without band-passing them twice."""
+    from spikeinterface.core import NumpyRecording
+
+    if not len(bad_channels) and not (params.preprocess and params.common_reference != "none"):
+        return slices
+    pieces = NumpyRecording(slices, sampling_frequency=filtered.get_sampling_frequency(), channel_ids=filtered.channel_ids)
+    pieces.set_dummy_probe_from_locations(filtered.get_channel_locations())
+    pieces = referenced(pieces, params, bad_channels)
+    return [pieces.get_traces(segment_index=i) for i in range(len(slices))]
 
 
 def noise_slices(recording, params: Params | None = None) -> list[np.ndarray]:

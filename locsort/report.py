@@ -59,6 +59,7 @@ def write_report(
     params: dict | None = None,
     max_spikes_plotted: int = 50_000,
     seed: int = 0,
+    run_notes: list[str] | None = None,
 ) -> Path:
     """Write ``folder/report.html`` and its figures (``folder/figures/*.png``); return the html path.
 
@@ -66,7 +67,8 @@ def write_report(
     ``sorting`` the sorting built from its assigned spikes (unit ids 0..U-1), possibly with no
     units. ``ground_truth`` (optional) has ``.sorting`` and ``.unit_locations`` ((U_gt, 3) µm,
     row i for ``sorting.unit_ids[i]``). ``evaluation`` (optional) is rendered as tables, and
-    ``evaluation["sorting"]["accuracy_per_unit"]`` drawn when ground truth is given.
+    ``evaluation["sorting"]["accuracy_per_unit"]`` drawn when ground truth is given. ``run_notes``
+    (optional) are what the run itself has to say (interpolated channels, fallbacks), shown first.
     """
     folder = Path(folder)
     fig_dir = folder / "figures"
@@ -76,7 +78,7 @@ def write_report(
     ctx = _Context(recording, spikes, sorting, max(int(max_spikes_plotted), 1), rng)
 
     figures: list[tuple[str, str, str]] = []  # (file name, caption, alt)
-    notes: list[str] = []
+    notes: list[str] = list(run_notes or [])
 
     def attempt(name: str, func, caption: str, alt: str, *args):
         path = fig_dir / name

@@ -1,11 +1,11 @@
 """The public API on a 10-second generated recording: detection, localization at given
-peaks, sorting, and the atomic output folder."""
+peaks, sorting, bad channels, and the atomic output folder."""
 
 import numpy as np
 import pytest
 
 import locsort
-from locsort.errors import UsageError
+from locsort.errors import LocsortError, UsageError
 from locsort.evaluate import ground_truth_peaks, localization_errors, match_spikes
 from locsort.io import atomic_folder
 from locsort.params import Params
@@ -173,3 +173,61 @@ def test_sorting_folder_is_written_without_spikeinterfaces_provenance_warning(tm
     loaded = load(tmp_path / "sorting")
     np.testing.assert_array_equal(loaded.get_unit_spike_train(0), [5, 90])
     np.testing.assert_array_equal(loaded.get_unit_spike_train(1), [40])
+
+
+@pytest.fixture(scope="module")
+def damaged_recording(ground_truth_recording):
+    """The generated recording with two channels flat (zeros: broken contacts) and one with 60 µV of
+    extra noise, as real probes have."""
+    from spikeinterface.core import NumpyRecording
+
+    recording, _ = ground_truth_recording
+    traces = recording.get_traces().astype(np.float32)
+    traces[:, [5, 30]] = 0.0
+    traces[:, 17] += np.random.default_rng(0).normal(0.0, 60.0, len(traces)).astype(np.float32)
+    damaged = NumpyRecording([traces], recording.get_sampling_frequency(), channel_ids=recording.channel_ids)
+    damaged.set_probe(recording.get_probe())
+    return damaged
+
+
+def test_flat_and_noisy_channels_are_found_and_interpolated(ground_truth_recording, damaged_recording):
+    from locsort.pipeline import prepare
+
+    recording, _ = ground_truth_recording
+    ids = list(recording.channel_ids)
+    assert prepare(recording).bad_channels == {}
+    prep = prepare(damaged_recording)
+    assert set(prep.bad_channels) == {ids[5], ids[17], ids[30]}
+    assert prep.bad_channels[ids[5]].startswith("flat") and prep.bad_channels[ids[17]].startswith("noisy")
+    # interpolated from their neighbours: neither zeros nor 60 µV of noise (an average of neighbours is
+    # a little quieter than one channel)
+    assert np.all((prep.noise > 0.3 * np.median(prep.noise)) & (prep.noise < 1.5 * np.median(prep.noise)))
+    # and detection sees what it sees on the intact recording; kept as they are, the damaged channels
+    # add false spikes
+    clean = len(locsort.detect(recording, progress=False))
+    assert abs(len(locsort.detect(damaged_recording, progress=False)) - clean) < 0.03 * clean
+    assert len(locsort.detect(damaged_recording, params=Params(bad_channels="none"), progress=False)) > 1.05 * clean
+
+
+def test_bad_channels_can_be_named_or_kept_and_unknown_names_are_refused(damaged_recording):
+    from locsort.pipeline import prepare
+
+    ids = list(damaged_recording.channel_ids)
+    named = prepare(damaged_recording, Params(bad_channels=f"{ids[5]}, {ids[30]}")).bad_channels
+    assert set(named) == {ids[5], ids[30]}
+    assert prepare(damaged_recording, Params(bad_channels="none")).bad_channels == {}
+    with pytest.raises(UsageError, match="channels the recording does not have: nope"):
+        prepare(damaged_recording, Params(bad_channels="nope"))
+    with pytest.raises(LocsortError, match="too few good ones"):
+        prepare(damaged_recording, Params(bad_channels=",".join(map(str, ids[:40]))))
+
+
+def test_a_run_names_its_interpolated_channels_in_run_json_and_the_report(tmp_path, damaged_recording):
+    import json
+
+    ids = [str(c) for c in damaged_recording.channel_ids]
+    result = locsort.run(damaged_recording, out=tmp_path / "out", progress=False)
+    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["bad_channels"]
+    assert set(recorded) == {ids[5], ids[17], ids[30]} and recorded[ids[17]].startswith("noisy")
+    assert "channels interpolated from their neighbours" in result.note
+    assert "channels interpolated from their neighbours" in (tmp_path / "out" / "report.html").read_text()
