@@ -13,28 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from _common import command_line, load_results, machine, save_results, verdict, write_section
 from bench_sorting import load_raw
 
 FLAT = (10, 40)  # channel indices zeroed
 NOISY = (25,)  # channel indices given extra noise
 EXTRA_NOISE_UV = 60.0
-
-
-def damaged(recording, flat=FLAT, noisy=NOISY, seed: int = 0):
-    """The recording with ``flat`` channels zeroed and ``noisy`` ones given extra white noise (in memory)."""
-    from spikeinterface.core import NumpyRecording
-
-    traces = recording.get_traces(return_in_uV=recording.has_scaleable_traces()).astype(np.float32)
-    traces[:, list(flat)] = 0.0
-    rng = np.random.default_rng(seed)
-    for channel in noisy:
-        traces[:, channel] += rng.normal(0.0, EXTRA_NOISE_UV, len(traces)).astype(np.float32)
-    copy = NumpyRecording([traces], recording.get_sampling_frequency(), channel_ids=recording.channel_ids)
-    copy.set_probe(recording.get_probe())
-    return copy
 
 
 def run(recording, truth, bad_channels: str) -> dict:
@@ -58,7 +42,9 @@ def main():
     if args.report_only:
         return write_report(load_results("bad_channels"))
     recording, truth = load_raw("np64_generated", 60.0)
-    broken = damaged(recording)
+    from locsort.simulate import with_bad_channels
+
+    broken = with_bad_channels(recording, FLAT, NOISY, EXTRA_NOISE_UV)
     results = {"command": command_line(), "flat": [str(recording.channel_ids[c]) for c in FLAT],
                "noisy": [str(recording.channel_ids[c]) for c in NOISY], "rows": {}}
     for label, rec, setting in (("intact", recording, "auto"), ("damaged, kept as they are (bad_channels=none)", broken, "none"),

@@ -71,6 +71,21 @@ def generate_recording(
     return recording, GroundTruth(sorting=sorting, unit_locations=locations)
 
 
+def with_bad_channels(recording, flat=(), noisy=(), extra_noise_uv: float = 60.0, seed: int = 0):
+    """An in-memory copy of ``recording`` in µV with the channels at indices ``flat`` zeroed (broken
+    contacts) and those at ``noisy`` given ``extra_noise_uv`` of extra white noise, as real probes have."""
+    from spikeinterface.core import NumpyRecording
+
+    traces = recording.get_traces(return_in_uV=recording.has_scaleable_traces()).astype(np.float32)
+    traces[:, list(flat)] = 0.0
+    rng = np.random.default_rng(seed)
+    for channel in noisy:
+        traces[:, channel] += rng.normal(0.0, extra_noise_uv, len(traces)).astype(np.float32)
+    copy = NumpyRecording([traces], recording.get_sampling_frequency(), channel_ids=recording.channel_ids)
+    copy.set_probe(recording.get_probe())
+    return copy
+
+
 def read_mearec_ground_truth(path: str | Path):
     """A MEArec .h5 file as (recording, GroundTruth) with soma positions in SpikeInterface's frame.
 

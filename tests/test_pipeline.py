@@ -179,15 +179,10 @@ def test_sorting_folder_is_written_without_spikeinterfaces_provenance_warning(tm
 def damaged_recording(ground_truth_recording):
     """The generated recording with two channels flat (zeros: broken contacts) and one with 60 µV of
     extra noise, as real probes have."""
-    from spikeinterface.core import NumpyRecording
+    from locsort.simulate import with_bad_channels
 
     recording, _ = ground_truth_recording
-    traces = recording.get_traces().astype(np.float32)
-    traces[:, [5, 30]] = 0.0
-    traces[:, 17] += np.random.default_rng(0).normal(0.0, 60.0, len(traces)).astype(np.float32)
-    damaged = NumpyRecording([traces], recording.get_sampling_frequency(), channel_ids=recording.channel_ids)
-    damaged.set_probe(recording.get_probe())
-    return damaged
+    return with_bad_channels(recording, flat=[5, 30], noisy=[17], extra_noise_uv=60.0)
 
 
 def test_flat_and_noisy_channels_are_found_and_interpolated(ground_truth_recording, damaged_recording):
