@@ -134,9 +134,9 @@ def run_spikeinterface(recording, peaks, method, repeats: int = 1):
 
 
 def training_speed(num_spikes: int, seed: int) -> dict:
-    """The encoder's training time on exactly ``num_spikes`` spikes (issue 3: under a minute).
-    The generated 64-channel recording (~750 spikes/s) is made long enough to hold them, and
-    every 1 s chunk of it is sampled, so that the training sample is not capped below."""
+    """The encoder's training time on ``num_spikes`` spikes (issue 3: under a minute; the per-chunk
+    cap rounds up by a few). The generated 64-channel recording (~750 spikes/s) is made long
+    enough to hold them, and every 1 s chunk of it is sampled, so that the sample is not capped below."""
     from locsort.evaluate import ground_truth_peaks
     from locsort.pipeline import _fit_models, prepare
 
