@@ -74,6 +74,10 @@ def referenced(filtered, params: Params, bad_channels):
 
     recording = filtered
     if len(bad_channels):
+        flat = [why for why in (bad_channels.values() if isinstance(bad_channels, dict) else []) if why.startswith("flat")]
+        if len(flat) == recording.get_num_channels():
+            raise LocsortError("every channel is flat: the recording holds no signal (check the file, its data offset, "
+                               "dtype and channel count)")
         if len(bad_channels) > recording.get_num_channels() // 2:
             raise LocsortError(f"{len(bad_channels)} of {recording.get_num_channels()} channels are flat or noisy "
                                f"({', '.join(map(str, list(bad_channels)[:8]))} ...): too few good ones to interpolate them from; "

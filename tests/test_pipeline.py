@@ -204,8 +204,9 @@ def test_flat_and_noisy_channels_are_found_and_interpolated(ground_truth_recordi
     assert len(locsort.detect(damaged_recording, params=Params(bad_channels="none"), progress=False)) > 1.05 * clean
 
 
-def test_bad_channels_can_be_named_or_kept_and_unknown_names_are_refused(damaged_recording):
+def test_bad_channels_can_be_named_or_kept_and_unknown_names_or_hopeless_recordings_are_refused(damaged_recording):
     from locsort.pipeline import prepare
+    from locsort.simulate import with_bad_channels
 
     ids = list(damaged_recording.channel_ids)
     named = prepare(damaged_recording, Params(bad_channels=f"{ids[5]}, {ids[30]}")).bad_channels
@@ -215,6 +216,8 @@ def test_bad_channels_can_be_named_or_kept_and_unknown_names_are_refused(damaged
         prepare(damaged_recording, Params(bad_channels="nope"))
     with pytest.raises(LocsortError, match="too few good ones"):
         prepare(damaged_recording, Params(bad_channels=",".join(map(str, ids[:40]))))
+    with pytest.raises(LocsortError, match="every channel is flat"):
+        prepare(with_bad_channels(damaged_recording, flat=range(len(ids))))
 
 
 def test_a_run_names_its_interpolated_channels_in_run_json_and_the_report(tmp_path, damaged_recording):
