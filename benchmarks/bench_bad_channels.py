@@ -41,9 +41,9 @@ def main():
     args = parser.parse_args()
     if args.report_only:
         return write_report(load_results("bad_channels"))
-    recording, truth = load_raw("np64_generated", 60.0)
     from locsort.simulate import with_bad_channels
 
+    recording, truth = load_raw("np64_generated", 60.0)
     broken = with_bad_channels(recording, FLAT, NOISY, EXTRA_NOISE_UV)
     results = {"command": command_line(), "flat": [str(recording.channel_ids[c]) for c in FLAT],
                "noisy": [str(recording.channel_ids[c]) for c in NOISY], "rows": {}}

@@ -50,6 +50,9 @@ def find_bad_channels(filtered, params: Params | None = None, slices: list[np.nd
     # a handful of slices tells flat and noisy channels apart (healthy ones sit within 0.85-1.25 of the
     # median on the benchmark recordings) at a quarter of the cost of all
     levels = noise_levels(filtered, params, slices[:5] if slices is not None else None)
+    if not np.any(levels > 0):
+        raise LocsortError("every channel is flat: the recording holds no signal (check the file, its data offset, "
+                           "dtype and channel count)")
     typical = float(np.median(levels))
     bad = {}
     for channel, level in zip(ids, levels / max(typical, 1e-12)):
@@ -74,10 +77,6 @@ def referenced(filtered, params: Params, bad_channels):
 
     recording = filtered
     if len(bad_channels):
-        flat = [why for why in (bad_channels.values() if isinstance(bad_channels, dict) else []) if why.startswith("flat")]
-        if len(flat) == recording.get_num_channels():
-            raise LocsortError("every channel is flat: the recording holds no signal (check the file, its data offset, "
-                               "dtype and channel count)")
         if len(bad_channels) > recording.get_num_channels() // 2:
             raise LocsortError(f"{len(bad_channels)} of {recording.get_num_channels()} channels are flat or noisy "
                                f"({', '.join(map(str, list(bad_channels)[:8]))} ...): too few good ones to interpolate them from; "
