@@ -189,12 +189,19 @@ class AmplitudeReader:
     (``fit_amplitude_basis``), each channel's snippet (``before`` + ``after`` samples) is first
     projected on them. The minimum of the raw trace picks up noise, most of all on the small far
     channels whose decay places the source; the projection keeps each channel's own spike shape
-    and drops most of the noise."""
+    and drops most of the noise.
+
+    With ``components`` (K P, r) and ``gains`` (r,) as well (``fit_amplitude_denoiser``), the
+    whole neighbourhood's temporal coefficients (K channels x P) are then replaced by their
+    linear least-squares (Wiener) estimate from the recording's spikes: a spike's channels move
+    together, so what is shared across channels is kept and what is not (noise) shrinks."""
 
     before: int
     after: int
     half: int
     basis: np.ndarray | None = None
+    components: np.ndarray | None = None
+    gains: np.ndarray | None = None
 
     @property
     def description(self) -> str:
@@ -202,31 +209,60 @@ class AmplitudeReader:
         where = f"minimum within +/- {self.half} samples of the spike"
         if self.basis is None:
             return where + " on the traces"
-        return where + f" on each snippet projected on {self.basis.shape[1]} temporal principal components of the recording's spikes"
+        where += f" on each snippet projected on {self.basis.shape[1]} temporal principal components of the recording's spikes"
+        if self.components is None:
+            return where
+        return where + (f", the neighbourhood's coefficients denoised on {self.components.shape[1]} spatio-temporal "
+                        "components of the recording's spikes (Wiener gains)")
+
+    def with_denoiser(self, components: np.ndarray, gains: np.ndarray) -> "AmplitudeReader":
+        return AmplitudeReader(self.before, self.after, self.half, self.basis, components.astype(np.float32),
+                               gains.astype(np.float32))
 
     @cached_property
     def _filters(self) -> np.ndarray:
         """(T, 2 half + 1): a snippet times this is its projection on the basis, read at the samples
         near the spike (one matrix product for projection and reconstruction)."""
-        near = slice(self.before - self.half, self.before + self.half + 1)
-        return np.ascontiguousarray(self.basis @ self.basis[near].T)
+        return np.ascontiguousarray(self.basis @ self._near.T)
+
+    @cached_property
+    def _near(self) -> np.ndarray:
+        """(2 half + 1, P): the basis at the samples near the spike."""
+        return np.ascontiguousarray(self.basis[self.before - self.half : self.before + self.half + 1])
+
+    def _denoised(self, coefficients: np.ndarray) -> np.ndarray:
+        """(n, K, 2 half + 1) near the spike, from (n, K, P) temporal coefficients (virtual slots 0)."""
+        n, k, p = coefficients.shape
+        flat = coefficients.reshape(n, k * p)
+        flat = ((flat @ self.components) * self.gains) @ self.components.T
+        return flat.reshape(n, k, p) @ self._near.T
 
     def of_windows(self, windows: np.ndarray) -> np.ndarray:
         """(n, M) from (n, before + after, M) snippets."""
         if self.basis is None:
             return peak_amplitudes(windows[:, self.before - self.half : self.before + self.half + 1])
-        return -np.matmul(self._filters.T, windows).min(axis=1)
+        if self.components is None:
+            return -np.matmul(self._filters.T, windows).min(axis=1)
+        coefficients = np.matmul(windows.transpose(0, 2, 1).astype(np.float32, copy=False), self.basis)
+        amplitudes = -self._denoised(coefficients).min(axis=2)
+        amplitudes[~windows.any(axis=1)] = 0.0  # virtual slots (zero windows): as ``at`` reads them
+        return amplitudes
 
     def at(self, traces: np.ndarray, rows: np.ndarray, channels: np.ndarray) -> np.ndarray:
         """(n, M) for the spikes at ``rows`` of ``traces`` on ``channels`` (n, M; -1 virtual: 0)."""
         if self.basis is None:
             return peak_amplitudes_at(traces, rows, channels, self.half)
-        # snippets gathered channel-major, (n * M, T), so that the projection is one matrix product;
-        # it is made (2 half + 1, n * M) so that the minimum runs across rows: a minimum along each
-        # row of 2 half + 1 values took twice as long as the product itself
+        # snippets gathered channel-major, (n * M, T), so that the projection is one matrix product
         span = self.before + self.after
         snippets = _channel_snippets(traces, rows, channels, self.before, self.after).reshape(-1, span)
-        amplitudes = -(self._filters.T @ snippets.T).min(axis=0).reshape(channels.shape)
+        if self.components is None:
+            # made (2 half + 1, n * M) so that the minimum runs across rows: a minimum along each
+            # row of 2 half + 1 values took twice as long as the product itself
+            amplitudes = -(self._filters.T @ snippets.T).min(axis=0).reshape(channels.shape)
+        else:
+            coefficients = (snippets @ self.basis).reshape(*channels.shape, -1)
+            coefficients[channels < 0] = 0.0  # virtual slots read channel 0: they must not reach the others
+            amplitudes = -self._denoised(coefficients).min(axis=2)
         amplitudes[channels < 0] = 0.0
         return amplitudes
 
@@ -243,3 +279,43 @@ def fit_amplitude_basis(snippets: np.ndarray, half: int, before: int, num_compon
     shapes = np.take_along_axis(snippets, largest[:, None, :], axis=2).transpose(0, 2, 1).reshape(-1, snippets.shape[1])
     _, _, vt = np.linalg.svd(shapes.astype(np.float64), full_matrices=False)
     return vt[:num_components].T.astype(np.float32)
+
+
+def fit_amplitude_denoiser(windows: np.ndarray, centres: np.ndarray, basis: np.ndarray, index: np.ndarray,
+                           noise_covariance: np.ndarray, noise_autocorrelation: np.ndarray, min_gain: float,
+                           max_spikes: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Spatio-temporal denoiser of channel amplitudes: (components (K P, r), gains (r,)) for
+    ``AmplitudeReader``, or None (too few spikes, or nothing passes ``min_gain``).
+
+    The spikes' (n, T, K) neighbourhood snippets (``windows``, virtual slots 0, around the
+    channels ``centres``) become (n, K P) temporal coefficients on ``basis``; their second
+    moment's eigenvectors are the components. Along each, the noise's share of that second
+    moment comes from the noise model (``noise_covariance`` (C, C) across channels, averaged
+    over the spikes' neighbourhoods ``index[centres]``, times ``noise_autocorrelation`` in time),
+    and the component is kept with its Wiener gain 1 - noise / total when that is at least
+    ``min_gain``: signal-dominated directions pass almost whole, noise-dominated ones shrink
+    or go (and the fewer kept, the faster reading is). Uncentred, so zero stays zero."""
+    n, t, k = windows.shape
+    p = basis.shape[1]
+    if n < 4 * k * p:  # a (K P)-dimensional second moment needs several spikes per dimension
+        return None
+    pick = np.sort(np.random.default_rng(seed).permutation(n)[:max_spikes])
+    coefficients = (windows[pick].astype(np.float64).transpose(0, 2, 1) @ basis).reshape(len(pick), k * p)
+    total, vectors = np.linalg.eigh(coefficients.T @ coefficients / len(pick))
+    total, vectors = total[::-1], vectors[:, ::-1]
+    # the noise model in the coefficients: channels (K, K) averaged over the spikes' neighbourhoods, time (P, P)
+    used, counts = np.unique(centres[pick], return_counts=True)
+    slots = index[used]
+    real = slots >= 0
+    safe = np.where(real, slots, 0)
+    per_centre = np.where(real[:, :, None] & real[:, None, :], noise_covariance[safe[:, :, None], safe[:, None, :]], 0.0)
+    spatial = np.einsum("u,ukl->kl", counts / counts.sum(), per_centre)
+    lags = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
+    temporal = basis.T @ noise_autocorrelation[lags] @ basis
+    shaped = vectors.T.reshape(-1, k, p)
+    noise = np.einsum("ikp,kl,ilq,pq->i", shaped, spatial, shaped, temporal, optimize=True)
+    gains = 1.0 - noise / np.maximum(total, 1e-12)
+    keep = gains >= min_gain
+    if not keep.any():
+        return None
+    return vectors[:, keep], gains[keep]

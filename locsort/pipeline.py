@@ -24,7 +24,7 @@ from .errors import LocsortError, UsageError
 from .io import atomic_folder, check_output_folder, check_recording, save_npy_atomic, write_atomic
 from .localize import make_localizer
 from .localize.baseline import CenterOfMass
-from .neighbourhood import AmplitudeReader, Neighbourhood, fit_amplitude_basis, gather_windows
+from .neighbourhood import AmplitudeReader, Neighbourhood, fit_amplitude_basis, fit_amplitude_denoiser, gather_windows
 from .detect import fit_matched_filter, peaks_in_slices
 from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
@@ -64,6 +64,7 @@ class Prepared:
     noise_covariance: np.ndarray | None = None  # (C, C) µV² across channels (preprocess.noise_correlations)
     noise_autocorrelation: np.ndarray | None = None  # (snippet length,) in time, 1 at lag 0
     bad_channels: dict = field(default_factory=dict)  # channel id -> why it was interpolated (preprocess.find_bad_channels)
+    amplitudes_fitted: bool = False  # the amplitude denoiser was fitted (or found impossible) on a training sample
 
     def scanner(self, peaks=None) -> Scanner:
         return Scanner(self.recording, self.params, self.neighbourhood, self.noise, peaks, self.matched_filter,
@@ -150,6 +151,7 @@ class SampleJob:
     offsets: np.ndarray | None = None  # global position of each segment's first sample
     tolerance: int = 0
     footprints: np.ndarray | None = None  # (C, M) channels of the snippets kept with windows
+    neighbourhood_waveforms: bool = False  # keep each spike's (T, K) neighbourhood snippets (the amplitude denoiser's fit)
 
     def __call__(self, chunk) -> dict:
         # one generator per chunk: the sample does not depend on where or in what order chunks ran
@@ -174,6 +176,8 @@ class SampleJob:
             geo = self.scanner.geometry
             out["snippets"] = gather_windows(batch._traces, batch._rows, self.footprints[batch.centre], geo.before,
                                              geo.after).astype(np.float16)
+        if self.neighbourhood_waveforms:
+            out["neighbourhood_waveforms"] = batch.waveforms.astype(np.float16)
         out.update(centre_waveforms=batch.waveforms[:, :, 0], peaks=batch.peaks,
                    **self.localizer.observe(batch, self.scanner.neighbourhood))
         return out
@@ -183,11 +187,15 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
                      labels=None, chunks=None, runner=None) -> TrainingSample:
     """At most ``max_training_spikes`` spikes from ``sample_chunks`` chunks spread over
     ``chunks`` (default: the whole recording). With ``labels`` every labelled spike of a chunk
-    is kept and the rest are drawn at random."""
+    is kept and the rest are drawn at random.
+
+    The first sample of a recording also fits the amplitude denoiser (``_fit_amplitude_denoiser``):
+    ``prep.amplitudes`` reads every later amplitude with it."""
     from .sort.labels import segment_offsets
     from .sort.neural import Windows
 
     params = prep.params
+    denoise = params.amplitude_denoise_min_gain < 1 and prep.amplitudes.basis is not None and not prep.amplitudes_fitted
     chunks = spread_chunks(chunks if chunks is not None else make_chunks(prep.recording, prep.geometry.chunk_size),
                            params.sample_chunks)
     job = SampleJob(prep.scanner(peaks), localizer,
@@ -195,7 +203,7 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
                     windows=windows, labels=labels, offsets=segment_offsets(prep.recording),
                     tolerance=prep.geometry.label_tolerance,
                     footprints=prep.neighbourhood.channels_within(params.peel_radius_um, params.peel_max_channels)
-                    if windows else None)
+                    if windows else None, neighbourhood_waveforms=denoise)
     runner = runner or LocalRunner()
     found = dict(runner.map(job, chunks, list(range(len(chunks))), desc="training sample", progress=progress))
     found = [found[i] for i in sorted(found) if len(found[i]["peaks"])]
@@ -203,10 +211,34 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
         found = [job.keep(_empty_batch(prep), np.random.default_rng(0))]
     win = Windows.concatenate([part.pop("windows") for part in found]) if windows else None
     merged = {k: np.concatenate([part[k] for part in found]) for k in found[0]}
+    if denoise:
+        prep.amplitudes_fitted = True
+        neighbourhood_waveforms = merged.pop("neighbourhood_waveforms")
+        if _fit_amplitude_denoiser(prep, neighbourhood_waveforms, merged["peaks"]["channel_index"]):
+            if getattr(localizer, "max_centres", 1) > 1:
+                # amplitude jitter reads other centres' neighbourhoods from the chunks' traces: read again
+                return _training_sample(prep, localizer, peaks, progress, windows=windows, labels=labels, chunks=chunks,
+                                        runner=runner)
+            batch = SpikeBatch(merged["peaks"], merged["peaks"]["channel_index"].astype(np.int64), None,
+                               prep.amplitudes.of_windows(neighbourhood_waveforms))
+            merged.update(localizer.observe(batch, prep.neighbourhood))
     sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win, merged.pop("snippets", None),
                             merged.pop("targets", None), merged.pop("mask", None), job.footprints)
     sample.observations = merged
     return sample
+
+
+def _fit_amplitude_denoiser(prep: Prepared, windows: np.ndarray, centres: np.ndarray) -> bool:
+    """Fit the spatio-temporal amplitude denoiser on the sample's (n, T, K) neighbourhood snippets
+    and read amplitudes with it from now on (``prep.amplitudes``). False when none could be fitted."""
+    reader = prep.amplitudes
+    fitted = fit_amplitude_denoiser(windows, centres, reader.basis, prep.neighbourhood.index, prep.noise_covariance,
+                                    prep.noise_autocorrelation, prep.params.amplitude_denoise_min_gain,
+                                    seed=prep.params.seed)
+    if fitted is None:
+        return False
+    prep.amplitudes = reader.with_denoiser(*fitted)
+    return True
 
 
 def fit_localizer(prep: Prepared, localizer, sample: TrainingSample, progress: bool) -> None:
@@ -415,6 +447,7 @@ def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None,
         fit_on = unlabelled if unlabelled is not None else sample
         fit_localizer(prep, localizer, fit_on, progress)
         models.basis = fit_waveform_basis(fit_on.centre_waveforms, prep.params.waveform_pcs)
+        models.amplitudes = prep.amplitudes
     if label_source:
         backbone = _adapted_backbone(prep, unlabelled, localizer, models.basis, models.notes) if adapting else _backbone(prep.params)
         models.neural, models.templates = _train_neural(prep, sample, localizer, models.basis, label_source, models.notes,
@@ -505,6 +538,7 @@ class Models:
     notes: list = field(default_factory=list)
     label_source: str = ""  # "clustering", "labels" or "" (clustering only)
     templates: object = None  # sort/peel.Templates of the neural sorter's units
+    amplitudes: AmplitudeReader | None = None  # how the training sample's amplitudes were read (its fitted denoiser)
 
     def save(self, folder: Path) -> None:
         """Weights as safetensors and the rest as JSON/NPY (nothing pickled); state.json last."""
@@ -519,6 +553,9 @@ class Models:
             self.neural.save(folder / "neural_sorter.safetensors")
         if self.basis is not None:
             write_atomic(folder / "basis.npy", lambda f: np.save(f, self.basis))
+        if self.amplitudes is not None and self.amplitudes.components is not None:
+            write_atomic(folder / "amplitude_denoiser.npz", lambda f: np.savez(f, components=self.amplitudes.components,
+                                                                               gains=self.amplitudes.gains))
         if self.templates is not None:
             write_atomic(folder / "templates.npz", lambda f: np.savez(f, waveforms=self.templates.waveforms,
                                                                      channels=self.templates.channels))
@@ -547,13 +584,17 @@ class Models:
             neural = NeuralSorter.load(folder / "neural_sorter.safetensors", device=device)
             neural.history = state["neural_history"]
         basis = np.load(folder / "basis.npy", allow_pickle=False) if (folder / "basis.npy").exists() else None
+        if (folder / "amplitude_denoiser.npz").exists():  # the main pass reads amplitudes as the models were trained on
+            with np.load(folder / "amplitude_denoiser.npz", allow_pickle=False) as saved:
+                prep.amplitudes = prep.amplitudes.with_denoiser(saved["components"], saved["gains"])
+        prep.amplitudes_fitted = True
         templates = None
         if (folder / "templates.npz").exists():
             from .sort.peel import Templates
 
             with np.load(folder / "templates.npz", allow_pickle=False) as saved:
                 templates = Templates(saved["waveforms"], saved["channels"])
-        return cls(localizer, basis, neural, state["notes"], state["label_source"], templates)
+        return cls(localizer, basis, neural, state["notes"], state["label_source"], templates, prep.amplitudes)
 
 
 def _backbone(params: Params):
