@@ -42,8 +42,9 @@ class Params:
     amplitude_window_ms: float = 0.17  # ms: channel amplitude = min within +/- this of the centre peak (the paper's +/- 5 samples)
     amplitude_components: int = 5  # ... of the snippet projected on this many temporal principal components of the recording's spikes (0: raw traces; median 2-D error np64 7.80 -> 7.00 µm, np128 11.43 -> 10.52, square MEA 10 / 20 / 30 µV 9.20 / 11.45 / 13.31 -> 8.74 / 10.30 / 13.05; 3 / 8 components worse; NOTES.md session 16)
     # median 2-D error at ground-truth peaks, seeds 0-1 (NOTES.md session 31), without -> with: square MEA 10 / 20 / 30 µV
-    # 8.75 / 10.45 / 12.72 -> 9.27 / 10.29 / 10.98 µm, np64 6.67 -> 6.26, np128 10.66 -> 9.86
-    amplitude_denoise_min_gain: float = 0.3  # ... and the neighbourhood's temporal coefficients replaced by their Wiener estimate on the principal components of the training sample's spikes whose gain (1 - noise / total) is at least this (neighbourhood.fit_amplitude_denoiser; 1: off)
+    # 8.75 / 10.45 / 12.72 -> 9.27 / 10.29 / 10.98 µm, np64 6.67 -> 6.26, np128 10.66 -> 9.86; but sorting np128 with it:
+    # mean accuracy 0.960 -> 0.951 over seeds 0-2 (np64 0.873 -> 0.877, seed 0), hence off when sorting
+    amplitude_denoise_min_gain: float = -1.0  # ... and the neighbourhood's temporal coefficients replaced by their Wiener estimate on the principal components of the training sample's spikes whose gain (1 - noise / total) is at least this (neighbourhood.fit_amplitude_denoiser; 1: off; -1: 0.3 when localizing only, off when sorting)
     snippet_ms_before: float = 0.6  # ms of waveform kept before the peak for waveform features
     snippet_ms_after: float = 1.0  # ms after
 
@@ -144,6 +145,13 @@ class Params:
 
     def asdict(self) -> dict:
         return asdict(self)
+
+
+def amplitude_denoise_gain(params: Params, sorting: bool) -> float:
+    """``amplitude_denoise_min_gain`` resolved (1: no denoiser)."""
+    if params.amplitude_denoise_min_gain >= 0:
+        return min(params.amplitude_denoise_min_gain, 1.0)
+    return 1.0 if sorting else 0.3
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -28,7 +28,7 @@ from .neighbourhood import AmplitudeReader, Neighbourhood, fit_amplitude_basis, 
 from .detect import fit_matched_filter, peaks_in_slices
 from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
-from .params import Params, resolve_device
+from .params import Params, amplitude_denoise_gain, resolve_device
 from .preprocess import band_pass, find_bad_channels, noise_correlations, noise_levels, noise_slices, referenced, referenced_slices
 from .scan import Geometry, Scanner, SpikeBatch, concatenate_parts, scan
 from .sort.cluster import cluster, clustering_features
@@ -64,7 +64,7 @@ class Prepared:
     noise_covariance: np.ndarray | None = None  # (C, C) µV² across channels (preprocess.noise_correlations)
     noise_autocorrelation: np.ndarray | None = None  # (snippet length,) in time, 1 at lag 0
     bad_channels: dict = field(default_factory=dict)  # channel id -> why it was interpolated (preprocess.find_bad_channels)
-    amplitudes_fitted: bool = False  # the amplitude denoiser was fitted (or found impossible) on a training sample
+    amplitude_denoise_gain: float = 1.0  # the next training sample fits the amplitude denoiser with this minimum gain (1: none; 1 once fitted)
 
     def scanner(self, peaks=None) -> Scanner:
         return Scanner(self.recording, self.params, self.neighbourhood, self.noise, peaks, self.matched_filter,
@@ -111,7 +111,7 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
                 basis = fit_amplitude_basis(np.concatenate(snippets), geo.amp_half, geo.before, params.amplitude_components)
         amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half, basis)
     return Prepared(processed, params, noise, neighbourhood, timer, matched_filter, detection, amplitudes, covariance,
-                    autocorrelation, bad_channels)
+                    autocorrelation, bad_channels, amplitude_denoise_gain(params, sorting=False))
 
 
 @dataclass
@@ -195,7 +195,7 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
     from .sort.neural import Windows
 
     params = prep.params
-    denoise = params.amplitude_denoise_min_gain < 1 and prep.amplitudes.basis is not None and not prep.amplitudes_fitted
+    denoise = prep.amplitude_denoise_gain < 1 and prep.amplitudes.basis is not None
     chunks = spread_chunks(chunks if chunks is not None else make_chunks(prep.recording, prep.geometry.chunk_size),
                            params.sample_chunks)
     job = SampleJob(prep.scanner(peaks), localizer,
@@ -212,7 +212,6 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
     win = Windows.concatenate([part.pop("windows") for part in found]) if windows else None
     merged = {k: np.concatenate([part[k] for part in found]) for k in found[0]}
     if denoise:
-        prep.amplitudes_fitted = True
         neighbourhood_waveforms = merged.pop("neighbourhood_waveforms")
         if _fit_amplitude_denoiser(prep, neighbourhood_waveforms, merged["peaks"]["channel_index"]):
             if getattr(localizer, "max_centres", 1) > 1:
@@ -233,8 +232,8 @@ def _fit_amplitude_denoiser(prep: Prepared, windows: np.ndarray, centres: np.nda
     and read amplitudes with it from now on (``prep.amplitudes``). False when none could be fitted."""
     reader = prep.amplitudes
     fitted = fit_amplitude_denoiser(windows, centres, reader.basis, prep.neighbourhood.index, prep.noise_covariance,
-                                    prep.noise_autocorrelation, prep.params.amplitude_denoise_min_gain,
-                                    seed=prep.params.seed)
+                                    prep.noise_autocorrelation, prep.amplitude_denoise_gain, seed=prep.params.seed)
+    prep.amplitude_denoise_gain = 1.0  # fitted once per recording
     if fitted is None:
         return False
     prep.amplitudes = reader.with_denoiser(*fitted)
@@ -587,7 +586,7 @@ class Models:
         if (folder / "amplitude_denoiser.npz").exists():  # the main pass reads amplitudes as the models were trained on
             with np.load(folder / "amplitude_denoiser.npz", allow_pickle=False) as saved:
                 prep.amplitudes = prep.amplitudes.with_denoiser(saved["components"], saved["gains"])
-        prep.amplitudes_fitted = True
+        prep.amplitude_denoise_gain = 1.0
         templates = None
         if (folder / "templates.npz").exists():
             from .sort.peel import Templates
@@ -850,6 +849,7 @@ def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -
     else:
         label_set = labels_from_sorting(labels, prep.recording, params.label_max_spikes_per_unit) if labels is not None else None
         source = "" if params.sorter != "neural" else "labels" if labels is not None else "clustering"
+        prep.amplitude_denoise_gain = amplitude_denoise_gain(params, sorting=True)
         models = _fit_models(prep, params.localization_method, None, progress, runner=runner, labels=label_set,
                              label_source=source)
         if work is not None:

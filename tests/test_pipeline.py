@@ -225,7 +225,35 @@ def test_a_run_names_its_interpolated_channels_in_run_json_and_the_report(tmp_pa
 
     ids = [str(c) for c in damaged_recording.channel_ids]
     result = locsort.run(damaged_recording, out=tmp_path / "out", progress=False)
-    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["bad_channels"]
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    recorded = info["bad_channels"]
     assert set(recorded) == {ids[5], ids[17], ids[30]} and recorded[ids[17]].startswith("noisy")
+    assert "temporal principal components" in info["amplitudes"] and "spatio-temporal" not in info["amplitudes"]  # sorting: off
     assert "channels interpolated from their neighbours" in result.note
     assert "channels interpolated from their neighbours" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_localizing_fits_the_amplitude_denoiser_once_and_saved_models_read_amplitudes_with_it(ground_truth_recording, tmp_path):
+    from locsort.localize.baseline import CenterOfMass
+
+    recording, _ = ground_truth_recording
+    params = Params(sample_chunks=4)
+    prep = locsort.pipeline.prepare(recording, params)
+    assert prep.amplitudes.components is None and prep.amplitude_denoise_gain == 0.3  # localizing: on
+    sample = locsort.pipeline._training_sample(prep, CenterOfMass(9), None, progress=False)
+    reader = prep.amplitudes
+    assert reader.components is not None and np.all(reader.gains >= 0.3) and "spatio-temporal" in reader.description
+    assert prep.amplitude_denoise_gain == 1.0  # once per recording: a later sample reads with it, fits nothing
+    # the sample's own amplitudes were read again with the denoiser: as the main pass will read them
+    again = locsort.pipeline._training_sample(prep, CenterOfMass(9), None, progress=False)
+    assert prep.amplitudes is reader
+    np.testing.assert_allclose(again.observations["amplitudes"], sample.observations["amplitudes"], rtol=1e-3, atol=1e-3)
+    # a resumed run reads amplitudes as its models were trained on
+    locsort.pipeline.Models(CenterOfMass(9), amplitudes=reader).save(tmp_path)
+    fresh = locsort.pipeline.prepare(recording, params)
+    locsort.pipeline.Models.load(tmp_path, fresh)
+    np.testing.assert_array_equal(fresh.amplitudes.components, reader.components)
+    assert fresh.amplitude_denoise_gain == 1.0
+    off = locsort.pipeline.prepare(recording, params.replace(amplitude_denoise_min_gain=1.0))
+    locsort.pipeline._training_sample(off, CenterOfMass(9), None, progress=False)
+    assert off.amplitudes.components is None
