@@ -69,12 +69,17 @@ def test_peak_amplitudes_at_equals_the_minimum_of_the_gathered_windows():
     assert np.all(peak_amplitudes_at(traces, rows, channels, half=4)[channels < 0] == 0)
 
 
+def _two_spike_shapes() -> np.ndarray:
+    """(50, 2): a sharp spike with a repolarization bump and a broad one, troughs at sample 20."""
+    t = np.arange(-20, 30)
+    return np.stack([-np.exp(-0.5 * (t / 2.0) ** 2) + 0.3 * np.exp(-0.5 * ((t - 6) / 4.0) ** 2),
+                     -np.exp(-0.5 * (t / 5.0) ** 2)], axis=1)
+
+
 def test_amplitudes_read_through_the_spike_basis_are_closer_to_the_noise_free_ones():
     # spikes of two shapes (a sharp one and a broad one) at random sizes on 6 channels, in white noise
     rng = np.random.default_rng(0)
-    t = np.arange(-20, 30)
-    shapes = np.stack([-np.exp(-0.5 * (t / 2.0) ** 2) + 0.3 * np.exp(-0.5 * ((t - 6) / 4.0) ** 2),
-                       -np.exp(-0.5 * (t / 5.0) ** 2)], axis=1)
+    shapes = _two_spike_shapes()
     n, channels = 400, 6
     size = rng.uniform(0, 10, (n, channels))
     kind = rng.integers(0, 2, (n, channels))
@@ -100,9 +105,7 @@ def test_the_spatio_temporal_denoiser_reads_amplitudes_closer_to_the_noise_free_
     # each spike: one of two shapes, on 9 channels in a row with sizes decaying from a random source, in
     # white noise of SD 1: the channels move together, which the denoiser learns from the spikes themselves
     rng = np.random.default_rng(1)
-    t = np.arange(-20, 30)
-    shapes = np.stack([-np.exp(-0.5 * (t / 2.0) ** 2) + 0.3 * np.exp(-0.5 * ((t - 6) / 4.0) ** 2),
-                       -np.exp(-0.5 * (t / 5.0) ** 2)], axis=1)
+    shapes = _two_spike_shapes()
     n, k = 3000, 9
     source = rng.uniform(-10, 90, n)
     footprint = rng.uniform(4, 20, (n, 1)) * np.exp(-np.abs(np.arange(k)[None] * 10.0 - source[:, None]) / 20.0)
