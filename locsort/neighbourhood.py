@@ -300,9 +300,7 @@ def fit_amplitude_denoiser(windows: np.ndarray, centres: np.ndarray, basis: np.n
     if n < 4 * k * p:  # a (K P)-dimensional second moment needs several spikes per dimension
         return None
     pick = np.sort(np.random.default_rng(seed).permutation(n)[:max_spikes])
-    # float32 products (a float64 copy of 20,000 snippets would take ~200 MB), the second moment in float64
-    coefficients = (windows[pick].astype(np.float32).transpose(0, 2, 1) @ basis.astype(np.float32)).reshape(len(pick), k * p)
-    coefficients = coefficients.astype(np.float64)
+    coefficients = (windows[pick].astype(np.float64).transpose(0, 2, 1) @ basis).reshape(len(pick), k * p)
     total, vectors = np.linalg.eigh(coefficients.T @ coefficients / len(pick))
     total, vectors = total[::-1], vectors[:, ::-1]
     # the noise model in the coefficients: channels (K, K) averaged over the spikes' neighbourhoods, time (P, P)
