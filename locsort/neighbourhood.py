@@ -300,7 +300,9 @@ def fit_amplitude_denoiser(windows: np.ndarray, centres: np.ndarray, basis: np.n
     if n < 4 * k * p:  # a (K P)-dimensional second moment needs several spikes per dimension
         return None
     pick = np.sort(np.random.default_rng(seed).permutation(n)[:max_spikes])
-    coefficients = (windows[pick].astype(np.float64).transpose(0, 2, 1) @ basis).reshape(len(pick), k * p)
+    # float64 products in blocks of 1,000 spikes: a float64 copy of all 20,000 snippets would take ~200 MB
+    coefficients = np.concatenate([(windows[block].astype(np.float64).transpose(0, 2, 1) @ basis).reshape(len(block), k * p)
+                                   for block in np.array_split(pick, -(-len(pick) // 1000))])
     total, vectors = np.linalg.eigh(coefficients.T @ coefficients / len(pick))
     total, vectors = total[::-1], vectors[:, ::-1]
     # the noise model in the coefficients: channels (K, K) averaged over the spikes' neighbourhoods, time (P, P)
