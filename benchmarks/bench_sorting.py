@@ -59,7 +59,9 @@ def score(sorting, truth) -> dict:
 
 
 def run_locsort(recording, truth, params: dict) -> dict:
-    """Wall time, accuracy against ``truth`` (skipped when None, as in the warm-up) and stage times."""
+    """Wall time, accuracy against ``truth`` (skipped when None, as in the warm-up), the reported
+    locations' error and stage times."""
+    from locsort.evaluate import detected_localization_errors
     from locsort.params import Params
     from locsort.pipeline import _sort, prepare, sorting_from_spikes
 
@@ -69,6 +71,8 @@ def run_locsort(recording, truth, params: dict) -> dict:
     sorting = sorting_from_spikes(spikes, prep.recording)
     wall = time.perf_counter() - start
     out = {"wall_s": wall, **(score(sorting, truth) if truth is not None else {}), "stages_s": {k: round(v, 2) for k, v in prep.timer.items()}}
+    if truth is not None:
+        out["locations"] = detected_localization_errors(spikes, prep.recording, truth)
     if result.neural is not None:
         duration = sum(recording.get_duration(s) for s in range(recording.get_num_segments()))
         out["neural_x_realtime"] = duration / prep.timer["neural"]
@@ -174,6 +178,11 @@ def write_report(results, args):
             if "spykingcircus2" in peers:
                 ratio = ours["wall_s"] / peers["spykingcircus2"]["wall_s"]
                 lines.append(f"- wall time, default locsort / spykingcircus2: {ratio:.2f} (target <= 0.25: {verdict(ratio <= 0.25)})")
+        located = [f"{sorter.split(' (')[1].split(':')[0].rstrip(')')} {r['locations']['median_xy_um']:.2f} / "
+                   f"{r['locations']['mean_xy_um']:.2f}" for sorter, r in rows.items() if sorter in LOCSORT and "locations" in r]
+        if located:
+            lines.append("- locsort's reported spike locations (its detected spikes matched to a true spike), median / mean "
+                         f"2-D error to the true unit's position (µm): {'; '.join(located)}")
         if ours:
             lines.append(f"- locsort stages (s): {json.dumps(ours['stages_s'])}")
             if "neural_x_realtime" in ours:

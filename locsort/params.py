@@ -42,9 +42,9 @@ class Params:
     amplitude_window_ms: float = 0.17  # ms: channel amplitude = min within +/- this of the centre peak (the paper's +/- 5 samples)
     amplitude_components: int = 5  # ... of the snippet projected on this many temporal principal components of the recording's spikes (0: raw traces; median 2-D error np64 7.80 -> 7.00 µm, np128 11.43 -> 10.52, square MEA 10 / 20 / 30 µV 9.20 / 11.45 / 13.31 -> 8.74 / 10.30 / 13.05; 3 / 8 components worse; NOTES.md session 16)
     # median 2-D error at ground-truth peaks, seeds 0-1 (NOTES.md session 31), without -> with: square MEA 10 / 20 / 30 µV
-    # 8.75 / 10.45 / 12.72 -> 9.27 / 10.29 / 10.98 µm, np64 6.67 -> 6.26, np128 10.66 -> 9.86; but sorting np128 with it:
-    # mean accuracy 0.960 -> 0.951 over seeds 0-2 (np64 0.873 -> 0.877, seed 0), hence off when sorting
-    amplitude_denoise_min_gain: float = -1.0  # ... and the neighbourhood's temporal coefficients replaced by their Wiener estimate on the principal components of the training sample's spikes whose gain (1 - noise / total) is at least this (neighbourhood.fit_amplitude_denoiser; 1: off; -1: 0.3 when localizing only, off when sorting)
+    # 8.75 / 10.45 / 12.72 -> 9.27 / 10.29 / 10.98 µm, np64 6.67 -> 6.26, np128 10.66 -> 9.86; but clustering on them lost
+    # np128 accuracy (0.960 -> 0.951 over seeds 0-2), so a sort clusters without it and reports with it (encoder_refine_epochs)
+    amplitude_denoise_min_gain: float = 0.3  # ... and the neighbourhood's temporal coefficients replaced by their Wiener estimate on the principal components of the training sample's spikes whose gain (1 - noise / total) is at least this (neighbourhood.fit_amplitude_denoiser; 1: off)
     snippet_ms_before: float = 0.6  # ms of waveform kept before the peak for waveform features
     snippet_ms_after: float = 1.0  # ms after
 
@@ -65,6 +65,11 @@ class Params:
     encoder_patience: int = 8  # epochs without held-out ELBO improvement before stopping
     encoder_lr: float = 2e-3  # Adam learning rate
     encoder_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
+    # the neural sort's reported locations: median 2-D error at ground-truth peaks, seeds 0-1, square MEA 10 / 20 / 30 µV,
+    # np64, np128: clustering's encoder 8.75 / 10.46 / 12.72 / 6.68 / 10.66 µm -> 3 more epochs on denoised amplitudes
+    # 8.66 / 9.75 / 10.84 / 6.20 / 10.08 in 0.4-1.2 s (NOTES.md session 32). localize() trains on denoised amplitudes from
+    # the start (8.94 / 10.76 / 11.17 / 6.41 / 9.75): refined posteriors over-cover (±1 SD 0.85 on sq_30, target <= 0.8)
+    encoder_refine_epochs: int = 3  # neural sort: its clustering's encoder trained this many more epochs on the amplitude denoiser's amplitudes reports the locations (0: no denoiser in a sort)
     min_training_spikes: int = 300  # fewer spikes: fall back to centre of mass (and say so)
     encoder_path: str = ""  # a saved encoder (.safetensors) to use instead of training one
 
@@ -145,13 +150,6 @@ class Params:
 
     def asdict(self) -> dict:
         return asdict(self)
-
-
-def amplitude_denoise_gain(params: Params, sorting: bool) -> float:
-    """``amplitude_denoise_min_gain`` resolved (1: no denoiser)."""
-    if params.amplitude_denoise_min_gain >= 0:
-        return min(params.amplitude_denoise_min_gain, 1.0)
-    return 1.0 if sorting else 0.3
 
 
 def resolve_device(device: str = "auto") -> str:

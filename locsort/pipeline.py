@@ -28,7 +28,7 @@ from .neighbourhood import AmplitudeReader, Neighbourhood, fit_amplitude_basis, 
 from .detect import fit_matched_filter, peaks_in_slices
 from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
-from .params import Params, amplitude_denoise_gain, resolve_device
+from .params import Params, resolve_device
 from .preprocess import band_pass, find_bad_channels, noise_correlations, noise_levels, noise_slices, referenced, referenced_slices
 from .scan import Geometry, Scanner, SpikeBatch, concatenate_parts, scan
 from .sort.cluster import cluster, clustering_features
@@ -111,7 +111,7 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
                 basis = fit_amplitude_basis(np.concatenate(snippets), geo.amp_half, geo.before, params.amplitude_components)
         amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half, basis)
     return Prepared(processed, params, noise, neighbourhood, timer, matched_filter, detection, amplitudes, covariance,
-                    autocorrelation, bad_channels, amplitude_denoise_gain(params, sorting=False))
+                    autocorrelation, bad_channels, min(params.amplitude_denoise_min_gain, 1.0))
 
 
 @dataclass
@@ -125,6 +125,7 @@ class TrainingSample:
     windows : neural-sorter inputs (sort/neural.Windows), when asked for
     snippets : (n, T, M) float16 µV on the centre's peeling footprint (``footprints``), with windows
     targets, mask : (n, U) labels matched to these spikes, when labels were given
+    neighbourhood_waveforms : (n, T, K) float16 µV, kept for an amplitude denoiser fitted later
     """
 
     observations: dict
@@ -135,6 +136,7 @@ class TrainingSample:
     targets: np.ndarray | None = None
     mask: np.ndarray | None = None
     footprints: np.ndarray | None = None  # (C, M) each channel's peeling footprint (peel_radius_um, peel_max_channels), -1 padded
+    neighbourhood_waveforms: np.ndarray | None = None
 
 
 @dataclass
@@ -184,13 +186,14 @@ class SampleJob:
 
 
 def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, windows: bool = False,
-                     labels=None, chunks=None, runner=None) -> TrainingSample:
+                     labels=None, chunks=None, runner=None, denoise_later: bool = False) -> TrainingSample:
     """At most ``max_training_spikes`` spikes from ``sample_chunks`` chunks spread over
     ``chunks`` (default: the whole recording). With ``labels`` every labelled spike of a chunk
     is kept and the rest are drawn at random.
 
     The first sample of a recording also fits the amplitude denoiser (``_fit_amplitude_denoiser``):
-    ``prep.amplitudes`` reads every later amplitude with it."""
+    ``prep.amplitudes`` reads every later amplitude with it. With ``denoise_later`` (the neural
+    sort) it fits nothing and keeps the spikes' neighbourhood snippets for ``_refined_localizer``."""
     from .sort.labels import segment_offsets
     from .sort.neural import Windows
 
@@ -211,8 +214,8 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
         found = [job.keep(_empty_batch(prep), np.random.default_rng(0))]
     win = Windows.concatenate([part.pop("windows") for part in found]) if windows else None
     merged = {k: np.concatenate([part[k] for part in found]) for k in found[0]}
-    if denoise:
-        neighbourhood_waveforms = merged.pop("neighbourhood_waveforms")
+    neighbourhood_waveforms = merged.pop("neighbourhood_waveforms", None)
+    if denoise and not denoise_later:
         if _fit_amplitude_denoiser(prep, neighbourhood_waveforms, merged["peaks"]["channel_index"]):
             if getattr(localizer, "max_centres", 1) > 1:
                 # amplitude jitter reads other centres' neighbourhoods from the chunks' traces: read again
@@ -222,7 +225,8 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
                                prep.amplitudes.of_windows(neighbourhood_waveforms))
             merged.update(localizer.observe(batch, prep.neighbourhood))
     sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win, merged.pop("snippets", None),
-                            merged.pop("targets", None), merged.pop("mask", None), job.footprints)
+                            merged.pop("targets", None), merged.pop("mask", None), job.footprints,
+                            neighbourhood_waveforms if denoise_later else None)
     sample.observations = merged
     return sample
 
@@ -436,14 +440,17 @@ def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None,
     chunks = _chunks_before(prep, labels.end) if labels is not None else None
     self_training = label_source == "labels" and _with_few_labels(prep.params.neural_self_training, prep.params)
     adapting = label_source == "labels" and _with_few_labels(prep.params.neural_adapted_backbone, prep.params)
+    later = bool(label_source)  # the neural sort clusters on amplitudes read without the denoiser (_refined_localizer)
     with prep.timer.stage("fit"):
         sample = _training_sample(prep, localizer, peaks, progress, windows=bool(label_source), labels=labels,
-                                  chunks=chunks, runner=runner)
+                                  chunks=chunks, runner=runner, denoise_later=later)
         # self-training reads a sample of the whole recording anyway; the localizer and the
         # waveform basis learn from it rather than from the few labels' short stretch
-        unlabelled = (_training_sample(prep, localizer, peaks, progress, windows=True, runner=runner)
+        unlabelled = (_training_sample(prep, localizer, peaks, progress, windows=True, runner=runner, denoise_later=later)
                       if self_training or adapting else None)
         fit_on = unlabelled if unlabelled is not None else sample
+        if unlabelled is not None:
+            sample.neighbourhood_waveforms = None
         fit_localizer(prep, localizer, fit_on, progress)
         models.basis = fit_waveform_basis(fit_on.centre_waveforms, prep.params.waveform_pcs)
         models.amplitudes = prep.amplitudes
@@ -457,7 +464,37 @@ def _fit_models(prep: Prepared, method: str, peaks, progress: bool, runner=None,
                                 "spikes, the labelled ones plus its own labelling of a sample of the whole recording")
         if models.neural is not None and labels is not None:
             models.notes.append(f"neural sorter trained on {labels.num_units} labelled units")
+        if models.neural is not None and fit_on.neighbourhood_waveforms is not None:
+            with prep.timer.stage("fit"):
+                models.localizer = _refined_localizer(prep, localizer, fit_on, progress, runner)
+                models.amplitudes = prep.amplitudes
     return models
+
+
+def _refined_localizer(prep: Prepared, localizer, sample: TrainingSample, progress: bool, runner=None):
+    """The neural sort's localizer for the spikes it reports: the one its clustering used (trained on
+    amplitudes read without the amplitude denoiser: denoised locations separated neighbouring units
+    less well, np128 accuracy 0.960 -> 0.951, NOTES.md session 31) trained ``encoder_refine_epochs``
+    more on the sample's amplitudes read with the denoiser, which ``prep.amplitudes`` then reads
+    every spike with. A given encoder (``encoder_path``) reads them unchanged, as in ``localize``;
+    ``localizer`` unchanged and no denoiser when it cannot be refined."""
+    snippets, sample.neighbourhood_waveforms = sample.neighbourhood_waveforms, None
+    epochs = prep.params.encoder_refine_epochs
+    if getattr(localizer, "refined", None) is None or localizer.net is None or localizer.fallback is not None or epochs <= 0:
+        return localizer
+    raw = prep.amplitudes
+    centres = sample.peaks["channel_index"]
+    if not _fit_amplitude_denoiser(prep, snippets, centres) or prep.params.encoder_path:
+        return localizer
+    if getattr(localizer, "max_centres", 1) > 1:  # amplitude jitter reads other centres' neighbourhoods from the traces
+        observations = _training_sample(prep, localizer, None, progress, runner=runner).observations
+    else:
+        batch = SpikeBatch(sample.peaks, centres.astype(np.int64), None, prep.amplitudes.of_windows(snippets))
+        observations = localizer.observe(batch, prep.neighbourhood)
+    refined = localizer.refined(observations, prep.neighbourhood, prep.noise, epochs, progress)
+    if refined is localizer:  # diverged: the clustering's localizer reads as it was trained
+        prep.amplitudes = raw
+    return refined
 
 
 def _locate(prep: Prepared, peaks, method: str, progress: bool, localizer=None):
@@ -849,7 +886,8 @@ def _sort(prep: Prepared, progress: bool, labels=None, runner=None, work=None) -
     else:
         label_set = labels_from_sorting(labels, prep.recording, params.label_max_spikes_per_unit) if labels is not None else None
         source = "" if params.sorter != "neural" else "labels" if labels is not None else "clustering"
-        prep.amplitude_denoise_gain = amplitude_denoise_gain(params, sorting=True)
+        if params.sorter == "cluster":  # every spike is clustered on its locations: no denoiser (see _refined_localizer)
+            prep.amplitude_denoise_gain = 1.0
         models = _fit_models(prep, params.localization_method, None, progress, runner=runner, labels=label_set,
                              label_source=source)
         if work is not None:

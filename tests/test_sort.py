@@ -379,13 +379,23 @@ def test_pretrained_backbone_stays_frozen_while_the_new_head_learns():
     assert backbone_moved(frozen_epochs=1)
 
 
-def test_default_sort_trains_on_its_own_clustering(ground_truth_recording):
+def test_default_sort_trains_on_its_own_clustering_and_reports_denoised_locations(ground_truth_recording):
     recording, truth = ground_truth_recording
     prep = locsort.pipeline.prepare(recording, locsort.Params(**FAST))
     spikes, result = locsort.pipeline._sort(prep, progress=False)
     assert result.label_source == "clustering" and result.neural is not None
     score = sorting_accuracy(locsort.pipeline.sorting_from_spikes(spikes, prep.recording), truth)
     assert score["well_detected"] >= 10, score
+    # the reported locations: the clustering's encoder refined on amplitudes read with the denoiser
+    assert result.amplitudes.components is not None and prep.amplitudes is result.amplitudes
+    assert result.localizer.history["refined_from"]["epochs"] >= 1 and result.localizer.history["epochs"] <= 3
+    # the units are those of a sort that reports the clustering's own locations: only the locations change
+    plain = locsort.pipeline.prepare(recording, locsort.Params(encoder_refine_epochs=0, **FAST))
+    plain_spikes, plain_result = locsort.pipeline._sort(plain, progress=False)
+    assert plain_result.amplitudes.components is None and "refined_from" not in plain_result.localizer.history
+    np.testing.assert_array_equal(plain_spikes["sample_index"], spikes["sample_index"])
+    np.testing.assert_array_equal(plain_spikes["unit_index"], spikes["unit_index"])
+    assert not np.allclose(spikes["x"], plain_spikes["x"])  # (how much closer to the truth: bench_sorting.py)
 
 
 def test_too_few_labelled_spikes_is_a_clear_error(ground_truth_recording):
