@@ -196,8 +196,8 @@ class AmortizedLocalizer:
     # ------------------------------------------------------------------ fit
 
     def fit(self, observations: dict, neighbourhood, noise, params=None, progress: bool = False,
-            start: "Encoder | None" = None) -> "AmortizedLocalizer":
-        """Train on ``observations`` by maximizing the ELBO, from ``start``'s weights when given
+            initial: "Encoder | None" = None) -> "AmortizedLocalizer":
+        """Train on ``observations`` by maximizing the ELBO, from ``initial``'s weights when given
         (``refined``), else from scratch; up to ``max_epochs``, stopping early on a held-out 10 %."""
         self.noise = np.asarray(noise, dtype=np.float32)
         self.geometry = _geometry_of(neighbourhood)
@@ -217,7 +217,7 @@ class AmortizedLocalizer:
         self.globals.prior_log_alpha = float(np.median(np.log(np.clip(peak, 1e-3, None)))) + 1.0
         tensors = self._inputs(centres, amplitudes, neighbourhood)
         num_inputs = self._features(*[t[:2] for t in tensors])[0].shape[1]
-        self.net = (copy.deepcopy(start) if start is not None
+        self.net = (copy.deepcopy(initial) if initial is not None
                     else Encoder(num_inputs, self.hidden, 2 * len(latents(self.globals.decay)))).to(self.device)
         learned = _LearnedGlobals(self.globals).to(self.device)
         optimizer = torch.optim.Adam(list(self.net.parameters()) + list(learned.parameters()), lr=self.lr)
@@ -272,14 +272,14 @@ class AmortizedLocalizer:
     def refined(self, observations: dict, neighbourhood, noise, epochs: int, progress: bool = False) -> "AmortizedLocalizer":
         """A copy of this trained encoder trained up to ``epochs`` more epochs on ``observations``
         (weights and fitted globals as the start, a fresh optimizer): cheap adaptation to amplitudes
-        read another way (the neural sort's denoised ones; 3 epochs cost ~0.1 of a training from
-        scratch and localized as well, NOTES.md session 32). This encoder when it has none to refine
-        or the refinement diverged."""
+        read another way (the neural sort's denoised ones: 3 epochs cost ~0.1 of a training from
+        scratch, NOTES.md session 32). This encoder when it has none to refine or the refinement
+        diverged."""
         if self.net is None or self.fallback is not None:
             return self
         other = copy.deepcopy(self)
         other.max_epochs = epochs
-        other.fit(observations, neighbourhood, noise, progress=progress, start=self.net)
+        other.fit(observations, neighbourhood, noise, progress=progress, initial=self.net)
         if other.net is None or other.fallback is not None:
             return self
         other.history["refined_from"] = self.history
