@@ -64,7 +64,7 @@ class Prepared:
     noise_covariance: np.ndarray | None = None  # (C, C) µV² across channels (preprocess.noise_correlations)
     noise_autocorrelation: np.ndarray | None = None  # (snippet length,) in time, 1 at lag 0
     bad_channels: dict = field(default_factory=dict)  # channel id -> why it was interpolated (preprocess.find_bad_channels)
-    amplitude_denoise_gain: float = 1.0  # the next training sample fits the amplitude denoiser with this minimum gain (1: none; 1 once fitted)
+    amplitude_denoise_gain: float = 1.0  # the amplitude denoiser's minimum gain until it is fitted, by the next training sample or a sort's _refined_localizer (1: none, or fitted)
 
     def scanner(self, peaks=None) -> Scanner:
         return Scanner(self.recording, self.params, self.neighbourhood, self.noise, peaks, self.matched_filter,
