@@ -221,14 +221,19 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
                 # amplitude jitter reads other centres' neighbourhoods from the chunks' traces: read again
                 return _training_sample(prep, localizer, peaks, progress, windows=windows, labels=labels, chunks=chunks,
                                         runner=runner)
-            batch = SpikeBatch(merged["peaks"], merged["peaks"]["channel_index"].astype(np.int64), None,
-                               prep.amplitudes.of_windows(neighbourhood_waveforms))
-            merged.update(localizer.observe(batch, prep.neighbourhood))
+            merged.update(_observed_snippets(prep, localizer, merged["peaks"], neighbourhood_waveforms))
     sample = TrainingSample({}, merged.pop("centre_waveforms"), merged.pop("peaks"), win, merged.pop("snippets", None),
                             merged.pop("targets", None), merged.pop("mask", None), job.footprints,
                             neighbourhood_waveforms if denoise_later else None)
     sample.observations = merged
     return sample
+
+
+def _observed_snippets(prep: Prepared, localizer, peaks: np.ndarray, snippets: np.ndarray) -> dict:
+    """``localizer``'s observations of spikes from their kept (n, T, K) neighbourhood snippets, with
+    amplitudes read as ``prep.amplitudes`` reads them (no second read of the traces)."""
+    batch = SpikeBatch(peaks, peaks["channel_index"].astype(np.int64), None, prep.amplitudes.of_windows(snippets))
+    return localizer.observe(batch, prep.neighbourhood)
 
 
 def _fit_amplitude_denoiser(prep: Prepared, windows: np.ndarray, centres: np.ndarray) -> bool:
@@ -483,14 +488,12 @@ def _refined_localizer(prep: Prepared, localizer, sample: TrainingSample, progre
     if getattr(localizer, "refined", None) is None or localizer.net is None or localizer.fallback is not None or epochs <= 0:
         return localizer
     raw = prep.amplitudes
-    centres = sample.peaks["channel_index"]
-    if not _fit_amplitude_denoiser(prep, snippets, centres) or prep.params.encoder_path:
+    if not _fit_amplitude_denoiser(prep, snippets, sample.peaks["channel_index"]) or prep.params.encoder_path:
         return localizer
     if getattr(localizer, "max_centres", 1) > 1:  # amplitude jitter reads other centres' neighbourhoods from the traces
         observations = _training_sample(prep, localizer, None, progress, runner=runner).observations
     else:
-        batch = SpikeBatch(sample.peaks, centres.astype(np.int64), None, prep.amplitudes.of_windows(snippets))
-        observations = localizer.observe(batch, prep.neighbourhood)
+        observations = _observed_snippets(prep, localizer, sample.peaks, snippets)
     refined = localizer.refined(observations, prep.neighbourhood, prep.noise, epochs, progress)
     if refined is localizer:  # diverged: the clustering's localizer reads as it was trained
         prep.amplitudes = raw
