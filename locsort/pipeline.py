@@ -296,7 +296,7 @@ class ChunkJob:
     refractory: int = 0
     keep_pcs: bool = True  # False: no waveform PCs (localization only), so no waveform windows unless the neural sorter needs them
     templates: object = None  # sort/peel.Templates: with the neural sorter on detected spikes, peel and detect again
-    significance: object = None  # sort/peel.Significance of the templates: peeled spikes must stand out of the noise
+    significance: object = None  # sort/peel.Significance of the templates: assigned spikes must stand out of the noise
 
     def __call__(self, chunk) -> dict:
         from .sort.neural import Windows
@@ -313,7 +313,7 @@ class ChunkJob:
             proba = self.neural.predict_proba(Windows.from_batch(batch, neighbourhood, self.scanner.noise))
             units, _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, self.refractory)
             if self.templates is not None and self.scanner.peaks is None:
-                units = self._rescue(batch, proba, units)
+                units = self._significant(batch, self._rescue(batch, proba, units))
                 hidden, hidden_units, detecting = self._peel(chunk, batch, units)
                 if len(hidden.centre):
                     more = self.localizer.observe(hidden, neighbourhood)
@@ -348,6 +348,22 @@ class ChunkJob:
         return rescue(batch._traces, batch._rows, proba.cpu().numpy(), units, self.templates, geo.before,
                       params.neural_rescue_min_probability, params.neural_rescue_min_fit, geo.before + geo.after)
 
+    def _significant(self, batch: SpikeBatch, units: np.ndarray) -> np.ndarray:
+        """``units`` with -1 where an assigned spike's match with its unit's prewhitened template,
+        at its best within ``template_shift`` samples, is under ``neural_min_z`` noise SDs
+        (sort/peel.Significance): noise events the network gave to a faint unit."""
+        min_z = self.scanner.params.neural_min_z
+        if self.significance is None or min_z <= 0:
+            return units
+        geo = self.scanner.geometry
+        tested = np.flatnonzero(units >= 0)
+        tested = tested[self.templates.defined[units[tested]]]
+        z = self.significance.z(batch._traces, batch._rows[tested], units[tested], self.templates.channels, geo.before,
+                                geo.template_shift)
+        units = units.copy()
+        units[tested[z < min_z]] = -1
+        return units
+
     def _peel(self, chunk, batch: SpikeBatch, units: np.ndarray) -> tuple[SpikeBatch, np.ndarray, float]:
         """The spikes found on the residual (sort/peel.py: under the assigned ones, and where the
         first pass found nothing), their units and the seconds spent detecting them."""
@@ -370,7 +386,7 @@ class ChunkJob:
         hidden_units, _ = assign_units(found, proba, self.scanner.params.neural_peel_threshold, self.refractory)
         hidden_units = unfitted(residual, hidden._rows, hidden_units, self.templates, geo.before,
                                 self.scanner.params.neural_peel_min_fit)
-        if self.significance is not None:
+        if self.significance is not None and self.scanner.params.neural_peel_min_z > 0:
             tested = np.flatnonzero(hidden_units >= 0)
             tested = tested[self.templates.defined[hidden_units[tested]]]
             z = self.significance.z(residual, hidden._rows[tested], hidden_units[tested], self.templates.channels, geo.before)
@@ -411,7 +427,7 @@ def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=N
     params, timer = prep.params, prep.timer
     templates = models.templates if params.neural_peel else None
     significance = None
-    if templates is not None and params.neural_peel_min_z > 0:
+    if templates is not None and (params.neural_peel_min_z > 0 or params.neural_min_z > 0):
         from .sort.peel import Significance
 
         significance = Significance.fit(templates, prep.noise_covariance, prep.noise_autocorrelation)

@@ -64,6 +64,7 @@ class Geometry:
     margin: int
     chunk_size: int
     refractory: int  # neural sorter: one unit's candidates closer than this are one spike
+    template_shift: int  # neural sorter: a first-pass spike's template match is searched this far around it
     label_tolerance: int  # a labelled spike marks the nearest candidate within this
     prototype_before: int  # matched-filter prototype: samples before its trough ...
     prototype_after: int  # ... and after
@@ -81,7 +82,8 @@ class Geometry:
         margin = max(before, after, amp_half, sweep + max(proto_before, proto_after) + 1,
                      int(round(params.chunk_margin_ms * ms)))
         return cls(before, after, amp_half, sweep, margin, max(1, int(round(params.chunk_duration * fs))),
-                   int(round(params.neural_refractory_ms * ms)), int(round(params.label_tolerance_ms * ms)),
+                   int(round(params.neural_refractory_ms * ms)), int(round(params.neural_min_z_shift_ms * ms)),
+                   int(round(params.label_tolerance_ms * ms)),
                    proto_before, proto_after)
 
 

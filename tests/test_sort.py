@@ -735,3 +735,27 @@ def test_a_templates_match_with_noise_alone_is_the_same_however_the_noise_is_cor
         with_spikes[row - before:row - before + span] += shape
     z_spikes = significance.z(with_spikes, rows[:200], units[:200], templates.channels, before)
     assert np.percentile(z_spikes, 5) > np.percentile(z_correlated, 99.9)
+
+
+def test_a_late_spikes_template_match_is_found_within_the_shift_window_and_noise_stays_low():
+    from locsort.sort.peel import Significance, Templates
+
+    rng = np.random.default_rng(3)
+    channels, length, span, before, late = 4, 20_000, 20, 8, 7
+    shape = np.zeros((span, channels), np.float32)
+    shape[before - 2:before + 3, :2] = -np.array([3, 8, 12, 8, 3])[:, None] * np.array([1.0, 0.5])
+    templates = Templates(shape[None], np.arange(channels)[None])
+    significance = Significance.fit(templates, np.eye(channels), np.array([1.0]))  # white noise of SD 1
+    traces = rng.standard_normal((length, channels)).astype(np.float32)
+    rows = np.arange(100, length - 100, 400)
+    for row in rows:
+        traces[row - before:row - before + span] += shape
+    units = np.zeros(len(rows), np.int64)
+    aligned = significance.z(traces, rows, units, templates.channels, before)
+    # detected `late` samples after the template's time (the unit seen on another channel first)
+    narrow = significance.z(traces, rows + late, units, templates.channels, before)
+    wide = significance.z(traces, rows + late, units, templates.channels, before, max_shift=late + 1)
+    assert aligned.min() > 10 and narrow.max() < 5
+    np.testing.assert_allclose(wide, np.maximum(aligned, wide), rtol=1e-5)  # the aligned match is among the shifts
+    noise_only = significance.z(traces, rows + 200, units, templates.channels, before, max_shift=late + 1)
+    assert np.median(noise_only) < 2.5  # the best of 17 shifts of noise is still far below a spike

@@ -121,7 +121,10 @@ class Significance:
     passed the network and the fit-share test (``unfitted``) and became spikes of the faintest
     units (#8: 102 of 451, precision 0.66): per-channel noise levels do not separate them from
     the true spikes, the prewhitened match does (peeled spikes of the matched unit vs the rest,
-    5th percentile / median: np128 4.7 / 7.8 vs median 3.6; np64 4.3 / 14.1 vs 2.7).
+    5th percentile / median: np128 4.7 / 7.8 vs median 3.6; np64 4.3 / 14.1 vs 2.7). The
+    first pass's spikes are tested the same way on the traces (pipeline.ChunkJob._significant),
+    at the best match within a wider window: a unit detected on another channel than usual
+    peaks several samples off its template's time.
 
     filters : (U, T, M) prewhitened templates on the templates' channels (0 where padded)
     null_sd : (U,) SD of a filter's output on noise (inf for a unit without a template)"""
@@ -149,19 +152,18 @@ class Significance:
             null_sd[unit] = np.sqrt(max(float((whitened * wave).sum()), 1e-12))
         return cls(filters.astype(np.float32), null_sd)
 
-    def z(self, traces: np.ndarray, rows: np.ndarray, units: np.ndarray, channels: np.ndarray, before: int) -> np.ndarray:
-        """(n,) match of each spike at ``rows`` (best of SHIFTS) with its unit's filter, in noise SDs;
-        ``channels``: (U, M) the templates' channels."""
-        out = np.full(len(rows), -np.inf)
+    def z(self, traces: np.ndarray, rows: np.ndarray, units: np.ndarray, channels: np.ndarray, before: int,
+          max_shift: int = max(SHIFTS)) -> np.ndarray:
+        """(n,) match of each spike at ``rows`` with its unit's filter, the best within
+        ``max_shift`` samples of it, in noise SDs; ``channels``: (U, M) the templates' channels."""
         if len(rows) == 0:
-            return out
-        filters = self.filters[units]
-        c_idx = np.broadcast_to(np.maximum(channels[units], 0)[:, None, :], filters.shape)
-        for shift in SHIFTS:
-            times = np.clip(rows[:, None] + shift + np.arange(-before, filters.shape[1] - before)[None, :], 0, len(traces) - 1)
-            snippet = traces[np.broadcast_to(times[:, :, None], filters.shape), c_idx]
-            out = np.maximum(out, np.einsum("ntk,ntk->n", snippet, filters) / self.null_sd[units])
-        return out
+            return np.full(0, -np.inf)
+        filters = self.filters[units]  # (n, T, M)
+        span = filters.shape[1]
+        times = np.clip(rows[:, None] + np.arange(-before - max_shift, span - before + max_shift)[None, :], 0, len(traces) - 1)
+        window = traces[times[:, :, None], np.maximum(channels[units], 0)[:, None, :]]  # (n, T + 2 max_shift, M)
+        shifted = np.lib.stride_tricks.sliding_window_view(window, span, axis=1)  # (n, shifts, M, T), a view
+        return np.einsum("nsmt,ntm->ns", shifted, filters).max(axis=1) / self.null_sd[units]
 
 
 def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates,
