@@ -313,7 +313,8 @@ class ChunkJob:
             proba = self.neural.predict_proba(Windows.from_batch(batch, neighbourhood, self.scanner.noise))
             units, _ = assign_units(batch.peaks["sample_index"], proba, params.neural_threshold, self.refractory)
             if self.templates is not None and self.scanner.peaks is None:
-                units = self._significant(batch, self._rescue(batch, proba, units))
+                units = self._significant(batch._traces, batch._rows, self._rescue(batch, proba, units), params.neural_min_z,
+                                          self.scanner.geometry.template_shift)
                 hidden, hidden_units, detecting = self._peel(chunk, batch, units)
                 if len(hidden.centre):
                     more = self.localizer.observe(hidden, neighbourhood)
@@ -348,18 +349,16 @@ class ChunkJob:
         return rescue(batch._traces, batch._rows, proba.cpu().numpy(), units, self.templates, geo.before,
                       params.neural_rescue_min_probability, params.neural_rescue_min_fit, geo.before + geo.after)
 
-    def _significant(self, batch: SpikeBatch, units: np.ndarray) -> np.ndarray:
-        """``units`` with -1 where an assigned spike's match with its unit's prewhitened template,
-        at its best within ``template_shift`` samples, is under ``neural_min_z`` noise SDs
+    def _significant(self, traces: np.ndarray, rows: np.ndarray, units: np.ndarray, min_z: float, max_shift: int) -> np.ndarray:
+        """``units`` with -1 where an assigned spike's match with its unit's prewhitened template in
+        ``traces``, at its best within ``max_shift`` samples, is under ``min_z`` noise SDs
         (sort/peel.Significance): noise events the network gave to a faint unit."""
-        min_z = self.scanner.params.neural_min_z
         if self.significance is None or min_z <= 0:
             return units
-        geo = self.scanner.geometry
         tested = np.flatnonzero(units >= 0)
         tested = tested[self.templates.defined[units[tested]]]
-        z = self.significance.z(batch._traces, batch._rows[tested], units[tested], self.templates.channels, geo.before,
-                                geo.template_shift)
+        z = self.significance.z(traces, rows[tested], units[tested], self.templates.channels, self.scanner.geometry.before,
+                                max_shift)
         units = units.copy()
         units[tested[z < min_z]] = -1
         return units
@@ -368,7 +367,7 @@ class ChunkJob:
         """The spikes found on the residual (sort/peel.py: under the assigned ones, and where the
         first pass found nothing), their units and the seconds spent detecting them."""
         from .sort.neural import Windows
-        from .sort.peel import subtract, unclaimed, unexplained, unfitted
+        from .sort.peel import SHIFTS, subtract, unclaimed, unexplained, unfitted
         from .sort.postprocess import assign_units
 
         neighbourhood, geo = self.scanner.neighbourhood, self.scanner.geometry
@@ -386,11 +385,8 @@ class ChunkJob:
         hidden_units, _ = assign_units(found, proba, self.scanner.params.neural_peel_threshold, self.refractory)
         hidden_units = unfitted(residual, hidden._rows, hidden_units, self.templates, geo.before,
                                 self.scanner.params.neural_peel_min_fit)
-        if self.significance is not None and self.scanner.params.neural_peel_min_z > 0:
-            tested = np.flatnonzero(hidden_units >= 0)
-            tested = tested[self.templates.defined[hidden_units[tested]]]
-            z = self.significance.z(residual, hidden._rows[tested], hidden_units[tested], self.templates.channels, geo.before)
-            hidden_units[tested[z < self.scanner.params.neural_peel_min_z]] = -1
+        hidden_units = self._significant(residual, hidden._rows, hidden_units, self.scanner.params.neural_peel_min_z,
+                                         max(SHIFTS))
         return hidden, unexplained(found, hidden_units, batch.peaks["sample_index"][assigned], units[assigned],
                                    geo.before + geo.after), detecting
 
