@@ -13,6 +13,7 @@ false-positive units (SpikeInterface's compare_sorter_to_ground_truth, default t
 locsort runs as ``locsort.sort`` (what users call) in three configurations; the peers run
 through ``spikeinterface.sorters.run_sorter`` with n_jobs = the machine's cores. Results are
 kept per recording in benchmarks/results/sorting.json, so a partial re-run updates its rows.
+The peers' own packages: ``pip install -e ".[bench]"``.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ def _localize_node_class():
         params_doc = """
         params: dict
             Any locsort.params.Params field, e.g. decay_law ("exponential" | "monopole"), jitter_uv,
-            encoder_path (a saved encoder to reuse), device ("auto" | "cpu" | "cuda"),
-            max_training_spikes.
+            encoder_path (a saved encoder to reuse), encoder_init ("pretrained" | "none" | a saved encoder
+            to start training from), device ("auto" | "cpu" | "cuda"), max_training_spikes.
         """
 
         def __init__(self, recording, parents, return_output=True, radius_um=75.0, **params):

@@ -43,6 +43,17 @@ def neuropixels_like_probe(num_channels: int = 64):
     return probe
 
 
+def square_mea_probe(rows: int = 10, pitch_um: float = 15.0):
+    """A square multi-electrode array: ``rows`` x ``rows`` contacts ``pitch_um`` apart (the
+    localization paper's 10 x 10, 15 µm MEA), 5 µm radius contacts, wired in contact order."""
+    import probeinterface as pi
+
+    probe = pi.generate_multi_columns_probe(num_columns=rows, num_contact_per_column=rows, xpitch=pitch_um,
+                                            ypitch=pitch_um, contact_shapes="circle", contact_shape_params={"radius": 5})
+    probe.set_device_channel_indices(np.arange(rows * rows))
+    return probe
+
+
 def generate_recording(
     duration: float = 60.0,
     num_units: int = 50,

@@ -13,7 +13,7 @@ from locsort.params import Params
 from locsort.pipeline import _locate, prepare
 from locsort.preprocess import preprocess
 
-QUICK = dict(encoder_max_epochs=25, encoder_patience=4)
+QUICK = dict(encoder_max_epochs=25, encoder_patience=4, encoder_init="none")  # from scratch: the recording's spikes alone
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,49 @@ def test_corrupt_or_foreign_encoder_files_are_refused(tmp_path, ground_truth_rec
         AmortizedLocalizer.load(tmp_path / "missing.safetensors")
 
 
+def test_training_starts_from_the_shipped_encoder_of_the_probe_type_and_adapts_it(processed, trained):
+    from locsort.localize.pretrained import ENCODER_PATHS
+
+    recording, peaks, true_xyz = processed
+    com = trained[3]
+    prep = prepare(recording, Params(preprocess=False))  # default: encoder_init=pretrained, encoder_init_epochs
+    spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
+    assert localizer.history["started_from"] == "neuropixels1"  # the test probe is Neuropixels-like
+    assert 1 <= localizer.history["epochs"] <= Params.encoder_init_epochs
+    shipped = AmortizedLocalizer.load(ENCODER_PATHS["neuropixels1"])
+    assert shipped.info["made_by"] == "scripts/pretrain_encoder.py" and shipped.info["recordings"]
+    # trained on: the weights moved away from the shipped ones
+    first = next(iter(shipped.net.state_dict()))
+    assert not np.allclose(localizer.net.state_dict()[first].numpy(), shipped.net.state_dict()[first].numpy())
+    ours = localization_errors(spikes, true_xyz)["median_xy_um"]
+    assert ours < 0.8 * localization_errors(com, true_xyz)["median_xy_um"]
+    assert ours < localization_errors(trained[1], true_xyz)["median_xy_um"] + 2.0  # about as good as from scratch
+
+
+def test_an_encoder_to_start_from_must_fit_the_probe_and_other_probes_train_from_scratch(tmp_path, processed, trained):
+    from spikeinterface.core import generate_ground_truth_recording
+
+    recording, peaks, _ = processed
+    path = tmp_path / "encoder.safetensors"
+    trained[2].save(path)
+    prep = prepare(recording, Params(preprocess=False, encoder_init=str(path), encoder_init_epochs=2))
+    _, localizer = _locate(prep, peaks, "locsort", progress=False)
+    assert localizer.history["started_from"] == str(path) and localizer.history["epochs"] <= 2
+
+    square, _ = generate_ground_truth_recording(durations=[10.0], num_channels=16, num_units=5, seed=0,
+                                                generate_probe_kwargs=dict(num_columns=4, xpitch=20, ypitch=20))
+    with pytest.raises(UsageError, match="another probe geometry"):
+        locsort.localize(square, params=Params(encoder_init=str(path)), progress=False)
+    # no shipped encoder has a 20 µm square lattice: trained from scratch, up to encoder_max_epochs
+    prep = prepare(square, Params(encoder_max_epochs=3, min_training_spikes=50))
+    _, localizer = _locate(prep, None, "locsort", progress=False)
+    assert localizer.history["started_from"] == "scratch" and localizer.history["epochs"] == 3
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(LocsortError, match="corrupt"):
+        locsort.localize(recording, peaks=peaks, params=Params(preprocess=False, encoder_init=str(corrupt)), progress=False)
+
+
 def test_unknown_localizer_settings_are_refused():
     from locsort.localize import make_localizer
 
@@ -118,6 +161,8 @@ def test_unknown_localizer_settings_are_refused():
         make_localizer("locsort", Params(decay_law="gaussian"))
     with pytest.raises(UsageError, match="localization method"):
         make_localizer("kalman", Params())
+    with pytest.raises(UsageError, match="encoder_init_epochs"):
+        make_localizer("locsort", Params(encoder_init_epochs=0))
 
 
 def test_too_few_spikes_falls_back_to_centre_of_mass_and_says_so(processed):

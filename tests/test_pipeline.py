@@ -110,7 +110,8 @@ def test_localize_honours_given_peaks_one_to_one_in_order(ground_truth_recording
     np.testing.assert_array_equal(spikes["sample_index"], peaks["sample_index"][shuffled])
     np.testing.assert_array_equal(spikes["channel_index"], peaks["channel_index"][shuffled])
     in_order = locsort.localize(recording, peaks=peaks, method="center_of_mass", progress=False)
-    np.testing.assert_allclose(spikes["x"], in_order["x"][shuffled])
+    # same spikes in another order: same locations up to float32 rounding (batches differ, so sums do)
+    np.testing.assert_allclose(spikes["x"], in_order["x"][shuffled], rtol=1e-5)
     errors = localization_errors(in_order, true_xyz)
     assert errors["median_xy_um"] < 25.0  # SpikeInterface's centre of mass: ~19.5 µm here
 

@@ -96,6 +96,8 @@ class AmortizedLocalizer:
         fallback_channels: int = 9,
         device: str = "cpu",
         seed: int = 0,
+        init: str = "none",
+        init_epochs: int = 6,
     ):
         self.globals = ModelGlobals(decay=decay, source_offset_um=source_offset_um)
         self.jitter_uv = float(jitter_uv)
@@ -109,6 +111,9 @@ class AmortizedLocalizer:
         self.min_training_spikes = min_training_spikes
         self.device = torch.device(device)
         self.seed = seed
+        self.init = init  # where training starts: "none" (from scratch), "pretrained" (shipped) or an encoder file
+        self.init_epochs = init_epochs  # training epochs from a trained start
+        self.info: dict = {}  # how a saved encoder was made (pretrained encoders: their script and data)
         self.net: Encoder | None = None
         self.fallback: CenterOfMass | None = None
         self.fallback_reason = ""
@@ -197,10 +202,20 @@ class AmortizedLocalizer:
 
     def fit(self, observations: dict, neighbourhood, noise, params=None, progress: bool = False,
             initial: "Encoder | None" = None) -> "AmortizedLocalizer":
-        """Train on ``observations`` by maximizing the ELBO, from ``initial``'s weights when given
-        (``refined``), else from scratch; up to ``max_epochs``, stopping early on a held-out 10 %."""
+        """Train on ``observations`` by maximizing the ELBO, stopping early on a held-out 10 %: from
+        ``initial``'s weights when given (``refined``; up to ``max_epochs``), else from the trained
+        encoder ``init`` names (weights and fitted globals; up to ``init_epochs``), else from scratch
+        (up to ``max_epochs``)."""
         self.noise = np.asarray(noise, dtype=np.float32)
         self.geometry = _geometry_of(neighbourhood)
+        epochs, started_from = self.max_epochs, "given weights" if initial is not None else "scratch"
+        pretrained = self._starting_point() if initial is None else None
+        if pretrained is not None:
+            # the cells' globals carry over; floor and noise_scale say how this recording's amplitudes are
+            # read (denoised or not) and start afresh: inherited, np128 sorted 0.940 instead of 0.967 (seed 2)
+            for name in ("rel_error", "decay_length_um"):
+                setattr(self.globals, name, getattr(pretrained.globals, name))
+            initial, epochs, started_from = pretrained.net, self.init_epochs, pretrained.info.get("name", self.init)
         centres, amplitudes = _flatten(observations)
         num_spikes = len(observations["centres"])
         if num_spikes < self.min_training_spikes:
@@ -228,7 +243,7 @@ class AmortizedLocalizer:
         val_batch = pick(val)
         best, best_state, stale, history = math.inf, None, 0, []
         start = time.perf_counter()
-        bar = tqdm(range(self.max_epochs), desc="train encoder", unit="epoch", disable=not progress, leave=False)
+        bar = tqdm(range(epochs), desc="train encoder", unit="epoch", disable=not progress, leave=False)
         for _epoch in bar:
             self.net.train()
             rng.shuffle(train)
@@ -264,10 +279,29 @@ class AmortizedLocalizer:
         self.globals.noise_scale = fitted["noise_scale"]
         if self.globals.decay == "exponential":
             self.globals.decay_length_um = fitted["decay_length"]
-        self.history = {"epochs": len(history), "val_loss_per_spike": history, "train_examples": int(len(train)),
+        self.history = {"epochs": len(history), "started_from": started_from, "val_loss_per_spike": history,
+                        "train_examples": int(len(train)),
                         "held_out_examples": int(len(val)),
                         "seconds": time.perf_counter() - start, "globals": self.globals.asdict()}
         return self
+
+    def _starting_point(self) -> "AmortizedLocalizer | None":
+        """The trained encoder that ``init`` names for this probe (``geometry``), or None: from
+        scratch. A shipped encoder is used only where its neighbourhood layout, decay law and width
+        are this one's (pretrained.matching_encoder); a file the user names must fit or is refused."""
+        if self.init in ("", "none"):
+            return None
+        if self.init == "pretrained":
+            from .pretrained import matching_encoder
+
+            return matching_encoder(self.geometry, self.globals.decay, self.hidden, self.device)
+        start = AmortizedLocalizer.load(self.init, device=self.device)
+        _check_geometry(start.geometry, self.geometry)
+        if start.globals.decay != self.globals.decay or start.hidden != self.hidden:
+            raise UsageError(f"the encoder to start from ({self.init}) has the {start.globals.decay} decay law and width "
+                             f"{start.hidden}, this one {self.globals.decay} and {self.hidden}: set decay_law / "
+                             "encoder_hidden to match, or encoder_init=none")
+        return start
 
     def refined(self, observations: dict, neighbourhood, noise, epochs: int, progress: bool = False) -> "AmortizedLocalizer":
         """A copy of this trained encoder trained up to ``epochs`` more epochs on ``observations``
@@ -337,8 +371,8 @@ class AmortizedLocalizer:
 
     # ------------------------------------------------------------------ save / load
 
-    def save(self, path: str | Path) -> None:
-        """Weights + model globals + geometry in one safetensors file (no pickle)."""
+    def save(self, path: str | Path, info: dict | None = None) -> None:
+        """Weights + model globals + geometry (+ ``info``: how it was made) in one safetensors file (no pickle)."""
         from ..io import save_safetensors_atomic
 
         if self.net is None:
@@ -351,6 +385,7 @@ class AmortizedLocalizer:
             "noise": json.dumps(self.noise.tolist()),
             "config": json.dumps({"hidden": self.hidden, "jitter_uv": self.jitter_uv, "max_centres": self.max_centres,
                                   "num_inputs": self.net.net[0].in_features, "num_outputs": self.net.net[-1].out_features}),
+            "info": json.dumps(info if info is not None else self.info),
         }
         save_safetensors_atomic(path, self.net.state_dict(), meta)
 
@@ -376,6 +411,7 @@ class AmortizedLocalizer:
             localizer.globals = globals_
             localizer.geometry = json.loads(meta["geometry"])
             localizer.noise = np.asarray(json.loads(meta["noise"]), dtype=np.float32)
+            localizer.info = json.loads(meta.get("info", "{}"))
             localizer.net = Encoder(config["num_inputs"], config["hidden"], config["num_outputs"])
             localizer.net.load_state_dict(state)
         except UsageError:
@@ -405,11 +441,16 @@ def _geometry_of(neighbourhood) -> dict:
     }
 
 
-def _check_geometry(saved: dict, current: dict) -> None:
+def same_geometry(saved: dict, current: dict) -> bool:
+    """True when an encoder made for the probe geometry ``saved`` (``_geometry_of``) reads ``current``'s spikes alike."""
     same = saved["regular"] == current["regular"] and saved["num_slots"] == current["num_slots"]
     if same and saved["regular"]:
         same = np.allclose(np.asarray(saved["offsets"]), np.asarray(current["offsets"]), atol=1.0)
-    if not same:
+    return bool(same)
+
+
+def _check_geometry(saved: dict, current: dict) -> None:
+    if not same_geometry(saved, current):
         raise UsageError(
             "the saved encoder was trained for another probe geometry (its neighbourhood slots differ from this "
             "probe's); train a new one on this recording (omit the encoder file)"
