@@ -71,10 +71,11 @@ class Params:
     # the start (8.94 / 10.76 / 11.17 / 6.41 / 9.75): refined posteriors over-cover (±1 SD 0.85 on sq_30, target <= 0.8)
     encoder_refine_epochs: int = 3  # neural sort: its clustering's encoder trained this many more epochs on the amplitude denoiser's amplitudes reports the locations (0: no denoiser in a sort)
     # where the encoder's training starts. From the shipped encoder of the probe type (scripts/pretrain_encoder.py, on generated
-    # recordings no benchmark uses), 10 epochs on the recording's own spikes instead of 30 from scratch, a third of the training
-    # time (NOTES.md session 34). Median 2-D error at ground-truth peaks, mean of seeds 0-1, square MEA 10 / 20 / 30 µV, np64,
-    # np128: from scratch 9.35 / 9.90 / 11.82 / 6.40 / 9.84 µm, from the shipped encoder 8.98 / 10.04 / 11.96 / 6.13 / 9.71 (6
-    # epochs: square MEA 30 µV +-1 SD covered 0.84, too wide); sort accuracy np64 / np128, seeds 0-2, 0.876 / 0.968 -> 0.873 / 0.968
+    # recordings no benchmark uses), 10 epochs on the recording's own spikes, the learning rate falling to 0 along a cosine,
+    # instead of 30 from scratch: a third of the training time (NOTES.md session 34). Median 2-D error at ground-truth peaks,
+    # mean of seeds 0-1, square MEA 10 / 20 / 30 µV, np64, np128: from scratch 9.35 / 9.90 / 11.82 / 6.40 / 9.84 µm, from the
+    # shipped encoder 8.61 / 9.56 / 10.95 / 6.10 / 9.87 (but square MEA 30 µV +-1 SD covers 0.84-0.86 of the true x, from
+    # scratch 0.74-0.78); sort accuracy np64 / np128, seeds 0-2, 0.876 / 0.968 -> 0.873 / 0.967
     encoder_init: str = "pretrained"  # "pretrained": the shipped encoder for this probe's neighbourhood layout (Neuropixels-1.0-like staggered columns, 15 µm square MEA) when there is one, else from scratch; "none": from scratch; or a saved encoder (.safetensors) of the same probe type
     encoder_init_epochs: int = 10  # training epochs from a pretrained start (from scratch: encoder_max_epochs)
     min_training_spikes: int = 300  # fewer spikes: fall back to centre of mass (and say so)
