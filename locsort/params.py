@@ -84,6 +84,7 @@ class Params:
     # --- training sample (bounded, drawn across the whole recording) ---
     sample_chunks: int = 30  # chunks read to fit waveform PCA / models: bounded, spread over the recording
     max_training_spikes: int = 50_000  # spikes kept from those chunks
+    trace_cache_mb: float = 512.0  # MB of the sample chunks' preprocessed traces kept in memory for the main pass, which then does not filter them again (0: none; 30 chunks of 128 channels at 30 kHz: ~460 MB)
 
     # --- sorting ---
     sorter: str = "neural"  # "neural": cluster a training sample, train the network on it, let it assign every spike; "cluster": cluster every spike
@@ -96,7 +97,7 @@ class Params:
     neural_synthetic_positives: int = -1  # synthetic spikes per labelled spike while training: its unit's mean snippet plus another labelled spike's noise; -1: 4 with a user's labels limited to K per unit (np64 pretrained K=10 0.820 -> 0.834, square MEA 0.712 -> 0.759), else 0 (own clustering: np64 0.849 -> 0.850, np128 unchanged, at more training time)
     neural_self_training: int = -1  # 1: a network trained on a user's labels labels a sample of the whole recording and a second network trains on both, from scratch (pipeline._self_trained); 0: never; -1: with labels limited to K per unit (3 seeds, K = 10, pretrained: np64 0.847 -> 0.870, square MEA 0.784 -> 0.823; scratch K = 20: 0.855 -> 0.868, 0.816 -> 0.845; NOTES.md session 26)
     neural_adapted_backbone: int = -1  # 1: before training on a user's labels, a network is trained on locsort's own clustering of a sample of the whole recording (no labels; as the default sort does, from neural_backbone) and the few-label networks fine-tune its backbone (pipeline._adapted_backbone); 0: never; -1: with labels limited to K per unit (bench_transfer, 3 seeds, K = 5 / 10 / 20: square MEA pretrained 0.723 / 0.823 / 0.822 -> 0.782 / 0.837 / 0.828, scratch 0.691 / 0.815 / 0.845 -> 0.811 / 0.836 / 0.840; np64 pretrained 0.871 / 0.870 / 0.868 -> 0.875 / 0.871 / 0.872, scratch K = 5 0.802 -> 0.873; about 1 s more per np64 sort; NOTES.md session 28)
-    neural_patience: int = 3  # epochs without held-out loss improvement before stopping
+    neural_patience: int = 1  # epochs without held-out loss improvement before stopping (once the backbone is fine-tuned; mean accuracy of seeds 0-2, np64 / np128: 3 0.8725 / 0.9669, 1 0.8736 / 0.9663 with 2-3 s less training; NOTES.md session 35)
     neural_max_seconds: float = 0.0  # optional wall-time budget (0: none); with one, results depend on the machine's speed and load
     neural_threshold: float = 0.5  # a candidate is a spike when its units' probabilities add up above this; it goes to its most probable unit
     neural_peel: bool = True  # subtract the assigned spikes' unit templates from each chunk and detect again under them (overlapping spikes; sort/peel.py)

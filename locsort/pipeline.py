@@ -30,7 +30,7 @@ from .distribute import LocalRunner, open_runner
 from .parallel import make_chunks, spread_chunks
 from .params import Params, resolve_device
 from .preprocess import band_pass, find_bad_channels, noise_correlations, noise_levels, noise_slices, referenced, referenced_slices
-from .scan import Geometry, Scanner, SpikeBatch, concatenate_parts, scan
+from .scan import Geometry, Scanner, SpikeBatch, TraceCache, concatenate_parts, scan
 from .sort.cluster import cluster, clustering_features
 from .spikes import PEAK_DTYPE, check_peaks, spikes_from_peaks
 from .workarea import WorkArea, digest, recording_identity
@@ -65,10 +65,13 @@ class Prepared:
     noise_autocorrelation: np.ndarray | None = None  # (snippet length,) in time, 1 at lag 0
     bad_channels: dict = field(default_factory=dict)  # channel id -> why it was interpolated (preprocess.find_bad_channels)
     amplitude_denoise_gain: float = 1.0  # the amplitude denoiser's minimum gain until it is fitted, by the next training sample or a sort's _refined_localizer (1: none, or fitted)
+    trace_cache: TraceCache | None = None  # the training sample's chunks, kept for the main pass (params.trace_cache_mb)
 
-    def scanner(self, peaks=None) -> Scanner:
+    def scanner(self, peaks=None, last_pass: bool = False) -> Scanner:
+        """A scanner of the recording; the main pass (``last_pass``) takes the chunks the training
+        sample kept in ``trace_cache`` instead of reading them again."""
         return Scanner(self.recording, self.params, self.neighbourhood, self.noise, peaks, self.matched_filter,
-                       self.amplitudes)
+                       self.amplitudes, self.trace_cache, last_pass)
 
     @property
     def geometry(self) -> Geometry:
@@ -110,8 +113,9 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
             if snippets:
                 basis = fit_amplitude_basis(np.concatenate(snippets), geo.amp_half, geo.before, params.amplitude_components)
         amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half, basis)
+    cache = TraceCache(int(params.trace_cache_mb * 2**20)) if params.trace_cache_mb > 0 else None
     return Prepared(processed, params, noise, neighbourhood, timer, matched_filter, detection, amplitudes, covariance,
-                    autocorrelation, bad_channels, min(params.amplitude_denoise_min_gain, 1.0))
+                    autocorrelation, bad_channels, min(params.amplitude_denoise_min_gain, 1.0), cache)
 
 
 @dataclass
@@ -427,12 +431,16 @@ def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=N
         from .sort.peel import Significance
 
         significance = Significance.fit(templates, prep.noise_covariance, prep.noise_autocorrelation)
-    job = ChunkJob(prep.scanner(peaks), models.localizer, models.basis, models.neural, prep.geometry.refractory, keep_pcs,
+    job = ChunkJob(prep.scanner(peaks, last_pass=True), models.localizer, models.basis, models.neural, prep.geometry.refractory, keep_pcs,
                    templates, significance)
     chunks = job.scanner.chunks()
     started = time.perf_counter()
-    parts = _run_chunks(job, chunks, runner or LocalRunner(), work, "detect + localize" if peaks is None else "localize",
-                        progress)
+    try:
+        parts = _run_chunks(job, chunks, runner or LocalRunner(), work, "detect + localize" if peaks is None else "localize",
+                            progress)
+    finally:
+        if prep.trace_cache is not None:
+            prep.trace_cache.clear()
     # the pass's wall time, shared between stages in proportion to their time in the chunks
     seconds = np.sum([part.pop("seconds") for part in parts], axis=0) if parts else np.zeros(3)
     share = (time.perf_counter() - started) / max(seconds.sum(), 1e-9)

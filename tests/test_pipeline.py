@@ -116,6 +116,25 @@ def test_localize_honours_given_peaks_one_to_one_in_order(ground_truth_recording
     assert errors["median_xy_um"] < 25.0  # SpikeInterface's centre of mass: ~19.5 µm here
 
 
+@pytest.mark.parametrize("cache_mb, cached_chunks", [(512.0, 10), (16.0, 2), (0.0, 0)])
+def test_main_pass_takes_the_training_samples_chunks_from_the_trace_cache(ground_truth_recording, monkeypatch, cache_mb,
+                                                                          cached_chunks):
+    import locsort.scan
+
+    recording, _ = ground_truth_recording
+    reads = []
+    original = locsort.scan.read_chunk
+    monkeypatch.setattr(locsort.scan, "read_chunk", lambda *args: reads.append(args[1]) or original(*args))
+    spikes = locsort.localize(recording, method="center_of_mass", params={"trace_cache_mb": cache_mb}, progress=False)
+    # 10 chunks of 1 s, all in the training sample; 16 MB holds two of them (7.7 MB each)
+    assert len(reads) == 10 + 10 - cached_chunks
+    if cached_chunks:  # the same spikes and locations as when every chunk is read again
+        monkeypatch.setattr(locsort.scan, "read_chunk", original)
+        again = locsort.localize(recording, method="center_of_mass", params={"trace_cache_mb": 0}, progress=False)
+        np.testing.assert_array_equal(spikes["sample_index"], again["sample_index"])
+        np.testing.assert_array_equal(spikes["x"], again["x"])
+
+
 def test_localize_rejects_peaks_on_missing_channels(ground_truth_recording):
     recording, truth = ground_truth_recording
     peaks, _ = ground_truth_peaks(recording, truth)
