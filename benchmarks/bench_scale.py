@@ -57,14 +57,16 @@ def recording_file(minutes: float):
     return path, probe
 
 
-def run_locsort(path, probe, out, workers: int | None) -> dict:
-    """Wall time and peak RSS (process tree) of one ``locsort run``."""
+def run_locsort(path, probe, out, workers: int | None, params: dict | None = None) -> dict:
+    """Wall time and peak RSS (process tree) of one ``locsort run`` (``params``: --param overrides)."""
     import psutil
 
     command = ["locsort", "run", str(path), "--sampling-frequency", str(FS), "--num-channels", str(CHANNELS),
                "--dtype", "int16", "--probe", str(probe), "--out", str(out), "--overwrite", "--quiet"]
     if workers:
         command += ["--workers", str(workers)]
+    for name, value in (params or {}).items():
+        command += ["--param", f"{name}={value}"]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root, peak = psutil.Process(process.pid), 0

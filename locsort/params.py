@@ -84,7 +84,7 @@ class Params:
     # --- training sample (bounded, drawn across the whole recording) ---
     sample_chunks: int = 30  # chunks read to fit waveform PCA / models: bounded, spread over the recording
     max_training_spikes: int = 50_000  # spikes kept from those chunks
-    trace_cache_mb: float = 512.0  # MB of the sample chunks' preprocessed traces kept in memory for the main pass, which then does not filter them again (0: none; 30 chunks of 128 channels at 30 kHz: ~460 MB)
+    trace_cache_mb: float = 512.0  # MB of the sample chunks' preprocessed traces kept in memory for the main pass, which then does not filter them again (0: none; all 30 chunks of 128 channels at 30 kHz take ~460 MB: np128 detect stage 7.0 -> 4.6 s; of 384 channels 11 fit: ~2 s of 94 for +500 MB peak memory, BENCHMARKS.md)
 
     # --- sorting ---
     sorter: str = "neural"  # "neural": cluster a training sample, train the network on it, let it assign every spike; "cluster": cluster every spike
