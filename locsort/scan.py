@@ -91,8 +91,9 @@ class Geometry:
 class TraceCache:
     """Preprocessed chunk traces read by one pass and wanted again by a later one: the training
     sample's chunks, which the main pass would otherwise read and filter a second time (band-pass
-    and median reference are about a third of the main pass's work per chunk). Holds at most
-    ``max_bytes``; a chunk that does not fit is read again as before. Threads share it.
+    and median reference are about a third of the main pass's work per chunk), with the peaks
+    detected on them (the main pass detects the same ones first). Holds at most ``max_bytes``;
+    a chunk that does not fit is read again as before. Threads share it.
 
     Reading the main pass's other chunks ahead while the models train was tried: the training's
     torch threads then wait on the reading thread, and the fit stage took longer than the main
@@ -100,18 +101,22 @@ class TraceCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.held: dict[Chunk, tuple[np.ndarray, int]] = {}
+        self.held: dict[Chunk, tuple[np.ndarray, int, np.ndarray | None]] = {}
         self.bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, chunk: Chunk, traces: np.ndarray, first: int) -> None:
+    def put(self, chunk: Chunk, traces: np.ndarray, first: int, detected: np.ndarray | None = None) -> None:
+        """Keep ``chunk``'s traces (first row: sample ``first``) and the peaks detected on them
+        (PEAK_DTYPE, None when none were detected), if there is room."""
         with self._lock:
             if chunk not in self.held and self.bytes + traces.nbytes <= self.max_bytes:
-                traces.flags.writeable = False  # shared by passes: nobody may change it in place
-                self.held[chunk] = (traces, first)
+                for array in (traces, detected):  # shared by passes: nobody may change them in place
+                    if array is not None:
+                        array.flags.writeable = False
+                self.held[chunk] = (traces, first, detected)
                 self.bytes += traces.nbytes
 
-    def get(self, chunk: Chunk, remove: bool = False) -> tuple[np.ndarray, int] | None:
+    def get(self, chunk: Chunk, remove: bool = False) -> tuple[np.ndarray, int, np.ndarray | None] | None:
         with self._lock:
             held = self.held.pop(chunk, None) if remove else self.held.get(chunk)
             if held is not None and remove:
@@ -188,10 +193,11 @@ class Scanner:
         """The spikes of ``chunk`` (only those whose peak lies inside it: chunks never share a spike).
         ``waveforms=False``: amplitudes only (what localization needs), no (n, T, K) windows."""
         held = self.cache.get(chunk, remove=self.last_pass) if self.cache is not None else None
-        traces, first = held if held is not None else self._read(chunk)
+        traces, first, detected = held if held is not None else (*self._read(chunk), None)
+        batch = self.batch_in(traces, first, chunk, features, waveforms, detected=detected)
         if held is None and self.cache is not None and not self.last_pass:
-            self.cache.put(chunk, traces, first)
-        return self.batch_in(traces, first, chunk, features, waveforms)
+            self.cache.put(chunk, traces, first, batch.peaks.copy() if self.peaks is None else None)
+        return batch
 
     def _read(self, chunk: Chunk) -> tuple[np.ndarray, int]:
         """``chunk``'s traces with the geometry's margin on both sides, and their first sample."""
@@ -206,14 +212,18 @@ class Scanner:
         return traces, first
 
     def batch_in(self, traces: np.ndarray, first: int, chunk: Chunk, features: bool = True, waveforms: bool = True,
-                 threshold: float | None = None) -> SpikeBatch:
+                 threshold: float | None = None, detected: np.ndarray | None = None) -> SpikeBatch:
         """``batch`` on traces already read (T, C), whose first row is sample ``first`` and which
         hold ``chunk`` with the geometry's margin on both sides (e.g. a chunk with spikes peeled off).
-        ``threshold``: detect at this many noise levels instead of ``params.detect_threshold``."""
+        ``threshold``: detect at this many noise levels instead of ``params.detect_threshold``;
+        ``detected``: the peaks an earlier pass detected on these traces (no detection again)."""
         geo = self.geometry
         lo, hi = chunk.start - first, chunk.end - first
         order = None
-        if self.peaks is None:
+        if self.peaks is None and detected is not None:
+            batch_peaks = detected.copy()
+            rows = batch_peaks["sample_index"] - first
+        elif self.peaks is None:
             signal = traces if self.matched_filter is None else -self.matched_filter.score(traces, self.noise)
             thresholds = self.thresholds if threshold is None else self.thresholds * np.float32(threshold / self.params.detect_threshold)
             rows, channels = detect_chunk(signal, thresholds, self.detect_neighbours, geo.sweep, lo, hi)
