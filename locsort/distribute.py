@@ -24,6 +24,8 @@ from .errors import LocsortError, UsageError
 # a recording that cannot describe itself as a file (generated, in memory) still travels to
 # workers as its pickled description when it is this small (a generator's templates and trains)
 MAX_INLINE_RECORDING_BYTES = 100 * 2**20
+# times a chunk whose task the Dask scheduler cancelled (not failed) is submitted again
+MAX_CHUNK_RESUBMITS = 2
 
 
 def available_cores() -> int:
@@ -101,7 +103,8 @@ def _inner_threads(count: int):
 
 class DaskRunner:
     """Chunks as tasks on a dask.distributed cluster. A worker that dies mid-chunk has its
-    chunk re-run elsewhere (Dask's own retry); a chunk that kills workers repeatedly fails the run."""
+    chunk re-run elsewhere (Dask's own retry; a chunk whose task the scheduler cancels instead is
+    submitted again); a chunk that kills workers repeatedly fails the run."""
 
     def __init__(self, client, description: str):
         self.client = client
@@ -113,6 +116,7 @@ class DaskRunner:
 
     def map(self, job, chunks: list, indices: list[int], desc: str = "chunks", progress: bool = True) -> Iterator:
         from distributed import as_completed
+        from distributed.client import FutureCancelledError
         from distributed.scheduler import KilledWorker
 
         if not indices:
@@ -123,14 +127,28 @@ class DaskRunner:
         except Exception as exc:
             raise LocsortError(f"cannot send the work to the Dask cluster ({self.description}): {exc}") from exc
         token = uuid.uuid4().hex[:8]
-        futures = {self.client.submit(_run_job, shared, chunks[i], key=f"locsort-{desc.replace(' ', '-')}-{token}-{i}"): i
-                   for i in indices}
+        def submit(i: int, attempt: int):
+            key = f"locsort-{desc.replace(' ', '-')}-{token}-{i}" + (f"-retry{attempt}" if attempt else "")
+            return self.client.submit(_run_job, shared, chunks[i], key=key)
+
+        futures = {submit(i, 0): i for i in indices}
+        attempts = dict.fromkeys(indices, 0)
+        completed = as_completed(futures, loop=self.client.loop)
         try:
-            for future in tqdm(as_completed(futures, loop=self.client.loop), total=len(futures), desc=desc, unit="chunk", disable=not progress,
-                               leave=False):
+            for future in tqdm(completed, total=len(futures), desc=desc, unit="chunk", disable=not progress, leave=False):
                 i = futures[future]
                 try:
                     result = future.result()
+                except FutureCancelledError as exc:
+                    # the scheduler dropped the chunk's task while a killed worker's tasks were being
+                    # rescheduled ("already forgotten"): submit the chunk again, a bounded number of times
+                    if self.client.status != "running" or attempts[i] >= MAX_CHUNK_RESUBMITS:
+                        raise LocsortError(f"lost the Dask cluster ({self.description}) during the run: {exc}") from exc
+                    attempts[i] += 1
+                    again = submit(i, attempts[i])
+                    futures[again] = i
+                    completed.add(again)
+                    continue
                 except KilledWorker as exc:
                     raise LocsortError(f"chunk {i} killed Dask workers repeatedly ({exc}); is a worker short of memory?") from exc
                 except LocsortError:

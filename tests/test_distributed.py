@@ -114,6 +114,37 @@ def test_worker_killed_mid_chunk_is_retried(recording_folder, reference, tmp_pat
     assert_same_spikes(result.spikes, reference.spikes)
 
 
+def test_chunk_task_cancelled_by_the_scheduler_is_submitted_again(recording_folder, reference, tmp_path):
+    # after a worker is killed the scheduler may drop a chunk's task ("already forgotten") instead
+    # of re-running it; another client cancelling the task forcibly does the same
+    from distributed import Client, Future, LocalCluster
+
+    recording, _ = open_recording(recording_folder)
+    cancelled, stop = [], threading.Event()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+
+        def cancel_a_chunk_task():
+            while not stop.is_set():
+                for tasks in client.processing().values():
+                    keys = [task for task in tasks if "locsort-detect" in str(task)]
+                    if keys:
+                        client.cancel([Future(keys[0], client)], force=True)
+                        cancelled.append(keys[0])
+                        return
+                time.sleep(0.002)
+
+        canceller = threading.Thread(target=cancel_a_chunk_task)
+        canceller.start()
+        try:
+            result = locsort.run(recording, tmp_path / "out", PARAMS, progress=False, scheduler=cluster.scheduler_address)
+        finally:
+            stop.set()
+            canceller.join()
+    assert cancelled
+    assert_same_spikes(result.spikes, reference.spikes)
+
+
 def test_unreachable_scheduler_fails_within_the_timeout(recording_folder, tmp_path):
     result = _cli("run", str(recording_folder), "--out", str(tmp_path / "out"), "--quiet",
                   "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "2")
