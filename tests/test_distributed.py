@@ -85,31 +85,43 @@ def test_killed_run_resumes_to_the_same_result(recording_folder, reference, tmp_
     assert not work_area_path(out).exists()
 
 
-def test_worker_killed_mid_chunk_is_retried(recording_folder, reference, tmp_path):
+def _run_on_a_cluster_while(recording_folder, tmp_path, act):
+    """``locsort.run`` on a 2-worker local Dask cluster while a thread calls ``act(client, pids,
+    worker address, task key)`` once, on the first main-pass chunk task it sees running: (what
+    ``act`` returned, or nothing if no task was seen; the run's result)."""
     from distributed import Client, LocalCluster
 
     recording, _ = open_recording(recording_folder)
-    killed, stop = [], threading.Event()
+    acted, stop = [], threading.Event()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster, set_as_default=False) as client:
         pids = client.run(os.getpid)
 
-        def kill_a_worker_holding_a_chunk():
+        def watch():
             while not stop.is_set():
                 for address, tasks in client.processing().items():
-                    if any("locsort-detect" in str(task) for task in tasks):
-                        os.kill(pids[address], signal.SIGKILL)
-                        killed.append(address)
+                    keys = [task for task in tasks if "locsort-detect" in str(task)]
+                    if keys:
+                        acted.append(act(client, pids, address, keys[0]))
                         return
                 time.sleep(0.002)
 
-        killer = threading.Thread(target=kill_a_worker_holding_a_chunk)
-        killer.start()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         try:
             result = locsort.run(recording, tmp_path / "out", PARAMS, progress=False, scheduler=cluster.scheduler_address)
         finally:
             stop.set()
-            killer.join()
+            watcher.join()
+    return acted, result
+
+
+def test_worker_killed_mid_chunk_is_retried(recording_folder, reference, tmp_path):
+    def kill_the_worker(client, pids, address, key):
+        os.kill(pids[address], signal.SIGKILL)
+        return address
+
+    killed, result = _run_on_a_cluster_while(recording_folder, tmp_path, kill_the_worker)
     assert killed
     assert_same_spikes(result.spikes, reference.spikes)
 
@@ -117,30 +129,13 @@ def test_worker_killed_mid_chunk_is_retried(recording_folder, reference, tmp_pat
 def test_chunk_task_cancelled_by_the_scheduler_is_submitted_again(recording_folder, reference, tmp_path):
     # after a worker is killed the scheduler may drop a chunk's task ("already forgotten") instead
     # of re-running it; another client cancelling the task forcibly does the same
-    from distributed import Client, Future, LocalCluster
+    from distributed import Future
 
-    recording, _ = open_recording(recording_folder)
-    cancelled, stop = [], threading.Event()
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    def cancel_the_task(client, pids, address, key):
+        client.cancel([Future(key, client)], force=True)
+        return key
 
-        def cancel_a_chunk_task():
-            while not stop.is_set():
-                for tasks in client.processing().values():
-                    keys = [task for task in tasks if "locsort-detect" in str(task)]
-                    if keys:
-                        client.cancel([Future(keys[0], client)], force=True)
-                        cancelled.append(keys[0])
-                        return
-                time.sleep(0.002)
-
-        canceller = threading.Thread(target=cancel_a_chunk_task)
-        canceller.start()
-        try:
-            result = locsort.run(recording, tmp_path / "out", PARAMS, progress=False, scheduler=cluster.scheduler_address)
-        finally:
-            stop.set()
-            canceller.join()
+    cancelled, result = _run_on_a_cluster_while(recording_folder, tmp_path, cancel_the_task)
     assert cancelled
     assert_same_spikes(result.spikes, reference.spikes)
 
