@@ -431,8 +431,8 @@ def _main_pass(prep: Prepared, models: "Models", peaks, progress: bool, runner=N
         from .sort.peel import Significance
 
         significance = Significance.fit(templates, prep.noise_covariance, prep.noise_autocorrelation)
-    job = ChunkJob(prep.scanner(peaks, last_pass=True), models.localizer, models.basis, models.neural, prep.geometry.refractory, keep_pcs,
-                   templates, significance)
+    job = ChunkJob(prep.scanner(peaks, last_pass=True), models.localizer, models.basis, models.neural,
+                   prep.geometry.refractory, keep_pcs, templates, significance)
     chunks = job.scanner.chunks()
     started = time.perf_counter()
     try:
