@@ -84,6 +84,11 @@ class Params:
     # --- training sample (bounded, drawn across the whole recording) ---
     sample_chunks: int = 30  # chunks read to fit waveform PCA / models: bounded, spread over the recording
     max_training_spikes: int = 50_000  # spikes kept from those chunks
+    # clustering needs ~200 spikes per unit. Seeds 0-2, np64 (0.8 units and 10 detected spikes per channel a second): 30 / 15 /
+    # 10 chunks 0.8736 / 0.8729 / 0.8740 (1 FP unit on each seed); 150 a channel (16 chunks) 0.8725, 1 FP unit on each seed; 200
+    # (22 chunks) 0.8743, none. np128 (0.4 units, 2.7 spikes a channel a second) takes all 30 chunks: 30 / 15 / 10 chunks
+    # 0.9663 / 0.9409 / 0.9168 (NOTES.md session 36)
+    sample_spikes_per_channel: int = 200  # a sort's own training sample stops at this many detected spikes per channel: fewer than sample_chunks chunks where spikes are dense (at least 10; 0: always sample_chunks)
     trace_cache_mb: float = 512.0  # MB of the sample chunks' preprocessed traces kept in memory for the main pass, which then does not filter them again (0: none; all 30 chunks of 128 channels at 30 kHz take ~460 MB: np128 detect stage 7.0 -> 4.6 s; of 384 channels 11 fit: ~2 s of 94 for +500 MB peak memory, BENCHMARKS.md)
 
     # --- sorting ---

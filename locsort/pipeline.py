@@ -189,11 +189,17 @@ class SampleJob:
         return out
 
 
+# chunks read first when a sample stops at sample_spikes_per_channel: enough to tell the spike rate
+FIRST_SAMPLE_CHUNKS = 10
+
+
 def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, windows: bool = False,
                      labels=None, chunks=None, runner=None, denoise_later: bool = False) -> TrainingSample:
     """At most ``max_training_spikes`` spikes from ``sample_chunks`` chunks spread over
     ``chunks`` (default: the whole recording). With ``labels`` every labelled spike of a chunk
-    is kept and the rest are drawn at random.
+    is kept and the rest are drawn at random. A sample with ``windows`` and no labels (a sort's
+    own clustering) stops growing at ``sample_spikes_per_channel`` spikes per channel: a first
+    round of chunks tells the spike rate, a second reads only as many more as that needs.
 
     The first sample of a recording also fits the amplitude denoiser (``_fit_amplitude_denoiser``):
     ``prep.amplitudes`` reads every later amplitude with it. With ``denoise_later`` (the neural
@@ -212,7 +218,16 @@ def _training_sample(prep: Prepared, localizer, peaks, progress: bool, *, window
                     footprints=prep.neighbourhood.channels_within(params.peel_radius_um, params.peel_max_channels)
                     if windows else None, neighbourhood_waveforms=denoise)
     runner = runner or LocalRunner()
-    found = dict(runner.map(job, chunks, list(range(len(chunks))), desc="training sample", progress=progress))
+    enough = params.sample_spikes_per_channel * prep.recording.get_num_channels() if windows and labels is None else 0
+    indices = list(range(len(chunks)))
+    first = spread_chunks(indices, FIRST_SAMPLE_CHUNKS) if enough > 0 else indices
+    found = dict(runner.map(job, chunks, first, desc="training sample", progress=progress))
+    if len(first) < len(indices):
+        per_chunk = sum(len(part["peaks"]) for part in found.values()) / len(first)
+        wanted = min(len(indices), max(len(first), math.ceil(enough / max(per_chunk, 1e-9))))
+        rest = sorted(set(indices) - set(first))
+        more = rest if wanted == len(indices) else spread_chunks(rest, wanted - len(first))
+        found.update(runner.map(job, chunks, more, desc="training sample", progress=progress))
     found = [found[i] for i in sorted(found) if len(found[i]["peaks"])]
     if not found:  # no spikes: an empty sample of the same shape
         found = [job.keep(_empty_batch(prep), np.random.default_rng(0))]

@@ -135,6 +135,36 @@ def test_main_pass_takes_the_training_samples_chunks_from_the_trace_cache(ground
         np.testing.assert_array_equal(spikes["x"], again["x"])
 
 
+def test_a_sorts_training_sample_reads_only_the_chunks_its_spike_budget_needs(ground_truth_recording, monkeypatch):
+    import locsort.scan
+    from locsort.localize.baseline import CenterOfMass
+
+    recording, _ = ground_truth_recording
+    reads = []
+    original = locsort.scan.read_chunk
+    monkeypatch.setattr(locsort.scan, "read_chunk", lambda *args: reads.append(args[1]) or original(*args))
+
+    def sample(per_channel: int):
+        reads.clear()
+        params = Params(chunk_duration=0.25, sample_chunks=30, sample_spikes_per_channel=per_channel, trace_cache_mb=0)
+        prep = locsort.pipeline.prepare(recording, params)
+        drawn = locsort.pipeline._training_sample(prep, CenterOfMass(9), None, progress=False, windows=True,
+                                                  denoise_later=True)
+        return drawn, sorted(chunk.start for chunk in reads)
+
+    everything, all_read = sample(0)  # 30 of the 40 quarter-second chunks, spread over the recording
+    assert len(all_read) == 30 and all_read[0] == 0 and all_read[-1] == recording.get_num_samples() - 7500
+    per_chunk = len(everything.peaks) / 30
+    half = int(np.ceil(15 * per_chunk / recording.get_num_channels()))  # a budget of about 15 chunks' spikes
+    budgeted, some_read = sample(half)
+    assert 10 < len(some_read) < 30 and len(set(some_read)) == len(some_read)
+    assert some_read[0] == 0 and some_read[-1] > 0.8 * recording.get_num_samples()  # still spread over the recording
+    assert len(budgeted.peaks) < len(everything.peaks) and len(budgeted.windows) == len(budgeted.peaks)
+    assert np.all(np.diff(budgeted.peaks["sample_index"]) >= 0)  # in time order, as one round would give
+    # a budget the recording's spikes cannot meet reads every chunk, as without one
+    assert sample(10 * half)[1] == all_read
+
+
 def test_localize_rejects_peaks_on_missing_channels(ground_truth_recording):
     recording, truth = ground_truth_recording
     peaks, _ = ground_truth_peaks(recording, truth)
