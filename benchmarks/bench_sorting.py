@@ -84,10 +84,11 @@ PREPROCESSING = "preprocessing alone"  # a reference row, not a sorter
 
 
 def run_preprocessing(recording) -> dict:
-    """Wall time of locsort's preprocessing by itself: SpikeInterface's band-pass and common median
-    reference read over every 1-s chunk, in threads as locsort's passes read them. Every chunk is
-    filtered once in a sort (the trace cache keeps the training sample's), so this much of the
-    sort's time is SpikeInterface's filtering, not locsort's detection, training or assignment."""
+    """Wall time of locsort's preprocessing by itself: bad channels looked for on band-passed noise
+    slices, then SpikeInterface's band-pass and common median reference read over every 1-s chunk,
+    in threads as locsort's passes read them. A sort does all of it once (the trace cache keeps the
+    training sample's chunks for the main pass), so this much of its time is SpikeInterface's
+    filtering, not locsort's detection, training or assignment."""
     from locsort.distribute import LocalRunner
     from locsort.parallel import make_chunks, read_chunk
     from locsort.params import Params
@@ -207,9 +208,10 @@ def write_report(results, args):
                 lines.append(f"- wall time, default locsort / spykingcircus2: {ratio:.2f} (target <= 0.25: {verdict(ratio <= 0.25)})")
                 if PREPROCESSING in rows:
                     alone, budget = rows[PREPROCESSING]["wall_s"], 0.25 * peers["spykingcircus2"]["wall_s"]
-                    lines.append(f"- SpikeInterface's band-pass + common median reference alone over the recording (1-s chunks, "
-                                 f"{os.cpu_count()} threads, as locsort reads them): {alone:.1f} s; a quarter of "
-                                 f"spykingcircus2's time leaves {budget - alone:.1f} s for everything else")
+                    lines.append(f"- locsort's preprocessing alone (bad channels looked for on noise slices, then SpikeInterface's "
+                                 f"band-pass + common median reference of every 1-s chunk, {os.cpu_count()} threads, as a sort "
+                                 f"reads them): {alone:.1f} s; a quarter of spykingcircus2's time leaves {budget - alone:.1f} s "
+                                 "for detection, training and assignment")
         located = [f"{sorter.split(' (')[1].split(':')[0].rstrip(')')} {r['locations']['median_xy_um']:.2f} / "
                    f"{r['locations']['mean_xy_um']:.2f}" for sorter, r in rows.items() if sorter in LOCSORT and "locations" in r]
         if located:

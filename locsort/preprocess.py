@@ -99,7 +99,7 @@ def referenced_slices(slices: list[np.ndarray], filtered, params: Params, bad_ch
     pieces = NumpyRecording(slices, sampling_frequency=filtered.get_sampling_frequency(), channel_ids=filtered.channel_ids)
     pieces.set_dummy_probe_from_locations(filtered.get_channel_locations())
     pieces = referenced(pieces, params, bad_channels)
-    return [pieces.get_traces(segment_index=i) for i in range(len(slices))]
+    return _in_threads(lambda i: pieces.get_traces(segment_index=i), list(range(len(slices))))
 
 
 def noise_slices(recording, params: Params | None = None) -> list[np.ndarray]:
@@ -112,15 +112,24 @@ def noise_slices(recording, params: Params | None = None) -> list[np.ndarray]:
     chunk = int(min(10_000, shortest))  # SpikeInterface's default slice length
     num_chunks = max(1, min(params.noise_chunks, shortest // max(chunk, 1)))
     slices = get_random_sample_slices(recording, num_chunks_per_segment=num_chunks, chunk_size=chunk, seed=params.seed)
-    return [recording.get_traces(segment_index=segment, start_frame=start, end_frame=end, return_in_uV=False)
-            for segment, start, end in slices]
+    return _in_threads(lambda where: recording.get_traces(segment_index=where[0], start_frame=where[1], end_frame=where[2],
+                                                          return_in_uV=False), slices)
+
+
+def _in_threads(function, items: list) -> list:
+    """[function(item) for item in items], items spread over one thread per core (filtering and
+    medians release the GIL: np128's noise slices and levels 1.0 -> 0.5 s)."""
+    from .distribute import LocalRunner
+
+    done = dict(LocalRunner().map(function, items, list(range(len(items))), progress=False))
+    return [done[i] for i in range(len(items))]
 
 
 def noise_levels(recording, params: Params | None = None, slices: list[np.ndarray] | None = None) -> np.ndarray:
     """Per-channel noise SD (MAD / 0.6745, averaged over random slices, as SpikeInterface's
     ``get_noise_levels``) of the preprocessed traces."""
     slices = slices if slices is not None else noise_slices(recording, params)
-    levels = np.mean([_mad(np.ascontiguousarray(t.T)) for t in slices], axis=0) / 0.6744897501960817
+    levels = np.mean(_in_threads(lambda t: _mad(np.ascontiguousarray(t.T)), slices), axis=0) / 0.6744897501960817
     levels = np.asarray(levels, dtype=np.float32)
     if not np.all(np.isfinite(levels)):
         raise LocsortError("the recording contains NaN or Inf samples; clean or interpolate them before sorting")
