@@ -118,7 +118,7 @@ def noise_slices(recording, params: Params | None = None) -> list[np.ndarray]:
 
 def _in_threads(function, items: list) -> list:
     """[function(item) for item in items], items spread over one thread per core (filtering and
-    medians release the GIL: np128's noise slices and levels 1.0 -> 0.5 s)."""
+    medians release the GIL: prepare on np128 1.8 -> 1.2 s)."""
     from .distribute import LocalRunner
 
     done = dict(LocalRunner().map(function, items, list(range(len(items))), progress=False))
