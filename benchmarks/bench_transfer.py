@@ -102,7 +102,9 @@ def write_report(results, args):
              "sample spike that the final network assigns to the unit.", ""]
     for name, rows in results.items():
         ks = sorted({int(key.split("K=")[1]) for key in rows})
-        lines += [f"### {name}: {RECORDINGS[name]}", "", "| | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        seeds = sorted({seed for row in rows.values() for seed in row.get("seeds", [])})
+        lines += [f"### {name}: {RECORDINGS[name]}", "", f"Training seeds: {', '.join(map(str, seeds))}.", "",
+                  "| | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for backbone, label in BACKBONES.items():
             cells = []
             for k in ks:
