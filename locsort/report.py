@@ -604,19 +604,31 @@ def _compute_templates(ctx: _Context, units: np.ndarray):
             kw["return_in_uV"] = True
     except Exception:
         pass
-    t0 = time.perf_counter()
-    reads = _template_reads(ctx, units, nbefore, width)
-    for n_read, (segment, first, end, rows, slots) in enumerate(reads):
-        if time.perf_counter() - t0 > TEMPLATE_TIME_BUDGET_S:
-            ctx.notes_templates = f"trace reading stopped after {TEMPLATE_TIME_BUDGET_S:g} s ({n_read} reads)"
-            logger.info("report: %s", ctx.notes_templates)
-            break
+    from .distribute import LocalRunner
+
+    def windows_of(read):  # (spikes, width, channels) µV of one read's spikes
+        segment, first, end, rows, _ = read
         traces = np.asarray(rec.get_traces(segment_index=segment, start_frame=first, end_frame=end, **kw), dtype=np.float64)
         offsets = ctx.spikes["sample_index"][rows].astype(np.int64) - nbefore - first
-        windows = traces[offsets[:, None] + np.arange(width)]  # (spikes, width, channels)
-        np.add.at(sums, slots, windows)
-        np.add.at(sq, slots, windows * windows)
-        np.add.at(counts, slots, 1)
+        return traces[offsets[:, None] + np.arange(width)]
+
+    t0 = time.perf_counter()
+    reads = _template_reads(ctx, units, nbefore, width)
+    # reads in one thread per core (filtering releases the GIL: the demo's 70 reads 3.5 -> 2 s), added
+    # in read order so that the sums do not depend on which thread finished first
+    arrived, added = {}, 0
+    for n_read, windows in LocalRunner().map(windows_of, reads, list(range(len(reads))), progress=False):
+        arrived[n_read] = windows
+        while added in arrived:
+            slots, windows = reads[added][4], arrived.pop(added)
+            np.add.at(sums, slots, windows)
+            np.add.at(sq, slots, windows * windows)
+            np.add.at(counts, slots, 1)
+            added += 1
+        if time.perf_counter() - t0 > TEMPLATE_TIME_BUDGET_S:
+            ctx.notes_templates = f"trace reading stopped after {TEMPLATE_TIME_BUDGET_S:g} s ({added} reads)"
+            logger.info("report: %s", ctx.notes_templates)
+            break
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums / np.maximum(counts, 1)[:, None, None]
         var = sq / np.maximum(counts, 1)[:, None, None] - mean**2
