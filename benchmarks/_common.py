@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DATA = ROOT / "benchmarks" / "data"
 SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"  # raw results per benchmark and recording: a partial re-run updates its rows
+RESULTS = (
+    ROOT / "benchmarks" / "results"
+)  # raw results per benchmark and recording: a partial re-run updates its rows
 
 
 def load_results(name: str) -> dict:
@@ -39,14 +41,20 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{os.cpu_count()} cores ({cpu}), no GPU used, Python {platform.python_version()}, numpy {numpy.__version__}, "
-            f"torch {torch.__version__}, spikeinterface {spikeinterface.__version__}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), no GPU used, Python {platform.python_version()}, numpy {numpy.__version__}, "
+        f"torch {torch.__version__}, spikeinterface {spikeinterface.__version__}"
+    )
 
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of BENCHMARKS.md, keeping the others."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nEvery number here is written by a script under `benchmarks/`; re-run it to refresh its section.\n"
+    text = (
+        BENCHMARKS_MD.read_text()
+        if BENCHMARKS_MD.exists()
+        else "# Benchmarks\n\nEvery number here is written by a script under `benchmarks/`; re-run it to refresh its section.\n"
+    )
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)

@@ -47,36 +47,91 @@ def main():
 
     rows = []
     for num_channels in args.channels:
-        recording, truth = generate_recording(duration=args.duration, num_units=max(50, num_channels // 2),
-                                              noise_level=5.0, seed=0, num_channels=num_channels)
+        recording, truth = generate_recording(
+            duration=args.duration,
+            num_units=max(50, num_channels // 2),
+            noise_level=5.0,
+            seed=0,
+            num_channels=num_channels,
+        )
         tmp = Path(tempfile.mkdtemp())
         try:
-            processed = preprocess(recording).save(folder=tmp / "rec", n_jobs=1, progress_bar=False, chunk_duration="1s")
+            processed = preprocess(recording).save(
+                folder=tmp / "rec", n_jobs=1, progress_bar=False, chunk_duration="1s"
+            )
             noise = noise_levels(processed)
             params = Params(preprocess=False, detect_method="peak", detect_threshold=5.0)
-            kwargs = dict(detect_threshold=params.detect_threshold, peak_sign="neg", exclude_sweep_ms=params.detect_sweep_ms,
-                          radius_um=params.detect_radius_um, noise_levels=noise)
+            kwargs = dict(
+                detect_threshold=params.detect_threshold,
+                peak_sign="neg",
+                exclude_sweep_ms=params.detect_sweep_ms,
+                radius_um=params.detect_radius_um,
+                noise_levels=noise,
+            )
             job = dict(n_jobs=1, progress_bar=False, chunk_duration="1s")
-            ours_s, ours = best_of(lambda r=processed, p=params: locsort.detect(r, params=p, progress=False), args.repeats)
-            default_s, default = best_of(lambda r=processed: locsort.detect(r, params=Params(preprocess=False), progress=False),
-                                         args.repeats)
+            ours_s, ours = best_of(
+                lambda r=processed, p=params: locsort.detect(r, params=p, progress=False),
+                args.repeats,
+            )
+            default_s, default = best_of(
+                lambda r=processed: locsort.detect(
+                    r, params=Params(preprocess=False), progress=False
+                ),
+                args.repeats,
+            )
             # SpikeInterface's torch variant is far slower (126 s for 60 s x 384 ch): measured at 64 channels only
-            methods = ["locally_exclusive"] + (["locally_exclusive_torch"] if num_channels <= 64 else [])
-            theirs = {m: best_of(lambda m=m, r=processed, k=kwargs, j=job: detect_peaks(r, method=m, method_kwargs=k, job_kwargs=j), args.repeats) for m in methods}
-            recall = lambda p, r=processed, t=truth: float((match_spikes(spikes_from_peaks(p), r, t)[1] >= 0).mean())
-            rows.append((num_channels, "locsort.detect (peaks, 5)", ours_s, len(ours), recall(ours), 1.0))
-            rows.append((num_channels, f"locsort.detect default (matched filter, {Params().detect_threshold:g})", default_s,
-                         len(default), recall(default), default_s / ours_s))
+            methods = ["locally_exclusive"] + (
+                ["locally_exclusive_torch"] if num_channels <= 64 else []
+            )
+            theirs = {
+                m: best_of(
+                    lambda m=m, r=processed, k=kwargs, j=job: detect_peaks(
+                        r, method=m, method_kwargs=k, job_kwargs=j
+                    ),
+                    args.repeats,
+                )
+                for m in methods
+            }
+            recall = lambda p, r=processed, t=truth: float(
+                (match_spikes(spikes_from_peaks(p), r, t)[1] >= 0).mean()
+            )
+            rows.append(
+                (num_channels, "locsort.detect (peaks, 5)", ours_s, len(ours), recall(ours), 1.0)
+            )
+            rows.append(
+                (
+                    num_channels,
+                    f"locsort.detect default (matched filter, {Params().detect_threshold:g})",
+                    default_s,
+                    len(default),
+                    recall(default),
+                    default_s / ours_s,
+                )
+            )
             for m in methods:
                 seconds, peaks = theirs[m]
-                rows.append((num_channels, f"spikeinterface {m}", seconds, len(peaks), recall(peaks), seconds / ours_s))
+                rows.append(
+                    (
+                        num_channels,
+                        f"spikeinterface {m}",
+                        seconds,
+                        len(peaks),
+                        recall(peaks),
+                        seconds / ours_s,
+                    )
+                )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    table = ["| channels | detector | s (best of %d) | x real time | peaks | recall of true spikes | time / locsort's peaks |" % args.repeats,
-             "|---|---|---|---|---|---|---|"]
+    table = [
+        "| channels | detector | s (best of %d) | x real time | peaks | recall of true spikes | time / locsort's peaks |"
+        % args.repeats,
+        "|---|---|---|---|---|---|---|",
+    ]
     for ch, name, s, n, rec, ratio in rows:
-        table.append(f"| {ch} | {name} | {s:.2f} | {args.duration / s:.0f} | {n} | {rec:.3f} | {ratio:.2f} |")
+        table.append(
+            f"| {ch} | {name} | {s:.2f} | {args.duration / s:.0f} | {n} | {rec:.3f} | {ratio:.2f} |"
+        )
     body = f"""## Detection speed (issue 2)
 
 `{command_line()}`

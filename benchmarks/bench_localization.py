@@ -31,11 +31,23 @@ import numpy as np
 
 from locsort.params import Params
 
-from _common import DATA, SHARED, command_line, command_lines, load_results, machine, save_results, verdict, write_section
+from _common import (
+    DATA,
+    SHARED,
+    command_line,
+    command_lines,
+    load_results,
+    machine,
+    save_results,
+    verdict,
+    write_section,
+)
 
 
-DEFAULT = (f"locsort (default: {Params.decay_law} decay, jitter {Params.jitter_uv:g} µV, {Params.encoder_init_epochs} "
-           "epochs from the shipped encoder)")  # the row the targets are judged on
+DEFAULT = (
+    f"locsort (default: {Params.decay_law} decay, jitter {Params.jitter_uv:g} µV, {Params.encoder_init_epochs} "
+    "epochs from the shipped encoder)"
+)  # the row the targets are judged on
 VARIANTS = {  # the same with one parameter changed
     f"locsort (from scratch, up to {Params.encoder_max_epochs} epochs)": dict(encoder_init="none"),
     "locsort (amplitude jitter 10 µV)": dict(jitter_uv=10.0),
@@ -68,9 +80,22 @@ def simulate(name: str, duration: float):
     if kind == "mearec":
         path = DATA / f"mearec_{name}_{duration:g}s.h5"
         if not path.exists():
-            subprocess.run([sys.executable, str(SHARED / "data" / "mearec" / "make_recording.py"),
-                            str(SHARED / "data" / "mearec" / templates), str(path), "--noise", str(noise),
-                            "--duration", str(duration), "--seed", "0"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(SHARED / "data" / "mearec" / "make_recording.py"),
+                    str(SHARED / "data" / "mearec" / templates),
+                    str(path),
+                    "--noise",
+                    str(noise),
+                    "--duration",
+                    str(duration),
+                    "--seed",
+                    "0",
+                ],
+                check=True,
+                capture_output=True,
+            )
         return read_mearec_ground_truth(path)
     return generate_recording(duration=duration, num_units=50, noise_level=noise, seed=0)
 
@@ -85,14 +110,21 @@ def load(name: str, duration: float):
     recording, truth = simulate(name, duration)
     folder = DATA / f"pre_{name}_{duration:g}s"
     if not (folder / "si_folder.json").exists():
-        preprocess(recording).save(folder=folder, n_jobs=1, progress_bar=False, chunk_duration="1s", overwrite=True)
+        preprocess(recording).save(
+            folder=folder, n_jobs=1, progress_bar=False, chunk_duration="1s", overwrite=True
+        )
     return si_load(folder), GroundTruth(truth.sorting, truth.unit_locations)
 
 
 def errors(x, y, true):
     e = np.hypot(x - true[:, 0], y - true[:, 1])
     e = e[np.isfinite(e)]
-    return {"mean": float(e.mean()), "sd": float(e.std()), "median": float(np.median(e)), "n": int(len(e))}
+    return {
+        "mean": float(e.mean()),
+        "sd": float(e.std()),
+        "median": float(np.median(e)),
+        "n": int(len(e)),
+    }
 
 
 def coverage(spikes, true) -> dict:
@@ -124,8 +156,12 @@ def run_spikeinterface(recording, peaks, method, repeats: int = 1):
     call on a few peaks so that numba's compilation is not counted."""
     from spikeinterface.sortingcomponents.peak_localization import localize_peaks
 
-    run = lambda p, n_jobs: localize_peaks(recording, p, method=method,
-                                           job_kwargs=dict(n_jobs=n_jobs, chunk_duration="1s", progress_bar=False))
+    run = lambda p, n_jobs: localize_peaks(
+        recording,
+        p,
+        method=method,
+        job_kwargs=dict(n_jobs=n_jobs, chunk_duration="1s", progress_bar=False),
+    )
     run(peaks[:200], 1)
     best = np.inf
     for n_jobs in [1, 2] * repeats:
@@ -147,14 +183,30 @@ def training_speed(num_spikes: int, seed: int, encoder_init: str) -> dict:
     recording, truth = load("np64_generated", duration)
     peaks, _ = ground_truth_peaks(recording, truth)
     if len(peaks) < num_spikes:
-        raise SystemExit(f"the {duration:g} s recording has only {len(peaks)} spikes, fewer than {num_spikes}")
+        raise SystemExit(
+            f"the {duration:g} s recording has only {len(peaks)} spikes, fewer than {num_spikes}"
+        )
     chunks = int(np.ceil(duration / Params.chunk_duration))
-    prep = prepare(recording, Params(preprocess=False, max_training_spikes=num_spikes, sample_chunks=chunks, seed=seed,
-                                     encoder_init=encoder_init))
+    prep = prepare(
+        recording,
+        Params(
+            preprocess=False,
+            max_training_spikes=num_spikes,
+            sample_chunks=chunks,
+            seed=seed,
+            encoder_init=encoder_init,
+        ),
+    )
     history = _fit_models(prep, "locsort", peaks, progress=False).localizer.history
-    return {"spikes": history["train_examples"] + history["held_out_examples"], "train_examples": history["train_examples"],
-            "epochs": history["epochs"], "training_s": history["seconds"], "fit_stage_s": prep.timer["fit"],
-            "duration_s": duration, "command": command_line()}
+    return {
+        "spikes": history["train_examples"] + history["held_out_examples"],
+        "train_examples": history["train_examples"],
+        "epochs": history["epochs"],
+        "training_s": history["seconds"],
+        "fit_stage_s": prep.timer["fit"],
+        "duration_s": duration,
+        "command": command_line(),
+    }
 
 
 def run_mcmc(prep, localizer, peaks, true, count, seed):
@@ -164,14 +216,30 @@ def run_mcmc(prep, localizer, peaks, true, count, seed):
 
     rng = np.random.default_rng(seed)
     subset = np.sort(rng.choice(len(peaks), size=min(count, len(peaks)), replace=False))
-    obs = scan(prep.recording, lambda b: {**localizer.observe(b, prep.neighbourhood), "order": b.order},
-               params=prep.params, neighbourhood=prep.neighbourhood, noise=prep.noise, peaks=peaks[subset],
-               amplitudes=prep.amplitudes, progress=False)
+    obs = scan(
+        prep.recording,
+        lambda b: {**localizer.observe(b, prep.neighbourhood), "order": b.order},
+        params=prep.params,
+        neighbourhood=prep.neighbourhood,
+        noise=prep.noise,
+        peaks=peaks[subset],
+        amplitudes=prep.amplitudes,
+        progress=False,
+    )
     obs.pop("order")
     amortized = localizer.transform(obs, prep.neighbourhood)
-    nuts = nuts_localize(obs["centres"][:, 0], obs["amplitudes"][:, 0], prep.neighbourhood, prep.noise, localizer.globals, seed=seed)
+    nuts = nuts_localize(
+        obs["centres"][:, 0],
+        obs["amplitudes"][:, 0],
+        prep.neighbourhood,
+        prep.noise,
+        localizer.globals,
+        seed=seed,
+    )
     agree = {
-        "mean_abs_diff_xy_um": float(np.median(np.hypot(amortized["x"] - nuts["x"], amortized["y"] - nuts["y"]))),
+        "mean_abs_diff_xy_um": float(
+            np.median(np.hypot(amortized["x"] - nuts["x"], amortized["y"] - nuts["y"]))
+        ),
         "sd_ratio_x": float(np.median(amortized["x_std"] / nuts["x_std"])),
         "sd_ratio_y": float(np.median(amortized["y_std"] / nuts["y_std"])),
     }
@@ -185,10 +253,28 @@ def main():
     parser.add_argument("--mcmc-spikes", type=int, default=100)
     parser.add_argument("--skip-monopolar", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes of locsort / grid / centre of mass: best kept")
-    parser.add_argument("--training-spikes", type=int, default=50_000, help="time the encoder's training on this many spikes (0: skip)")
-    parser.add_argument("--training-only", action="store_true", help="only the training time: no recording's table is re-run")
-    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from benchmarks/results, run nothing")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed passes of locsort / grid / centre of mass: best kept",
+    )
+    parser.add_argument(
+        "--training-spikes",
+        type=int,
+        default=50_000,
+        help="time the encoder's training on this many spikes (0: skip)",
+    )
+    parser.add_argument(
+        "--training-only",
+        action="store_true",
+        help="only the training time: no recording's table is re-run",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite BENCHMARKS.md from benchmarks/results, run nothing",
+    )
     args = parser.parse_args()
     if args.report_only:
         return write_report(load_results("localization"), args)
@@ -201,7 +287,9 @@ def main():
         peaks, true = ground_truth_peaks(recording, truth)
         rows = {}
         speed = {}
-        spikes, fit_s, infer_s, localizer, prep = run_locsort(recording, peaks, true, repeats=args.repeats)
+        spikes, fit_s, infer_s, localizer, prep = run_locsort(
+            recording, peaks, true, repeats=args.repeats
+        )
         rows[DEFAULT] = errors(spikes["x"], spikes["y"], true)
         speed[DEFAULT] = (len(peaks) / infer_s, fit_s)
         calib = coverage(spikes, true)
@@ -212,108 +300,179 @@ def main():
             speed[label] = (len(peaks) / i_s, f_s)
         # centre of mass over N channels, on the same observations
         for n in (4, 9, 16, 25):
-            com, _, com_s, _, _ = run_locsort(recording, peaks, true, localization_method="center_of_mass", com_channels=n)
+            com, _, com_s, _, _ = run_locsort(
+                recording, peaks, true, localization_method="center_of_mass", com_channels=n
+            )
             rows[f"locsort centre of mass, {n} ch"] = errors(com["x"], com["y"], true)
             speed[f"locsort centre of mass, {n} ch"] = (len(peaks) / com_s, 0.0)
         for method in ("center_of_mass", "grid_convolution", "monopolar_triangulation"):
             if method == "monopolar_triangulation" and args.skip_monopolar:
                 continue
-            loc, seconds = run_spikeinterface(recording, peaks, method, 1 if method == "monopolar_triangulation" else args.repeats)
+            loc, seconds = run_spikeinterface(
+                recording, peaks, method, 1 if method == "monopolar_triangulation" else args.repeats
+            )
             rows[f"SpikeInterface {method}"] = errors(loc["x"], loc["y"], true)
             speed[f"SpikeInterface {method}"] = (len(peaks) / seconds, 0.0)
-        nuts, amortized_subset, true_subset, agree = run_mcmc(prep, localizer, peaks, true, args.mcmc_spikes, args.seed)
-        rows[f"NUTS (Pyro), {len(true_subset)} random spikes"] = errors(nuts["x"], nuts["y"], true_subset)
-        rows[f"locsort on the same {len(true_subset)} spikes"] = errors(amortized_subset["x"], amortized_subset["y"], true_subset)
-        speed[f"NUTS (Pyro), {len(true_subset)} random spikes"] = (len(true_subset) / nuts["seconds"], 0.0)
-        results[name] = {"rows": rows, "speed": speed, "coverage": calib, "median_z_error_um": z_err,
-                         "mcmc_agreement": agree, "num_spikes": int(len(peaks)), "globals": localizer.globals.asdict(),
-                         "training": localizer.history.get("epochs"), "fallback": localizer.fallback_reason,
-                         "command": command_line()}
+        nuts, amortized_subset, true_subset, agree = run_mcmc(
+            prep, localizer, peaks, true, args.mcmc_spikes, args.seed
+        )
+        rows[f"NUTS (Pyro), {len(true_subset)} random spikes"] = errors(
+            nuts["x"], nuts["y"], true_subset
+        )
+        rows[f"locsort on the same {len(true_subset)} spikes"] = errors(
+            amortized_subset["x"], amortized_subset["y"], true_subset
+        )
+        speed[f"NUTS (Pyro), {len(true_subset)} random spikes"] = (
+            len(true_subset) / nuts["seconds"],
+            0.0,
+        )
+        results[name] = {
+            "rows": rows,
+            "speed": speed,
+            "coverage": calib,
+            "median_z_error_um": z_err,
+            "mcmc_agreement": agree,
+            "num_spikes": int(len(peaks)),
+            "globals": localizer.globals.asdict(),
+            "training": localizer.history.get("epochs"),
+            "fallback": localizer.fallback_reason,
+            "command": command_line(),
+        }
         print(name, json.dumps(results[name], indent=1, default=float), flush=True)
         save_results("localization", results)
     if args.training_spikes:
         # from scratch (any probe without a shipped encoder: the issue's target) and from the shipped encoder
-        training = {init: training_speed(args.training_spikes, args.seed, init) for init in ("none", "pretrained")}
+        training = {
+            init: training_speed(args.training_spikes, args.seed, init)
+            for init in ("none", "pretrained")
+        }
         print("training", json.dumps(training), flush=True)
         save_results("localization_training", training)
     write_report(results, args)
 
 
 def write_report(results, args):
-    lines = ["## Localization: accuracy, speed, calibration (issue 3)", "",
-             *command_lines(r.get("command", "") for r in results.values()), "",
-             f"Machine: {machine()}. Peaks = true spike times on each unit's largest channel; error = 2-D distance "
-             f"to the true soma (MEArec) or unit position (generator); {args.duration:g} s recordings; one process. "
-             "Inference speed: locsort's default pass as in the pipeline (1 s chunks, one thread per core), best of "
-             f"{args.repeats} (the other locsort rows: one pass, the first); SpikeInterface center_of_mass and "
-             f"grid_convolution best of {args.repeats} runs each "
-             "with n_jobs = 1 and 2, monopolar_triangulation one run with n_jobs = 1, all after a warm-up call "
-             "(numba compilation not counted).", ""]
+    lines = [
+        "## Localization: accuracy, speed, calibration (issue 3)",
+        "",
+        *command_lines(r.get("command", "") for r in results.values()),
+        "",
+        f"Machine: {machine()}. Peaks = true spike times on each unit's largest channel; error = 2-D distance "
+        f"to the true soma (MEArec) or unit position (generator); {args.duration:g} s recordings; one process. "
+        "Inference speed: locsort's default pass as in the pipeline (1 s chunks, one thread per core), best of "
+        f"{args.repeats} (the other locsort rows: one pass, the first); SpikeInterface center_of_mass and "
+        f"grid_convolution best of {args.repeats} runs each "
+        "with n_jobs = 1 and 2, monopolar_triangulation one run with n_jobs = 1, all after a warm-up call "
+        "(numba compilation not counted).",
+        "",
+    ]
     for name, r in results.items():
         best_si = min(v["median"] for k, v in r["rows"].items() if k.startswith("SpikeInterface"))
         ours = r["rows"][DEFAULT]["median"]
-        lines += [f"### {name} ({r['num_spikes']} spikes)", "",
-                  "| method | mean ± SD 2-D error (µm) | median (µm) | spikes/s (inference) | training s |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {name} ({r['num_spikes']} spikes)",
+            "",
+            "| method | mean ± SD 2-D error (µm) | median (µm) | spikes/s (inference) | training s |",
+            "|---|---|---|---|---|",
+        ]
         for method, e in r["rows"].items():
             sps, fit = r["speed"].get(method, (float("nan"), 0.0))
-            lines.append(f"| {method} | {e['mean']:.2f} ± {e['sd']:.2f} | {e['median']:.2f} | {sps:,.{0 if sps >= 10 else 2}f} | {fit:.1f} |")
+            lines.append(
+                f"| {method} | {e['mean']:.2f} ± {e['sd']:.2f} | {e['median']:.2f} | {sps:,.{0 if sps >= 10 else 2}f} | {fit:.1f} |"
+            )
         cov = r["coverage"]
         grid = r["speed"].get("SpikeInterface grid_convolution", (np.nan,))[0]
         mono = r["speed"].get("SpikeInterface monopolar_triangulation", (np.nan,))[0]
         mine = r["speed"][DEFAULT][0]
-        lines += ["",
-                  f"- median error, locsort / best SpikeInterface method: {ours:.2f} / {best_si:.2f} = {ours / best_si:.2f} "
-                  f"(target <= 0.8: {verdict(ours / best_si <= 0.8)})",
-                  f"- inference speed, locsort / grid_convolution: {mine / grid:.1f} x (target >= 5: {verdict(mine / grid >= 5)}); "
-                  f"/ monopolar_triangulation: {mine / mono:.1f} x (target >= 50: {verdict(mine / mono >= 50)})",
-                  f"- calibration (fraction of true x / y within the posterior mean ± k SD): ±1 SD {cov['x_1sd']:.2f} / {cov['y_1sd']:.2f} "
-                  f"(target 0.55–0.80: {verdict(all(0.55 <= cov[k] <= 0.80 for k in ('x_1sd', 'y_1sd')))}), "
-                  f"±2 SD {cov['x_2sd']:.2f} / {cov['y_2sd']:.2f} (target 0.85–0.99: "
-                  f"{verdict(all(0.85 <= cov[k] <= 0.99 for k in ('x_2sd', 'y_2sd')))})",
-                  f"- median |z| error: {r['median_z_error_um']:.1f} µm; NUTS vs amortized on the same spikes: median |Δ mean| "
-                  f"{r['mcmc_agreement']['mean_abs_diff_xy_um']:.2f} µm, SD ratio (amortized / NUTS) x {r['mcmc_agreement']['sd_ratio_x']:.2f}, "
-                  f"y {r['mcmc_agreement']['sd_ratio_y']:.2f}",
-                  f"- fitted model globals: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r['globals'].items()})}"
-                  + (f"; fallback: {r['fallback']}" if r["fallback"] else ""), ""]
+        lines += [
+            "",
+            f"- median error, locsort / best SpikeInterface method: {ours:.2f} / {best_si:.2f} = {ours / best_si:.2f} "
+            f"(target <= 0.8: {verdict(ours / best_si <= 0.8)})",
+            f"- inference speed, locsort / grid_convolution: {mine / grid:.1f} x (target >= 5: {verdict(mine / grid >= 5)}); "
+            f"/ monopolar_triangulation: {mine / mono:.1f} x (target >= 50: {verdict(mine / mono >= 50)})",
+            f"- calibration (fraction of true x / y within the posterior mean ± k SD): ±1 SD {cov['x_1sd']:.2f} / {cov['y_1sd']:.2f} "
+            f"(target 0.55–0.80: {verdict(all(0.55 <= cov[k] <= 0.80 for k in ('x_1sd', 'y_1sd')))}), "
+            f"±2 SD {cov['x_2sd']:.2f} / {cov['y_2sd']:.2f} (target 0.85–0.99: "
+            f"{verdict(all(0.85 <= cov[k] <= 0.99 for k in ('x_2sd', 'y_2sd')))})",
+            f"- median |z| error: {r['median_z_error_um']:.1f} µm; NUTS vs amortized on the same spikes: median |Δ mean| "
+            f"{r['mcmc_agreement']['mean_abs_diff_xy_um']:.2f} µm, SD ratio (amortized / NUTS) x {r['mcmc_agreement']['sd_ratio_x']:.2f}, "
+            f"y {r['mcmc_agreement']['sd_ratio_y']:.2f}",
+            f"- fitted model globals: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r['globals'].items()})}"
+            + (f"; fallback: {r['fallback']}" if r["fallback"] else ""),
+            "",
+        ]
     sq = sorted((n for n in results if n.startswith("sq_")), key=lambda n: RECORDINGS[n][2])
     if sq:
-        lines += ["### The paper's table (square MEA) next to ours", "",
-                  "| method | " + " | ".join(f"{int(RECORDINGS[n][2])} µV" for n in sq) + " |", "|---|" + "---|" * len(sq)]
+        lines += [
+            "### The paper's table (square MEA) next to ours",
+            "",
+            "| method | " + " | ".join(f"{int(RECORDINGS[n][2])} µV" for n in sq) + " |",
+            "|---|" + "---|" * len(sq),
+        ]
         for method, values in PAPER.items():
-            lines.append(f"| paper: {method} | " + " | ".join(values.get(int(RECORDINGS[n][2]), "") for n in sq) + " |")
+            lines.append(
+                f"| paper: {method} | "
+                + " | ".join(values.get(int(RECORDINGS[n][2]), "") for n in sq)
+                + " |"
+            )
         for method in results[sq[0]]["rows"]:
             if method.startswith(("NUTS", "locsort on the same")):
                 continue
-            lines.append(f"| {method} | " + " | ".join(
-                f"{results[n]['rows'][method]['mean']:.2f} ± {results[n]['rows'][method]['sd']:.2f}" for n in sq) + " |")
+            lines.append(
+                f"| {method} | "
+                + " | ".join(
+                    f"{results[n]['rows'][method]['mean']:.2f} ± {results[n]['rows'][method]['sd']:.2f}"
+                    for n in sq
+                )
+                + " |"
+            )
         lines.append("")
         # issue 3's mean-error targets: below 8 µm at 10 µV, below the paper's (best VAE) numbers at 20 and 30 µV
         met = []
         for n in sq:
             noise = int(RECORDINGS[n][2])
-            paper_vae = min(float(v[noise].split(" ±")[0]) for k, v in PAPER.items() if k.startswith("VAE") and noise in v)
-            target, what = (8.0, "8 µm") if noise == 10 else (paper_vae, f"the paper's VAE, {paper_vae:.2f} µm")
+            paper_vae = min(
+                float(v[noise].split(" ±")[0])
+                for k, v in PAPER.items()
+                if k.startswith("VAE") and noise in v
+            )
+            target, what = (
+                (8.0, "8 µm")
+                if noise == 10
+                else (paper_vae, f"the paper's VAE, {paper_vae:.2f} µm")
+            )
             mean = results[n]["rows"][DEFAULT]["mean"]
             met.append(mean < target)
-            lines.append(f"- mean 2-D error at {noise} µV, locsort default: {mean:.2f} µm (target below {what}: {verdict(mean < target)})")
+            lines.append(
+                f"- mean 2-D error at {noise} µV, locsort default: {mean:.2f} µm (target below {what}: {verdict(mean < target)})"
+            )
         if not all(met):
-            lines.append("- why: the best point-source fit of this template library's noise-free templates (exponential decay, "
-                         "free x, y, z, alpha and length, 25 channels) is itself 10.2-10.8 µm mean 2-D error from the soma "
-                         "(NOTES.md, Findings worth keeping): an amplitude-only point-source model cannot go below that here; "
-                         "the paper's templates must have differed")
+            lines.append(
+                "- why: the best point-source fit of this template library's noise-free templates (exponential decay, "
+                "free x, y, z, alpha and length, 25 channels) is itself 10.2-10.8 µm mean 2-D error from the soma "
+                "(NOTES.md, Findings worth keeping): an amplitude-only point-source model cannot go below that here; "
+                "the paper's templates must have differed"
+            )
         lines.append("")
     training = load_results("localization_training")
     if "none" in training:
         scratch, shipped = training["none"], training.get("pretrained")
-        lines += ["### Training time", "", f"`{scratch['command']}`", "",
-                  f"- the encoder trained from scratch on {scratch['spikes']:,} spikes of the generated 64-channel recording "
-                  f"({scratch['duration_s']:g} s, every chunk sampled; {scratch['train_examples']:,} for the gradient steps, "
-                  f"the rest held out for early stopping): {scratch['epochs']} epochs in {scratch['training_s']:.1f} s "
-                  f"(target < 60 s: {verdict(scratch['training_s'] < 60)}); the whole fit stage, reading the sample "
-                  f"included: {scratch['fit_stage_s']:.1f} s"]
+        lines += [
+            "### Training time",
+            "",
+            f"`{scratch['command']}`",
+            "",
+            f"- the encoder trained from scratch on {scratch['spikes']:,} spikes of the generated 64-channel recording "
+            f"({scratch['duration_s']:g} s, every chunk sampled; {scratch['train_examples']:,} for the gradient steps, "
+            f"the rest held out for early stopping): {scratch['epochs']} epochs in {scratch['training_s']:.1f} s "
+            f"(target < 60 s: {verdict(scratch['training_s'] < 60)}); the whole fit stage, reading the sample "
+            f"included: {scratch['fit_stage_s']:.1f} s",
+        ]
         if shipped:
-            lines.append(f"- the default, from the shipped encoder, on the same spikes: {shipped['epochs']} epochs in "
-                         f"{shipped['training_s']:.1f} s (fit stage {shipped['fit_stage_s']:.1f} s)")
+            lines.append(
+                f"- the default, from the shipped encoder, on the same spikes: {shipped['epochs']} epochs in "
+                f"{shipped['training_s']:.1f} s (fit stage {shipped['fit_stage_s']:.1f} s)"
+            )
         lines.append("")
     write_section("localization", "\n".join(lines))
 

@@ -41,9 +41,15 @@ def recording_file(minutes: float):
     DATA.mkdir(parents=True, exist_ok=True)
     path = DATA / f"np384_{minutes:g}min.bin"
     probe = DATA / "np384_probe.json"
-    if path.exists() and probe.exists() and path.stat().st_size == int(minutes * 60 * FS) * CHANNELS * 2:
+    if (
+        path.exists()
+        and probe.exists()
+        and path.stat().st_size == int(minutes * 60 * FS) * CHANNELS * 2
+    ):
         return path, probe
-    recording, _ = generate_recording(duration=minutes * 60, num_units=UNITS, noise_level=5.0, seed=0, num_channels=CHANNELS)
+    recording, _ = generate_recording(
+        duration=minutes * 60, num_units=UNITS, noise_level=5.0, seed=0, num_channels=CHANNELS
+    )
     pi.write_probeinterface(probe, recording.get_probe())
     tmp = path.with_suffix(".tmp")
     n = recording.get_num_samples(0)
@@ -61,8 +67,23 @@ def run_locsort(path, probe, out, workers: int | None, params: dict | None = Non
     """Wall time and peak RSS (process tree) of one ``locsort run`` (``params``: --param overrides)."""
     import psutil
 
-    command = ["locsort", "run", str(path), "--sampling-frequency", str(FS), "--num-channels", str(CHANNELS),
-               "--dtype", "int16", "--probe", str(probe), "--out", str(out), "--overwrite", "--quiet"]
+    command = [
+        "locsort",
+        "run",
+        str(path),
+        "--sampling-frequency",
+        str(FS),
+        "--num-channels",
+        str(CHANNELS),
+        "--dtype",
+        "int16",
+        "--probe",
+        str(probe),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--quiet",
+    ]
     if workers:
         command += ["--workers", str(workers)]
     for name, value in (params or {}).items():
@@ -82,36 +103,69 @@ def run_locsort(path, probe, out, workers: int | None, params: dict | None = Non
     if process.returncode != 0:
         raise RuntimeError(f"locsort run failed: {stderr[-2000:]}")
     info = json.loads((out / "run.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "num_spikes": info["num_spikes"], "num_units": info["num_units"],
-            "timings_s": info["timings_s"], "duration_s": info["recording"]["duration_s"]}
+    return {
+        "wall_s": wall,
+        "peak_rss_mb": peak / 2**20,
+        "num_spikes": info["num_spikes"],
+        "num_units": info["num_units"],
+        "timings_s": info["timings_s"],
+        "duration_s": info["recording"]["duration_s"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, nargs="+", default=[1, 4, 16], help="recording durations")
-    parser.add_argument("--workers-minutes", type=float, default=4, help="duration also run with a 2-worker LocalCluster")
-    parser.add_argument("--skip-done", action="store_true", help="keep runs already in benchmarks/results/scale.json "
-                        "whose output is still in benchmarks/data/scale_runs (resume an interrupted benchmark)")
+    parser.add_argument(
+        "--minutes", type=float, nargs="+", default=[1, 4, 16], help="recording durations"
+    )
+    parser.add_argument(
+        "--workers-minutes",
+        type=float,
+        default=4,
+        help="duration also run with a 2-worker LocalCluster",
+    )
+    parser.add_argument(
+        "--skip-done",
+        action="store_true",
+        help="keep runs already in benchmarks/results/scale.json "
+        "whose output is still in benchmarks/data/scale_runs (resume an interrupted benchmark)",
+    )
     args = parser.parse_args()
 
     results = load_results("scale")
     out = DATA / "scale_runs"
     for minutes in args.minutes:
         path, probe = recording_file(minutes)
-        runs = [None, 2] if minutes == args.workers_minutes else [None]  # single process first: Dask is compared with it
+        runs = (
+            [None, 2] if minutes == args.workers_minutes else [None]
+        )  # single process first: Dask is compared with it
         for workers in runs:
-            key = f"{minutes:g} min, " + (f"{workers} Dask workers" if workers else "single process")
+            key = f"{minutes:g} min, " + (
+                f"{workers} Dask workers" if workers else "single process"
+            )
             folder = out / f"{minutes:g}min_{workers or 1}"
             if args.skip_done and key in results and (folder / "spikes.npy").exists():
                 continue
             print(f"{key} ...", file=sys.stderr, flush=True)
-            results[key] = {"minutes": minutes, "workers": workers or 0, **run_locsort(path, probe, folder, workers)}
+            results[key] = {
+                "minutes": minutes,
+                "workers": workers or 0,
+                **run_locsort(path, probe, folder, workers),
+            }
             if workers:  # Dask must give the single-process result exactly
-                single, dask = np.load(out / f"{minutes:g}min_1" / "spikes.npy"), np.load(folder / "spikes.npy")
+                single, dask = (
+                    np.load(out / f"{minutes:g}min_1" / "spikes.npy"),
+                    np.load(folder / "spikes.npy"),
+                )
                 results[key]["identical_to_single_process"] = len(single) == len(dask) and all(
-                    np.array_equal(single[f], dask[f], equal_nan=single[f].dtype.kind == "f") for f in single.dtype.names)
+                    np.array_equal(single[f], dask[f], equal_nan=single[f].dtype.kind == "f")
+                    for f in single.dtype.names
+                )
             save_results("scale", results)
-            print(f"  {results[key]['wall_s']:.1f} s, peak {results[key]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            print(
+                f"  {results[key]['wall_s']:.1f} s, peak {results[key]['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
     shutil.rmtree(out, ignore_errors=True)
     write_section("scale", report(results))
 
@@ -133,25 +187,35 @@ def report(results: dict) -> str:
     for r in rows:
         t = r["timings_s"]
         main_pass = t.get("detect", 0) + t.get("localize", 0) + t.get("neural", 0)
-        lines.append(f"| {r['minutes']:g} min | {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'} | "
-                     f"{r['wall_s']:.0f} s | {r['duration_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} MB | {r['num_spikes']:,} | "
-                     f"{r['num_units']} | {main_pass:.0f} s | {r['wall_s'] - main_pass:.0f} s |")
+        lines.append(
+            f"| {r['minutes']:g} min | {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'} | "
+            f"{r['wall_s']:.0f} s | {r['duration_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} MB | {r['num_spikes']:,} | "
+            f"{r['num_units']} | {main_pass:.0f} s | {r['wall_s'] - main_pass:.0f} s |"
+        )
     single = {r["minutes"]: r for r in rows if not r["workers"]}
     lines.append("")
     if 1 in single and 16 in single:
         time_ratio = single[16]["wall_s"] / single[1]["wall_s"]
         memory_ratio = single[16]["peak_rss_mb"] / single[1]["peak_rss_mb"]
-        lines.append(f"- Time, 16 min / 1 min: {time_ratio:.2f} (target <= 17): **{verdict(time_ratio <= 17)}**.")
-        lines.append(f"- Peak memory, 16 min / 1 min: {memory_ratio:.2f} (target <= 1.3): "
-                     f"**{verdict(memory_ratio <= 1.3)}**.")
+        lines.append(
+            f"- Time, 16 min / 1 min: {time_ratio:.2f} (target <= 17): **{verdict(time_ratio <= 17)}**."
+        )
+        lines.append(
+            f"- Peak memory, 16 min / 1 min: {memory_ratio:.2f} (target <= 1.3): "
+            f"**{verdict(memory_ratio <= 1.3)}**."
+        )
     for r in rows:
         if r["minutes"] == max(single, default=0) or r["workers"]:
             speed = r["duration_s"] / r["wall_s"]
-            lines.append(f"- Whole pipeline on {r['minutes']:g} min, {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'}: "
-                         f"{speed:.2f} x real time (target >= 2): **{verdict(speed >= 2)}**.")
+            lines.append(
+                f"- Whole pipeline on {r['minutes']:g} min, {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'}: "
+                f"{speed:.2f} x real time (target >= 2): **{verdict(speed >= 2)}**."
+            )
             if "identical_to_single_process" in r:
-                lines.append(f"- {r['workers']} Dask workers vs single process on {r['minutes']:g} min: spikes, locations and units "
-                             f"{'identical' if r['identical_to_single_process'] else 'DIFFERENT'}.")
+                lines.append(
+                    f"- {r['workers']} Dask workers vs single process on {r['minutes']:g} min: spikes, locations and units "
+                    f"{'identical' if r['identical_to_single_process'] else 'DIFFERENT'}."
+                )
     return "\n".join(lines)
 
 

@@ -26,7 +26,16 @@ import time
 
 import numpy as np
 
-from _common import DATA, command_line, command_lines, load_results, machine, save_results, verdict, write_section
+from _common import (
+    DATA,
+    command_line,
+    command_lines,
+    load_results,
+    machine,
+    save_results,
+    verdict,
+    write_section,
+)
 from bench_localization import simulate
 
 RECORDINGS = ("np64_generated", "np128_mearec_10uV")
@@ -47,7 +56,9 @@ def load_raw(name: str, duration: float):
     recording, truth = simulate(name, duration)
     folder = DATA / f"raw_{name}_{duration:g}s"
     if not (folder / "si_folder.json").exists():
-        recording.save(folder=folder, n_jobs=1, progress_bar=False, chunk_duration="1s", overwrite=True)
+        recording.save(
+            folder=folder, n_jobs=1, progress_bar=False, chunk_duration="1s", overwrite=True
+        )
     return si_load(folder), GroundTruth(truth.sorting, truth.unit_locations)
 
 
@@ -71,7 +82,11 @@ def run_locsort(recording, truth, params: dict) -> dict:
     spikes, result = _sort(prep, progress=False)
     sorting = sorting_from_spikes(spikes, prep.recording)
     wall = time.perf_counter() - start
-    out = {"wall_s": wall, **(score(sorting, truth) if truth is not None else {}), "stages_s": {k: round(v, 2) for k, v in prep.timer.items()}}
+    out = {
+        "wall_s": wall,
+        **(score(sorting, truth) if truth is not None else {}),
+        "stages_s": {k: round(v, 2) for k, v in prep.timer.items()},
+    }
     if truth is not None:
         out["locations"] = detected_localization_errors(spikes, prep.recording, truth)
     if result.neural is not None:
@@ -97,8 +112,12 @@ def run_preprocessing(recording) -> dict:
     start = time.perf_counter()
     processed = preprocess(recording, Params())
     chunks = make_chunks(processed, int(processed.get_sampling_frequency()))
-    for _ in LocalRunner().map(lambda chunk: read_chunk(processed, chunk, 0)[0].shape, chunks, list(range(len(chunks))),
-                               progress=False):
+    for _ in LocalRunner().map(
+        lambda chunk: read_chunk(processed, chunk, 0)[0].shape,
+        chunks,
+        list(range(len(chunks))),
+        progress=False,
+    ):
         pass
     return {"wall_s": time.perf_counter() - start}
 
@@ -111,9 +130,14 @@ def run_peer(recording, truth, name: str, workdir) -> dict:
     extra = {"torch_device": "cpu"} if name == "kilosort4" else {}
     start = time.perf_counter()
     try:
-        sorting = run_sorter(name, recording, folder=folder, remove_existing_folder=True, verbose=False, **extra)
+        sorting = run_sorter(
+            name, recording, folder=folder, remove_existing_folder=True, verbose=False, **extra
+        )
     except Exception as exc:  # a peer failing is a result to report, not a reason to stop
-        return {"wall_s": time.perf_counter() - start, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        return {
+            "wall_s": time.perf_counter() - start,
+            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        }
     wall = time.perf_counter() - start
     return {"wall_s": wall, **(score(sorting, truth) if truth is not None else {})}
 
@@ -126,23 +150,39 @@ def warm_up(sorters, recording, workdir, seconds: float = 10.0) -> None:
     for sorter in dict.fromkeys("locsort" if s in LOCSORT else s for s in sorters):
         start = time.perf_counter()
         try:
-            run_locsort(short, None, {}) if sorter == "locsort" else run_peer(short, None, sorter, workdir)
-        except Exception as exc:  # a warm-up failing (e.g. too short to train on) only loses the warm-up
+            run_locsort(short, None, {}) if sorter == "locsort" else run_peer(
+                short, None, sorter, workdir
+            )
+        except (
+            Exception
+        ) as exc:  # a warm-up failing (e.g. too short to train on) only loses the warm-up
             print(f"warm-up {sorter}: {type(exc).__name__}: {exc}", flush=True)
         print(f"warm-up {sorter}: {time.perf_counter() - start:.1f} s (not counted)", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS))
-    parser.add_argument("--sorters", nargs="+", default=list(LOCSORT) + list(PEERS),
-                        help="peers by run_sorter name; 'locsort' stands for its three configurations")
+    parser.add_argument(
+        "--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS)
+    )
+    parser.add_argument(
+        "--sorters",
+        nargs="+",
+        default=list(LOCSORT) + list(PEERS),
+        help="peers by run_sorter name; 'locsort' stands for its three configurations",
+    )
     parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from benchmarks/results, run nothing")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite BENCHMARKS.md from benchmarks/results, run nothing",
+    )
     args = parser.parse_args()
     if args.report_only:
         return write_report(load_results("sorting"), args)
-    args.sorters = [s for sorter in args.sorters for s in (LOCSORT if sorter == "locsort" else [sorter])]
+    args.sorters = [
+        s for sorter in args.sorters for s in (LOCSORT if sorter == "locsort" else [sorter])
+    ]
 
     from spikeinterface.core import set_global_job_kwargs
 
@@ -170,28 +210,45 @@ def main():
 
 
 def write_report(results, args):
-    lines = ["## Sorting: locsort against the field (issue 4)", "",
-             *command_lines(r.get("command", "") for rows in results.values() for r in rows.values()), "",
-             f"Machine: {machine()}. Same raw traces for every sorter; peers through `run_sorter` with n_jobs = "
-             f"{os.cpu_count()}; locsort single process; every sorter first runs once, untimed, on the first 10 s of the first "
-             "recording (imports, thread pools, JIT compilation). Accuracy: SpikeInterface `compare_sorter_to_ground_truth` "
-             "(0.4 ms, Hungarian matching); well detected = accuracy >= 0.8.", ""]
+    lines = [
+        "## Sorting: locsort against the field (issue 4)",
+        "",
+        *command_lines(r.get("command", "") for rows in results.values() for r in rows.values()),
+        "",
+        f"Machine: {machine()}. Same raw traces for every sorter; peers through `run_sorter` with n_jobs = "
+        f"{os.cpu_count()}; locsort single process; every sorter first runs once, untimed, on the first 10 s of the first "
+        "recording (imports, thread pools, JIT compilation). Accuracy: SpikeInterface `compare_sorter_to_ground_truth` "
+        "(0.4 ms, Hungarian matching); well detected = accuracy >= 0.8.",
+        "",
+    ]
     default = next(iter(LOCSORT))
     for name, rows in results.items():
-        lines += [f"### {name}", "", "| sorter | wall s | mean accuracy | units >= 0.8 | false-positive units | units found |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"### {name}",
+            "",
+            "| sorter | wall s | mean accuracy | units >= 0.8 | false-positive units | units found |",
+            "|---|---|---|---|---|---|",
+        ]
         for sorter, r in rows.items():
             if sorter == PREPROCESSING:
                 continue
-            if not r.get("warmed_up"):  # kept from a run before the warm-up existed: its time includes start-up
+            if not r.get(
+                "warmed_up"
+            ):  # kept from a run before the warm-up existed: its time includes start-up
                 sorter += " (run without warm-up)"
             if "error" in r:
                 lines.append(f"| {sorter} | {r['wall_s']:.1f} | failed: {r['error']} | | | |")
                 continue
-            lines.append(f"| {sorter} | {r['wall_s']:.1f} | {r['mean_accuracy']:.3f} | {r['well_detected']}/{r['num_gt_units']} | "
-                         f"{r['false_positive_units']} | {r['num_units']} |")
+            lines.append(
+                f"| {sorter} | {r['wall_s']:.1f} | {r['mean_accuracy']:.3f} | {r['well_detected']}/{r['num_gt_units']} | "
+                f"{r['false_positive_units']} | {r['num_units']} |"
+            )
         ours = rows.get(default)
-        peers = {k: v for k, v in rows.items() if k in ("spykingcircus2", "tridesclous2", "kilosort4") and "error" not in v}
+        peers = {
+            k: v
+            for k, v in rows.items()
+            if k in ("spykingcircus2", "tridesclous2", "kilosort4") and "error" not in v
+        }
         lines.append("")
         not_run = [p for p in PEERS if p not in rows]
         if not_run:
@@ -199,35 +256,57 @@ def write_report(results, args):
         if ours and peers:
             best = max(peers, key=lambda k: (peers[k]["mean_accuracy"], peers[k]["well_detected"]))
             b = peers[best]
-            met = (ours["mean_accuracy"] >= b["mean_accuracy"] and ours["well_detected"] >= b["well_detected"]
-                   and ours["false_positive_units"] <= b["false_positive_units"])
-            lines.append(f"- accuracy target (default locsort >= best of SC2/TDC2/KS4 = {best}: mean {b['mean_accuracy']:.3f}, "
-                         f"{b['well_detected']} well detected, {b['false_positive_units']} FP units): {verdict(met)}")
+            met = (
+                ours["mean_accuracy"] >= b["mean_accuracy"]
+                and ours["well_detected"] >= b["well_detected"]
+                and ours["false_positive_units"] <= b["false_positive_units"]
+            )
+            lines.append(
+                f"- accuracy target (default locsort >= best of SC2/TDC2/KS4 = {best}: mean {b['mean_accuracy']:.3f}, "
+                f"{b['well_detected']} well detected, {b['false_positive_units']} FP units): {verdict(met)}"
+            )
             if "spykingcircus2" in peers:
                 ratio = ours["wall_s"] / peers["spykingcircus2"]["wall_s"]
-                lines.append(f"- wall time, default locsort / spykingcircus2: {ratio:.2f} (target <= 0.25: {verdict(ratio <= 0.25)})")
+                lines.append(
+                    f"- wall time, default locsort / spykingcircus2: {ratio:.2f} (target <= 0.25: {verdict(ratio <= 0.25)})"
+                )
                 if PREPROCESSING in rows:
-                    alone, budget = rows[PREPROCESSING]["wall_s"], 0.25 * peers["spykingcircus2"]["wall_s"]
-                    lines.append(f"- locsort's preprocessing alone (bad channels looked for on noise slices, then SpikeInterface's "
-                                 f"band-pass + common median reference of every 1-s chunk, {os.cpu_count()} threads, as a sort "
-                                 f"reads them): {alone:.1f} s; a quarter of spykingcircus2's time leaves {budget - alone:.1f} s "
-                                 "for detection, training and assignment")
-        located = [f"{sorter.split(' (')[1].split(':')[0].rstrip(')')} {r['locations']['median_xy_um']:.2f} / "
-                   f"{r['locations']['mean_xy_um']:.2f}" for sorter, r in rows.items() if sorter in LOCSORT and "locations" in r]
+                    alone, budget = (
+                        rows[PREPROCESSING]["wall_s"],
+                        0.25 * peers["spykingcircus2"]["wall_s"],
+                    )
+                    lines.append(
+                        f"- locsort's preprocessing alone (bad channels looked for on noise slices, then SpikeInterface's "
+                        f"band-pass + common median reference of every 1-s chunk, {os.cpu_count()} threads, as a sort "
+                        f"reads them): {alone:.1f} s; a quarter of spykingcircus2's time leaves {budget - alone:.1f} s "
+                        "for detection, training and assignment"
+                    )
+        located = [
+            f"{sorter.split(' (')[1].split(':')[0].rstrip(')')} {r['locations']['median_xy_um']:.2f} / "
+            f"{r['locations']['mean_xy_um']:.2f}"
+            for sorter, r in rows.items()
+            if sorter in LOCSORT and "locations" in r
+        ]
         if located:
-            lines.append("- locsort's reported spike locations (its detected spikes matched to a true spike), median / mean "
-                         f"2-D error to the true unit's position (µm): {'; '.join(located)}")
+            lines.append(
+                "- locsort's reported spike locations (its detected spikes matched to a true spike), median / mean "
+                f"2-D error to the true unit's position (µm): {'; '.join(located)}"
+            )
         if ours:
             lines.append(f"- locsort stages (s): {json.dumps(ours['stages_s'])}")
             if "neural_x_realtime" in ours:
                 x = ours["neural_x_realtime"]
-                lines.append(f"- neural sorter alone (windows + inference + post-processing + peeling's template subtraction;"
-                             f" peeling's second detection is booked under detect): {x:.0f} x real time"
-                             f" (target >= 20 on the 64-channel recording: {verdict(x >= 20)})")
+                lines.append(
+                    f"- neural sorter alone (windows + inference + post-processing + peeling's template subtraction;"
+                    f" peeling's second detection is booked under detect): {x:.0f} x real time"
+                    f" (target >= 20 on the 64-channel recording: {verdict(x >= 20)})"
+                )
         lines.append("")
     missing = [name for name in RECORDINGS if name not in results]
     if missing:
-        lines.append(f"Not run yet: {', '.join(missing)} (`python benchmarks/bench_sorting.py --recordings {' '.join(missing)}`).")
+        lines.append(
+            f"Not run yet: {', '.join(missing)} (`python benchmarks/bench_sorting.py --recordings {' '.join(missing)}`)."
+        )
     write_section("sorting", "\n".join(lines))
 
 

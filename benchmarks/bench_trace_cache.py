@@ -22,21 +22,34 @@ def main() -> None:
     default = Params().trace_cache_mb
     runs = {}
     for size in (0, default):
-        runs[f"{size:g} MB"] = run_locsort(path, probe, DATA / "trace_cache_run", None, {"trace_cache_mb": size})
+        runs[f"{size:g} MB"] = run_locsort(
+            path, probe, DATA / "trace_cache_run", None, {"trace_cache_mb": size}
+        )
     shutil.rmtree(DATA / "trace_cache_run", ignore_errors=True)
     save_results("trace_cache", runs)
     off, on = runs["0 MB"], runs[f"{default:g} MB"]
-    lines = ["## Trace cache: memory against time (384 channels)", "",
-             f"Command: `{command_line()}`. Machine: {machine()}.", "",
-             f"Data: the {args.minutes:g}-minute 384-channel file of bench_scale.py, sorted by `locsort run` with "
-             "`--param trace_cache_mb=...`.", "",
-             "| trace_cache_mb | wall time | peak memory | detect stage | spikes | units |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Trace cache: memory against time (384 channels)",
+        "",
+        f"Command: `{command_line()}`. Machine: {machine()}.",
+        "",
+        f"Data: the {args.minutes:g}-minute 384-channel file of bench_scale.py, sorted by `locsort run` with "
+        "`--param trace_cache_mb=...`.",
+        "",
+        "| trace_cache_mb | wall time | peak memory | detect stage | spikes | units |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in runs.items():
-        lines.append(f"| {name} | {r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MB | {r['timings_s']['detect']:.1f} s | "
-                     f"{r['num_spikes']:,} | {r['num_units']} |")
+        lines.append(
+            f"| {name} | {r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MB | {r['timings_s']['detect']:.1f} s | "
+            f"{r['num_spikes']:,} | {r['num_units']} |"
+        )
     same = off["num_spikes"] == on["num_spikes"] and off["num_units"] == on["num_units"]
-    lines += ["", f"- wall time with / without: {on['wall_s'] / off['wall_s']:.2f}; peak memory +{on['peak_rss_mb'] - off['peak_rss_mb']:.0f} MB "
-              f"(bounded by trace_cache_mb, whatever the duration); same spikes and units: {'yes' if same else 'NO'}"]
+    lines += [
+        "",
+        f"- wall time with / without: {on['wall_s'] / off['wall_s']:.2f}; peak memory +{on['peak_rss_mb'] - off['peak_rss_mb']:.0f} MB "
+        f"(bounded by trace_cache_mb, whatever the duration); same spikes and units: {'yes' if same else 'NO'}",
+    ]
     write_section("trace_cache", "\n".join(lines))
 
 

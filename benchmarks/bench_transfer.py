@@ -19,10 +19,21 @@ import json
 
 import numpy as np
 
-from _common import command_line, command_lines, load_results, machine, save_results, verdict, write_section
+from _common import (
+    command_line,
+    command_lines,
+    load_results,
+    machine,
+    save_results,
+    verdict,
+    write_section,
+)
 from bench_sorting import load_raw
 
-RECORDINGS = {"np64_generated": "same probe type as pretraining", "sq_10uV": "other probe type (square MEA, MEArec)"}
+RECORDINGS = {
+    "np64_generated": "same probe type as pretraining",
+    "sq_10uV": "other probe type (square MEA, MEArec)",
+}
 BACKBONES = {"pretrained": "pretrained backbone", "none": "from scratch"}
 
 
@@ -31,28 +42,48 @@ def first_half(sorting, half: int):
 
     vector = sorting.to_spike_vector()
     keep = vector["sample_index"] < half
-    return NumpySorting.from_samples_and_labels([vector["sample_index"][keep]], [sorting.unit_ids[vector["unit_index"][keep]]],
-                                                sorting.get_sampling_frequency(), unit_ids=sorting.unit_ids)
+    return NumpySorting.from_samples_and_labels(
+        [vector["sample_index"][keep]],
+        [sorting.unit_ids[vector["unit_index"][keep]]],
+        sorting.get_sampling_frequency(),
+        unit_ids=sorting.unit_ids,
+    )
 
 
 def score_second_half(sorting, truth, half: int, end: int) -> dict:
     from locsort.evaluate import sorting_accuracy
     from locsort.simulate import GroundTruth
 
-    result = sorting_accuracy(sorting.frame_slice(half, end), GroundTruth(truth.sorting.frame_slice(half, end), truth.unit_locations))
+    result = sorting_accuracy(
+        sorting.frame_slice(half, end),
+        GroundTruth(truth.sorting.frame_slice(half, end), truth.unit_locations),
+    )
     result.pop("accuracy_per_unit")
     return result
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS))
+    parser.add_argument(
+        "--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS)
+    )
     parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds averaged per cell")
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES),
-                        help="rows to run (the others keep their stored results)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from benchmarks/results, run nothing")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds averaged per cell"
+    )
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=list(BACKBONES),
+        choices=list(BACKBONES),
+        help="rows to run (the others keep their stored results)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite BENCHMARKS.md from benchmarks/results, run nothing",
+    )
     args = parser.parse_args()
     if args.report_only:
         return write_report(load_results("transfer"), args)
@@ -70,13 +101,26 @@ def main():
             for backbone in args.backbones:
                 runs = []
                 for seed in args.seeds:
-                    sorting = locsort.sort(recording, params={"label_max_spikes_per_unit": k, "neural_backbone": backbone, "seed": seed},
-                                           labels=labels, progress=False)
+                    sorting = locsort.sort(
+                        recording,
+                        params={
+                            "label_max_spikes_per_unit": k,
+                            "neural_backbone": backbone,
+                            "seed": seed,
+                        },
+                        labels=labels,
+                        progress=False,
+                    )
                     runs.append(score_second_half(sorting, truth, half, end))
-                rows[f"{backbone}, K={k}"] = {key: float(np.mean([r[key] for r in runs])) for key in
-                                              ("mean_accuracy", "well_detected", "false_positive_units")}
-                rows[f"{backbone}, K={k}"].update(seeds=args.seeds, accuracy_per_seed=[r["mean_accuracy"] for r in runs],
-                                                  command=command_line())
+                rows[f"{backbone}, K={k}"] = {
+                    key: float(np.mean([r[key] for r in runs]))
+                    for key in ("mean_accuracy", "well_detected", "false_positive_units")
+                }
+                rows[f"{backbone}, K={k}"].update(
+                    seeds=args.seeds,
+                    accuracy_per_seed=[r["mean_accuracy"] for r in runs],
+                    command=command_line(),
+                )
                 print(name, backbone, k, json.dumps(rows[f"{backbone}, K={k}"]), flush=True)
                 save_results("transfer", results)
     write_report(results, args)
@@ -86,39 +130,60 @@ def write_report(results, args):
     from locsort.params import Params
 
     commands = [row.get("command", "") for rows in results.values() for row in rows.values()]
-    lines = ["## Neural sorter: transfer learning (issue 4)", "", *command_lines(commands), "",
-             f"Machine: {machine()}. Labels: ground truth of the first half, first K spikes per unit; scored on the second "
-             "half. Each cell: mean accuracy / units with accuracy >= 0.8 / false-positive units, each the mean over the "
-             "training seeds (per-seed accuracies in benchmarks/results). Both rows imprint the head from the labelled "
-             "spikes (one prototype per unit) and then train; a backbone they start from (pretrained or adapted) is frozen for the first "
-             f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned. With labels limited to K per "
-             "unit, a network is first trained on locsort's own clustering of a sample of the whole recording (no labels; "
-             "from the pretrained backbone in the first row, from random weights in the second) and the few-label networks "
-             "fine-tune its backbone (neural_adapted_backbone); they are an ensemble of 3 networks trained from different seeds (neural_ensemble), each trained with 4 "
-             "synthetic spikes per labelled spike (its unit's mean snippet plus another labelled spike's noise; "
-             "neural_synthetic_positives). That ensemble then labels a sample of the whole recording, and one network is "
-             "trained again, from scratch in both rows, on the labelled spikes plus its labelling (self-training; "
-             "neural_self_training): the rows differ in the backbone's starting point only. Peeling's unit templates average every "
-             "sample spike that the final network assigns to the unit.", ""]
+    lines = [
+        "## Neural sorter: transfer learning (issue 4)",
+        "",
+        *command_lines(commands),
+        "",
+        f"Machine: {machine()}. Labels: ground truth of the first half, first K spikes per unit; scored on the second "
+        "half. Each cell: mean accuracy / units with accuracy >= 0.8 / false-positive units, each the mean over the "
+        "training seeds (per-seed accuracies in benchmarks/results). Both rows imprint the head from the labelled "
+        "spikes (one prototype per unit) and then train; a backbone they start from (pretrained or adapted) is frozen for the first "
+        f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned. With labels limited to K per "
+        "unit, a network is first trained on locsort's own clustering of a sample of the whole recording (no labels; "
+        "from the pretrained backbone in the first row, from random weights in the second) and the few-label networks "
+        "fine-tune its backbone (neural_adapted_backbone); they are an ensemble of 3 networks trained from different seeds (neural_ensemble), each trained with 4 "
+        "synthetic spikes per labelled spike (its unit's mean snippet plus another labelled spike's noise; "
+        "neural_synthetic_positives). That ensemble then labels a sample of the whole recording, and one network is "
+        "trained again, from scratch in both rows, on the labelled spikes plus its labelling (self-training; "
+        "neural_self_training): the rows differ in the backbone's starting point only. Peeling's unit templates average every "
+        "sample spike that the final network assigns to the unit.",
+        "",
+    ]
     for name, rows in results.items():
         ks = sorted({int(key.split("K=")[1]) for key in rows})
         seeds = sorted({seed for row in rows.values() for seed in row.get("seeds", [])})
-        lines += [f"### {name}: {RECORDINGS[name]}", "", f"Training seeds: {', '.join(map(str, seeds))}.", "",
-                  "| | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        lines += [
+            f"### {name}: {RECORDINGS[name]}",
+            "",
+            f"Training seeds: {', '.join(map(str, seeds))}.",
+            "",
+            "| | " + " | ".join(f"K = {k}" for k in ks) + " |",
+            "|---|" + "---|" * len(ks),
+        ]
         for backbone, label in BACKBONES.items():
             cells = []
             for k in ks:
                 r = rows.get(f"{backbone}, K={k}")
-                cells.append(f"{r['mean_accuracy']:.3f} / {r['well_detected']:.1f} / {r['false_positive_units']:.1f}" if r else "")
+                cells.append(
+                    f"{r['mean_accuracy']:.3f} / {r['well_detected']:.1f} / {r['false_positive_units']:.1f}"
+                    if r
+                    else ""
+                )
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         p10, s10, s20 = rows.get("pretrained, K=10"), rows.get("none, K=10"), rows.get("none, K=20")
         if p10 and s20:
             met = p10["mean_accuracy"] >= s20["mean_accuracy"]
-            lines += ["", f"- target (pretrained at K = 10 >= scratch at K = 20): {p10['mean_accuracy']:.3f} vs "
-                          f"{s20['mean_accuracy']:.3f} (per seed {_seed_range(p10)} vs {_seed_range(s20)}): {verdict(met)}"]
+            lines += [
+                "",
+                f"- target (pretrained at K = 10 >= scratch at K = 20): {p10['mean_accuracy']:.3f} vs "
+                f"{s20['mean_accuracy']:.3f} (per seed {_seed_range(p10)} vs {_seed_range(s20)}): {verdict(met)}",
+            ]
             if s10:  # what the backbone is worth against what ten more labels per unit are worth
-                lines.append(f"- at K = 10 the pretrained backbone adds {p10['mean_accuracy'] - s10['mean_accuracy']:+.3f} over "
-                             f"scratch; from scratch, K = 20 adds {s20['mean_accuracy'] - s10['mean_accuracy']:+.3f} over K = 10")
+                lines.append(
+                    f"- at K = 10 the pretrained backbone adds {p10['mean_accuracy'] - s10['mean_accuracy']:+.3f} over "
+                    f"scratch; from scratch, K = 20 adds {s20['mean_accuracy'] - s10['mean_accuracy']:+.3f} over K = 10"
+                )
         lines.append("")
     write_section("transfer", "\n".join(lines))
 

@@ -40,47 +40,105 @@ def _param_overrides(pairs: list[str]) -> dict:
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str | None) -> None:
-    parser.add_argument("--out", required=default_out is None, default=default_out, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--out", required=default_out is None, default=default_out, help="output folder"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder"
+    )
     parser.add_argument("--phy", action="store_true", help="also export a Phy folder (out/phy)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where torch runs")
-    parser.add_argument("--method", default=None, help="localization method (default: Params.localization_method)")
-    parser.add_argument("--sorter", default=None, choices=["neural", "cluster"], help="sorting path (default: neural)")
-    parser.add_argument("--workers", type=int, metavar="N", help="run the chunk work on a local Dask cluster of N processes")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the chunk work on the Dask cluster at ADDRESS "
-                        "(e.g. tcp://10.0.0.5:8786); workers must see the recording at the same path")
-    parser.add_argument("--connect-timeout", type=float, default=20.0, metavar="S",
-                        help="seconds to wait for --scheduler before giving up (default 20)")
-    parser.add_argument("--param", action="append", metavar="NAME=VALUE", help="override any locsort.params.Params field")
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where torch runs"
+    )
+    parser.add_argument(
+        "--method", default=None, help="localization method (default: Params.localization_method)"
+    )
+    parser.add_argument(
+        "--sorter",
+        default=None,
+        choices=["neural", "cluster"],
+        help="sorting path (default: neural)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run the chunk work on a local Dask cluster of N processes",
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the chunk work on the Dask cluster at ADDRESS "
+        "(e.g. tcp://10.0.0.5:8786); workers must see the recording at the same path",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="seconds to wait for --scheduler before giving up (default 20)",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="override any locsort.params.Params field",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="locsort", description="Bayesian spike localization and spike sorting")
+    parser = argparse.ArgumentParser(
+        prog="locsort", description="Bayesian spike localization and spike sorting"
+    )
     parser.add_argument("--version", action="version", version=f"locsort {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the pipeline on a generated ground-truth recording and score it")
+    demo = sub.add_parser(
+        "demo", help="run the pipeline on a generated ground-truth recording and score it"
+    )
     demo.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
     demo.add_argument("--units", type=int, default=50, help="number of units (default 50)")
     demo.add_argument("--noise", type=float, default=5.0, help="noise level, µV (default 5)")
-    demo.add_argument("--channels", type=int, default=64, help="channels of the Neuropixels-like probe (default 64)")
+    demo.add_argument(
+        "--channels",
+        type=int,
+        default=64,
+        help="channels of the Neuropixels-like probe (default 64)",
+    )
     demo.add_argument("--seed", type=int, default=0)
     _common(demo, default_out="locsort_demo")
 
     run = sub.add_parser("run", help="run the pipeline on a recording")
-    run.add_argument("recording", nargs="+",
-                     help="SpikeGLX / Open Ephys folder, .nwb, MEArec .h5, SpikeInterface folder or raw binary; several "
-                          "(or a quoted glob such as 'data/*.bin') are each sorted into their own folder under --out")
-    run.add_argument("--format", choices=["spikeglx", "openephys", "nwb", "mearec", "si", "binary"], help="override format detection")
-    run.add_argument("--probe", help="probe file (.json probeinterface, .prb, .csv): required for raw binary")
+    run.add_argument(
+        "recording",
+        nargs="+",
+        help="SpikeGLX / Open Ephys folder, .nwb, MEArec .h5, SpikeInterface folder or raw binary; several "
+        "(or a quoted glob such as 'data/*.bin') are each sorted into their own folder under --out",
+    )
+    run.add_argument(
+        "--format",
+        choices=["spikeglx", "openephys", "nwb", "mearec", "si", "binary"],
+        help="override format detection",
+    )
+    run.add_argument(
+        "--probe", help="probe file (.json probeinterface, .prb, .csv): required for raw binary"
+    )
     run.add_argument("--sampling-frequency", type=float, help="Hz (raw binary)")
     run.add_argument("--num-channels", type=int, help="channels (raw binary)")
     run.add_argument("--dtype", help="sample type, e.g. int16 (raw binary)")
-    run.add_argument("--labels", help="a sorting to train the neural sorter on (SpikeInterface folder or .npz): "
-                     "ground truth, another sorter's output, a curated sorting")
-    run.add_argument("--labels-k", type=int, metavar="K", help="use only the first K labelled spikes of each unit")
+    run.add_argument(
+        "--labels",
+        help="a sorting to train the neural sorter on (SpikeInterface folder or .npz): "
+        "ground truth, another sorter's output, a curated sorting",
+    )
+    run.add_argument(
+        "--labels-k",
+        type=int,
+        metavar="K",
+        help="use only the first K labelled spikes of each unit",
+    )
     _common(run, default_out=None)
     return parser
 
@@ -107,7 +165,9 @@ def _params(args) -> Params:
 
 def _print_summary(result, title: str) -> None:
     print(f"\n{title}")
-    print(f"  spikes: {len(result.spikes)}   units: {len(result.sorting.unit_ids)}   output: {result.out}")
+    print(
+        f"  spikes: {len(result.spikes)}   units: {len(result.sorting.unit_ids)}   output: {result.out}"
+    )
     if result.note:
         print(f"  note: {result.note}")
     if result.evaluation:
@@ -116,8 +176,10 @@ def _print_summary(result, title: str) -> None:
         print(f"  localization error (detected spikes matched to true spikes, n={loc['n']}):")
         print(f"    median {loc['median_xy_um']:7.2f} µm   mean {loc['mean_xy_um']:7.2f} µm")
         print("  sorting accuracy (vs ground truth):")
-        print(f"    mean {srt['mean_accuracy']:.3f}   units with accuracy >= 0.8: {srt['well_detected']}/{srt['num_gt_units']}"
-              f"   false-positive units: {srt['false_positive_units']}")
+        print(
+            f"    mean {srt['mean_accuracy']:.3f}   units with accuracy >= 0.8: {srt['well_detected']}/{srt['num_gt_units']}"
+            f"   false-positive units: {srt['false_positive_units']}"
+        )
     print("  wall time per stage (s):")
     for stage, seconds in result.timings.items():
         print(f"    {stage:<12}{seconds:8.2f}")
@@ -132,14 +194,31 @@ def _demo(args) -> int:
     if args.duration <= 0 or args.units <= 0 or args.channels <= 0:
         raise UsageError("--duration, --units and --channels must be positive")
     recording, ground_truth = generate_recording(
-        duration=args.duration, num_units=args.units, noise_level=args.noise, seed=args.seed, num_channels=args.channels
+        duration=args.duration,
+        num_units=args.units,
+        noise_level=args.noise,
+        seed=args.seed,
+        num_channels=args.channels,
     )
     # the demo replaces its own default folder; an explicit --out follows the usual rule
     overwrite = args.overwrite or args.out == "locsort_demo"
-    result = run(recording, args.out, params, ground_truth=ground_truth, overwrite=overwrite, phy=args.phy,
-                 progress=not args.quiet, source=f"demo ({args.duration:g} s, {args.units} units, noise {args.noise:g})",
-                 workers=args.workers, scheduler=args.scheduler, connect_timeout=args.connect_timeout)
-    _print_summary(result, f"locsort demo: {args.duration:g} s, {args.channels} channels, {args.units} units, noise {args.noise:g} µV")
+    result = run(
+        recording,
+        args.out,
+        params,
+        ground_truth=ground_truth,
+        overwrite=overwrite,
+        phy=args.phy,
+        progress=not args.quiet,
+        source=f"demo ({args.duration:g} s, {args.units} units, noise {args.noise:g})",
+        workers=args.workers,
+        scheduler=args.scheduler,
+        connect_timeout=args.connect_timeout,
+    )
+    _print_summary(
+        result,
+        f"locsort demo: {args.duration:g} s, {args.channels} channels, {args.units} units, noise {args.noise:g} µV",
+    )
     return 0
 
 
@@ -151,7 +230,9 @@ def _run(args) -> int:
         raise UsageError("--labels-k needs --labels")
     paths, several = _expand_recordings(args.recording)
     if several and args.labels:
-        raise UsageError("--labels belong to one recording: sort several recordings without --labels")
+        raise UsageError(
+            "--labels belong to one recording: sort several recordings without --labels"
+        )
     with open_runner(args.workers, args.scheduler, args.connect_timeout) as runner:
         if not several:
             result = _run_one(args, params, paths[0], Path(args.out), runner)
@@ -165,12 +246,26 @@ def _run_one(args, params, path: str, out: Path, runner):
     from .pipeline import run
 
     recording, ground_truth = open_recording(
-        path, args.format, probe=args.probe, sampling_frequency=args.sampling_frequency,
-        num_channels=args.num_channels, dtype=args.dtype,
+        path,
+        args.format,
+        probe=args.probe,
+        sampling_frequency=args.sampling_frequency,
+        num_channels=args.num_channels,
+        dtype=args.dtype,
     )
     labels = open_labels(args.labels) if args.labels else None
-    return run(recording, out, params, ground_truth=ground_truth, overwrite=args.overwrite, phy=args.phy,
-               progress=not args.quiet, source=str(path), labels=labels, runner=runner)
+    return run(
+        recording,
+        out,
+        params,
+        ground_truth=ground_truth,
+        overwrite=args.overwrite,
+        phy=args.phy,
+        progress=not args.quiet,
+        source=str(path),
+        labels=labels,
+        runner=runner,
+    )
 
 
 def _run_several(args, params, paths: list[str], runner) -> int:
@@ -186,8 +281,14 @@ def _run_several(args, params, paths: list[str], runner) -> int:
         start = time.perf_counter()
         try:
             result = _run_one(args, params, path, out / name, runner)
-            rows.append((path, "ok", f"{len(result.spikes)} spikes, {len(result.sorting.unit_ids)} units -> {result.out}",
-                         time.perf_counter() - start))
+            rows.append(
+                (
+                    path,
+                    "ok",
+                    f"{len(result.spikes)} spikes, {len(result.sorting.unit_ids)} units -> {result.out}",
+                    time.perf_counter() - start,
+                )
+            )
         except KeyboardInterrupt:
             raise
         except LocsortError as exc:
@@ -195,7 +296,14 @@ def _run_several(args, params, paths: list[str], runner) -> int:
         except Exception as exc:  # a bug on one recording must not stop the others
             if args.debug:
                 raise
-            rows.append((path, "failed", f"internal error: {type(exc).__name__}: {exc}", time.perf_counter() - start))
+            rows.append(
+                (
+                    path,
+                    "failed",
+                    f"internal error: {type(exc).__name__}: {exc}",
+                    time.perf_counter() - start,
+                )
+            )
         if rows[-1][1] == "failed":
             print(f"locsort: error: {path}: {rows[-1][2]}", file=sys.stderr)
     failed = sum(row[1] == "failed" for row in rows)
@@ -259,12 +367,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"locsort: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except MemoryError:
-        print("locsort: error: out of memory; lower --param chunk_duration or max_training_spikes", file=sys.stderr)
+        print(
+            "locsort: error: out of memory; lower --param chunk_duration or max_training_spikes",
+            file=sys.stderr,
+        )
         return 1
     except Exception as exc:  # a bug: still one line unless --debug
         if args.debug:
             raise
-        print(f"locsort: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"locsort: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

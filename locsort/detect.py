@@ -44,7 +44,11 @@ def detect_chunk(
     padded) goes further negative within that window (ties go to the lower channel index).
     ``lo - sweep`` and ``hi + sweep`` must lie inside ``traces`` (the chunk margin).
     """
-    x = traces if isinstance(traces, torch.Tensor) else torch.from_numpy(np.asarray(traces, dtype=np.float32))
+    x = (
+        traces
+        if isinstance(traces, torch.Tensor)
+        else torch.from_numpy(np.asarray(traces, dtype=np.float32))
+    )
     below = x[lo:hi] <= -torch.from_numpy(np.asarray(thresholds, dtype=np.float32))
     t, c = below.nonzero(as_tuple=True)
     if len(t) == 0:
@@ -97,19 +101,30 @@ class MatchedFilter:
         thread: chunks already run in parallel), ~6 x faster than a direct convolution."""
         from scipy import fft
 
-        x = np.ascontiguousarray((np.asarray(traces, dtype=np.float32) / np.asarray(noise, dtype=np.float32)).T)
+        x = np.ascontiguousarray(
+            (np.asarray(traces, dtype=np.float32) / np.asarray(noise, dtype=np.float32)).T
+        )
         length, taps = x.shape[1], len(self.prototype)
         size = fft.next_fast_len(length + taps - 1, real=True)
         kernel = fft.rfft(self.prototype[::-1], n=size)
-        full = fft.irfft(fft.rfft(x, n=size, axis=1, workers=1) * kernel[None, :], n=size, axis=1, workers=1)
+        full = fft.irfft(
+            fft.rfft(x, n=size, axis=1, workers=1) * kernel[None, :], n=size, axis=1, workers=1
+        )
         # full[i] correlates the prototype with x[i - taps + 1 : i + 1]: its trough meets t at i = t + taps - 1 - trough
         first = taps - 1 - self.trough
         score = full[:, first : first + length] / self.score_sd[:, None]
         return torch.from_numpy(np.ascontiguousarray(score.T, dtype=np.float32))
 
 
-def peaks_in_slices(slices: list[np.ndarray], noise: np.ndarray, neighbours: np.ndarray, threshold: float, sweep: int,
-                before: int, after: int):
+def peaks_in_slices(
+    slices: list[np.ndarray],
+    noise: np.ndarray,
+    neighbours: np.ndarray,
+    threshold: float,
+    sweep: int,
+    before: int,
+    after: int,
+):
     """(traces, rows, channels) per slice (T, C) µV: its locally exclusive peaks beyond ``threshold``
     noise SDs, at least ``before`` / ``after`` samples from its ends: clear spikes to learn
     shapes from (slices too short are skipped)."""
@@ -122,14 +137,24 @@ def peaks_in_slices(slices: list[np.ndarray], noise: np.ndarray, neighbours: np.
             yield traces, rows, channels
 
 
-def fit_matched_filter(slices: list[np.ndarray], noise: np.ndarray, neighbours: np.ndarray, threshold: float,
-                       sweep: int, before: int, after: int, min_spikes: int = 30) -> MatchedFilter | None:
+def fit_matched_filter(
+    slices: list[np.ndarray],
+    noise: np.ndarray,
+    neighbours: np.ndarray,
+    threshold: float,
+    sweep: int,
+    before: int,
+    after: int,
+    min_spikes: int = 30,
+) -> MatchedFilter | None:
     """A MatchedFilter from random slices (T, C) µV of the preprocessed recording: the prototype
     is the mean trough-normalized waveform of the peaks beyond ``threshold`` noise SDs on their
     own channel (``before``/``after`` samples around the trough). None with fewer than
     ``min_spikes`` such peaks: too little to learn a shape from (the caller detects peaks instead)."""
     shapes = []
-    for traces, rows, channels in peaks_in_slices(slices, noise, neighbours, threshold, sweep, before, after):
+    for traces, rows, channels in peaks_in_slices(
+        slices, noise, neighbours, threshold, sweep, before, after
+    ):
         window = traces[rows[:, None] + np.arange(-before, after + 1)[None, :], channels[:, None]]
         shapes.append(window / -window[:, before : before + 1])
     if not shapes or sum(len(s) for s in shapes) < min_spikes:

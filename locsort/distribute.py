@@ -53,7 +53,9 @@ class LocalRunner:
     def description(self) -> str:
         return f"this process, {self.threads} thread{'s' if self.threads > 1 else ''}"
 
-    def map(self, job, chunks: list, indices: list[int], desc: str = "chunks", progress: bool = True) -> Iterator:
+    def map(
+        self, job, chunks: list, indices: list[int], desc: str = "chunks", progress: bool = True
+    ) -> Iterator:
         bar = tqdm(total=len(indices), desc=desc, unit="chunk", disable=not progress, leave=False)
         if self.threads == 1:
             for i in indices:
@@ -64,8 +66,10 @@ class LocalRunner:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         pending, todo = {}, iter(indices)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="locsort-chunk") as pool, \
-                _inner_threads(max(1, available_cores() // self.threads)):
+        with (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="locsort-chunk") as pool,
+            _inner_threads(max(1, available_cores() // self.threads)),
+        ):
             try:
                 while True:
                     while len(pending) <= self.threads:
@@ -114,7 +118,9 @@ class DaskRunner:
     def workers(self) -> int:
         return max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
 
-    def map(self, job, chunks: list, indices: list[int], desc: str = "chunks", progress: bool = True) -> Iterator:
+    def map(
+        self, job, chunks: list, indices: list[int], desc: str = "chunks", progress: bool = True
+    ) -> Iterator:
         from distributed import as_completed
         from distributed.client import FutureCancelledError
         from distributed.scheduler import KilledWorker
@@ -125,17 +131,29 @@ class DaskRunner:
         try:
             [shared] = self.client.scatter([job], broadcast=True, hash=False)
         except Exception as exc:
-            raise LocsortError(f"cannot send the work to the Dask cluster ({self.description}): {exc}") from exc
+            raise LocsortError(
+                f"cannot send the work to the Dask cluster ({self.description}): {exc}"
+            ) from exc
         token = uuid.uuid4().hex[:8]
+
         def submit(i: int, attempt: int):
-            key = f"locsort-{desc.replace(' ', '-')}-{token}-{i}" + (f"-retry{attempt}" if attempt else "")
+            key = f"locsort-{desc.replace(' ', '-')}-{token}-{i}" + (
+                f"-retry{attempt}" if attempt else ""
+            )
             return self.client.submit(_run_job, shared, chunks[i], key=key)
 
         futures = {submit(i, 0): i for i in indices}
         attempts = dict.fromkeys(indices, 0)
         completed = as_completed(futures, loop=self.client.loop)
         try:
-            for future in tqdm(completed, total=len(futures), desc=desc, unit="chunk", disable=not progress, leave=False):
+            for future in tqdm(
+                completed,
+                total=len(futures),
+                desc=desc,
+                unit="chunk",
+                disable=not progress,
+                leave=False,
+            ):
                 i = futures[future]
                 try:
                     result = future.result()
@@ -143,20 +161,26 @@ class DaskRunner:
                     # the scheduler dropped the chunk's task while a killed worker's tasks were being
                     # rescheduled ("already forgotten"): submit the chunk again, a bounded number of times
                     if self.client.status != "running" or attempts[i] >= MAX_CHUNK_RESUBMITS:
-                        raise LocsortError(f"lost the Dask cluster ({self.description}) during the run: {exc}") from exc
+                        raise LocsortError(
+                            f"lost the Dask cluster ({self.description}) during the run: {exc}"
+                        ) from exc
                     attempts[i] += 1
                     again = submit(i, attempts[i])
                     futures[again] = i
                     completed.add(again)
                     continue
                 except KilledWorker as exc:
-                    raise LocsortError(f"chunk {i} killed Dask workers repeatedly ({exc}); is a worker short of memory?") from exc
+                    raise LocsortError(
+                        f"chunk {i} killed Dask workers repeatedly ({exc}); is a worker short of memory?"
+                    ) from exc
                 except LocsortError:
                     raise
                 except Exception as exc:
                     if future.status == "error":
                         raise  # the chunk's own error (a bug): as in a single process
-                    raise LocsortError(f"lost the Dask cluster ({self.description}) during the run: {exc}") from exc
+                    raise LocsortError(
+                        f"lost the Dask cluster ({self.description}) during the run: {exc}"
+                    ) from exc
                 yield i, result
                 future.release()
         finally:
@@ -175,8 +199,10 @@ def _check_shippable(job) -> None:
     if recording.check_serializability("pickle"):
         return
     if len(pickle.dumps(recording.to_dict(recursive=True))) > MAX_INLINE_RECORDING_BYTES:
-        raise UsageError("the recording exists only in this process's memory and is too large to send to Dask workers; "
-                         "save it first (recording.save(folder=...)) and sort the saved copy")
+        raise UsageError(
+            "the recording exists only in this process's memory and is too large to send to Dask workers; "
+            "save it first (recording.save(folder=...)) and sort the saved copy"
+        )
 
 
 @contextlib.contextmanager
@@ -184,7 +210,9 @@ def open_runner(workers: int | None = None, scheduler: str | None = None, timeou
     """A runner for chunk work: in this process (default), a local Dask cluster of ``workers``
     processes, or the existing cluster at ``scheduler`` (address, e.g. tcp://host:8786)."""
     if workers is not None and scheduler is not None:
-        raise UsageError("give either --workers (start a local Dask cluster) or --scheduler (use an existing one), not both")
+        raise UsageError(
+            "give either --workers (start a local Dask cluster) or --scheduler (use an existing one), not both"
+        )
     if workers is None and scheduler is None:
         yield LocalRunner()
         return
@@ -194,7 +222,9 @@ def open_runner(workers: int | None = None, scheduler: str | None = None, timeou
         try:
             client = Client(scheduler, timeout=timeout, set_as_default=False)
         except Exception as exc:  # OSError / TimeoutError from the connection attempts
-            raise LocsortError(f"cannot reach the Dask scheduler at {scheduler} within {timeout:g} s ({exc})") from None
+            raise LocsortError(
+                f"cannot reach the Dask scheduler at {scheduler} within {timeout:g} s ({exc})"
+            ) from None
         try:
             yield DaskRunner(client, f"scheduler {scheduler}")
         finally:
@@ -211,10 +241,17 @@ def open_runner(workers: int | None = None, scheduler: str | None = None, timeou
     threads = torch.get_num_threads()
     environment = dict(os.environ)
     try:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
     except Exception as exc:
-        raise LocsortError(f"cannot start a local Dask cluster of {workers} workers: {exc}") from exc
+        raise LocsortError(
+            f"cannot start a local Dask cluster of {workers} workers: {exc}"
+        ) from exc
     finally:
         _restore(environment, threads)
     client = Client(cluster, set_as_default=False)

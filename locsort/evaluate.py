@@ -7,7 +7,9 @@ import numpy as np
 from .simulate import GroundTruth
 
 
-def unit_peak_channels(recording, ground_truth: GroundTruth, spikes_per_unit: int = 50, seed: int = 0) -> np.ndarray:
+def unit_peak_channels(
+    recording, ground_truth: GroundTruth, spikes_per_unit: int = 50, seed: int = 0
+) -> np.ndarray:
     """The largest (most negative) channel of each true unit's waveform: the per-channel median,
     over up to ``spikes_per_unit`` of its spikes, of the minimum within +/- 0.5 ms (a median so
     that overlapping spikes of other units do not decide it; bounded reads)."""
@@ -17,15 +19,24 @@ def unit_peak_channels(recording, ground_truth: GroundTruth, spikes_per_unit: in
     half = int(round(fs / 2000))  # +/- 0.5 ms
     vector = ground_truth.sorting.to_spike_vector()
     rng = np.random.default_rng(seed)
-    picked = np.concatenate([
-        rng.choice(np.flatnonzero(vector["unit_index"] == u), size=min(spikes_per_unit, int(np.sum(vector["unit_index"] == u))), replace=False)
-        for u in range(len(ground_truth.sorting.unit_ids))
-    ]).astype(np.int64)
+    picked = np.concatenate(
+        [
+            rng.choice(
+                np.flatnonzero(vector["unit_index"] == u),
+                size=min(spikes_per_unit, int(np.sum(vector["unit_index"] == u))),
+                replace=False,
+            )
+            for u in range(len(ground_truth.sorting.unit_ids))
+        ]
+    ).astype(np.int64)
     spikes = vector[picked]
     minima = np.zeros((len(spikes), recording.get_num_channels()), np.float32)
     for chunk in make_chunks(recording, int(fs)):  # one read per chunk that holds picked spikes
-        inside = np.flatnonzero((spikes["segment_index"] == chunk.segment_index)
-                                & (spikes["sample_index"] >= chunk.start) & (spikes["sample_index"] < chunk.end))
+        inside = np.flatnonzero(
+            (spikes["segment_index"] == chunk.segment_index)
+            & (spikes["sample_index"] >= chunk.start)
+            & (spikes["sample_index"] < chunk.end)
+        )
         if len(inside) == 0:
             continue
         traces, first = read_chunk(recording, chunk, half)
@@ -54,7 +65,9 @@ def ground_truth_peaks(recording, ground_truth: GroundTruth) -> tuple[np.ndarray
     return peaks, ground_truth.unit_locations[vector["unit_index"]]
 
 
-def match_spikes(spikes: np.ndarray, recording, ground_truth: GroundTruth, tolerance_ms: float = 0.4):
+def match_spikes(
+    spikes: np.ndarray, recording, ground_truth: GroundTruth, tolerance_ms: float = 0.4
+):
     """For each true spike, the detected spike within ``tolerance_ms`` whose centre channel is
     nearest to the true unit (-1 if none within 50 µm). Returns (gt_unit_index, matched index)."""
     fs = recording.get_sampling_frequency()

@@ -75,7 +75,9 @@ def read_probe(path: str | Path):
         elif suffix == ".csv":
             return _read_probe_csv(path)
         else:
-            raise UsageError(f"unknown probe file type {suffix!r}: use a probeinterface .json, .prb or .csv")
+            raise UsageError(
+                f"unknown probe file type {suffix!r}: use a probeinterface .json, .prb or .csv"
+            )
     except UsageError:
         raise
     except Exception as exc:
@@ -106,17 +108,27 @@ def _read_probe_csv(path: Path):
         header, rows = [h.strip().lower() for h in rows[0]], rows[1:]
     if "x" not in header or "y" not in header:
         raise UsageError(f"probe file {path} needs x and y columns")
-    columns = {name: [r[i].strip() for r in rows] for i, name in enumerate(header) if i < len(rows[0])}
+    columns = {
+        name: [r[i].strip() for r in rows] for i, name in enumerate(header) if i < len(rows[0])
+    }
     try:
-        positions = np.column_stack([np.asarray(columns["x"], float), np.asarray(columns["y"], float)])
+        positions = np.column_stack(
+            [np.asarray(columns["x"], float), np.asarray(columns["y"], float)]
+        )
     except ValueError as exc:
         raise UsageError(f"probe file {path}: x and y must be numbers ({exc})") from None
     probe = pi.Probe(ndim=2, si_units="um")
     shank = columns.get("shank", columns.get("shank_id"))
-    probe.set_contacts(positions=positions, shapes="circle", shape_params={"radius": 6},
-                       shank_ids=np.asarray(shank).astype(str) if shank is not None else None)
+    probe.set_contacts(
+        positions=positions,
+        shapes="circle",
+        shape_params={"radius": 6},
+        shank_ids=np.asarray(shank).astype(str) if shank is not None else None,
+    )
     wiring = columns.get("channel", columns.get("device_channel_index"))
-    probe.set_device_channel_indices(np.asarray(wiring, int) if wiring is not None else np.arange(len(positions)))
+    probe.set_device_channel_indices(
+        np.asarray(wiring, int) if wiring is not None else np.arange(len(positions))
+    )
     return probe
 
 
@@ -133,7 +145,9 @@ def _attach_probe(recording, probe, probe_path):
     for p in probes:
         if p.device_channel_indices is None:
             if len(probes) > 1:
-                raise UsageError(f"probe file {probe_path} has several probes but no channel wiring (device_channel_indices)")
+                raise UsageError(
+                    f"probe file {probe_path} has several probes but no channel wiring (device_channel_indices)"
+                )
             p.set_device_channel_indices(np.arange(num_contacts))
     recording = recording.clone()  # the reader's recording stays as it was
     if len(probes) > 1:
@@ -171,7 +185,9 @@ def _read_binary(path, sampling_frequency, num_channels, dtype, probe):
             f"{path} is {size} bytes, not a multiple of {num_channels} channels x {dtype.itemsize} bytes "
             f"({dtype}): check --num-channels and --dtype"
         )
-    recording = read_binary(path, sampling_frequency=sampling_frequency, dtype=dtype, num_channels=num_channels)
+    recording = read_binary(
+        path, sampling_frequency=sampling_frequency, dtype=dtype, num_channels=num_channels
+    )
     return recording
 
 
@@ -246,7 +262,9 @@ def open_labels(path: str | Path):
 
             sorting = load(path)
     except Exception as exc:
-        raise UsageError(f"cannot read labels from {path}: not a SpikeInterface sorting folder or .npz file ({exc})") from None
+        raise UsageError(
+            f"cannot read labels from {path}: not a SpikeInterface sorting folder or .npz file ({exc})"
+        ) from None
     if not hasattr(sorting, "get_unit_spike_train"):
         raise UsageError(f"{path} holds a {type(sorting).__name__}, not a sorting")
     return sorting
@@ -270,8 +288,14 @@ def recording_files(recording) -> list[Path]:
     def walk(node):
         if isinstance(node, dict):
             for key, value in node.items():
-                if key in ("file_path", "file_paths", "folder_path", "filename") and isinstance(value, (str, Path, list)):
-                    found.extend(Path(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, (str, Path)))
+                if key in ("file_path", "file_paths", "folder_path", "filename") and isinstance(
+                    value, (str, Path, list)
+                ):
+                    found.extend(
+                        Path(v)
+                        for v in (value if isinstance(value, list) else [value])
+                        if isinstance(v, (str, Path))
+                    )
                 else:
                     walk(value)
         elif isinstance(node, (list, tuple)):
@@ -304,7 +328,9 @@ def check_output_folder(out: str | Path, overwrite: bool) -> Path:
     try:  # os.access says yes to root even on read-only mounts: really try
         os.rmdir(tempfile.mkdtemp(prefix=".locsort-write-check-", dir=parent))
     except OSError as exc:
-        raise UsageError(f"cannot write to {parent} ({exc.strerror}): choose another output folder") from None
+        raise UsageError(
+            f"cannot write to {parent} ({exc.strerror}): choose another output folder"
+        ) from None
     return out
 
 
@@ -333,8 +359,10 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in NO_SPACE:
-            raise LocsortError(f"no space left to write {out} ({exc.strerror}); nothing was written there. Free some "
-                               "space and run the same command again: the finished work is kept") from exc
+            raise LocsortError(
+                f"no space left to write {out} ({exc.strerror}); nothing was written there. Free some "
+                "space and run the same command again: the finished work is kept"
+            ) from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -359,8 +387,10 @@ def write_atomic(path: str | Path, write) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in NO_SPACE:
-            raise LocsortError(f"no space left to write {path} ({exc.strerror}); free some space and run the same "
-                               "command again: finished work is kept") from exc
+            raise LocsortError(
+                f"no space left to write {path} ({exc.strerror}); free some space and run the same "
+                "command again: finished work is kept"
+            ) from exc
         raise
 
 

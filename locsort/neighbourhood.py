@@ -55,13 +55,17 @@ class Neighbourhood:
                 members = np.flatnonzero(shank_ids == shank)
                 tree = cKDTree(positions[members])
                 targets = positions[members][:, None, :] + lattice[None]
-                dist, nearest = tree.query(targets.reshape(-1, 2), distance_upper_bound=_TOLERANCE_UM)
+                dist, nearest = tree.query(
+                    targets.reshape(-1, 2), distance_upper_bound=_TOLERANCE_UM
+                )
                 found = np.isfinite(dist)
                 slot = np.full(len(dist), -1)
                 slot[found] = members[nearest[found]]
                 index[members] = slot.reshape(len(members), size)
             self.index = index
-            self.offsets = np.broadcast_to(lattice.astype(np.float32), (num_channels, size, 2)).copy()
+            self.offsets = np.broadcast_to(
+                lattice.astype(np.float32), (num_channels, size, 2)
+            ).copy()
         else:
             self.regular = False
             k = min(size, num_channels)
@@ -111,7 +115,9 @@ class Neighbourhood:
         sums = sums[np.linalg.norm(sums, axis=1) > _TOLERANCE_UM]
         # sums beyond the probe's extent (e.g. 2 column pitches on a 2-column shank) cannot exist
         span = np.abs(unique).max(axis=0) + _TOLERANCE_UM
-        within = sums[(np.linalg.norm(sums, axis=1) <= norms.max()) & np.all(np.abs(sums) <= span, axis=1)]
+        within = sums[
+            (np.linalg.norm(sums, axis=1) <= norms.max()) & np.all(np.abs(sums) <= span, axis=1)
+        ]
         if len(within) == 0:
             return None
         hit, _ = cKDTree(unique).query(within, distance_upper_bound=_TOLERANCE_UM)
@@ -124,7 +130,10 @@ class Neighbourhood:
         ``max_count``, the nearest ``max_count`` of them, nearest first."""
         tree = cKDTree(self.positions)
         lists = tree.query_ball_point(self.positions, r=radius_um + 1e-6)
-        lists = [[j for j in sorted(lst) if self.shank_ids[j] == self.shank_ids[i]] for i, lst in enumerate(lists)]
+        lists = [
+            [j for j in sorted(lst) if self.shank_ids[j] == self.shank_ids[i]]
+            for i, lst in enumerate(lists)
+        ]
         if max_count is not None:
             for i, lst in enumerate(lists):
                 distance = np.linalg.norm(self.positions[lst] - self.positions[i], axis=1)
@@ -136,13 +145,17 @@ class Neighbourhood:
         return out
 
 
-def gather_windows(traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, before: int, after: int) -> np.ndarray:
+def gather_windows(
+    traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, before: int, after: int
+) -> np.ndarray:
     """(n, before+after, M) windows of ``traces`` (T, C) around ``rows`` on ``channels`` (n, M).
 
     Channel -1 (virtual) reads zeros. Rows must leave ``before``/``after`` samples inside
     ``traces`` (the chunk margin guarantees it).
     """
-    windows = np.ascontiguousarray(_channel_snippets(traces, rows, channels, before, after).transpose(0, 2, 1))
+    windows = np.ascontiguousarray(
+        _channel_snippets(traces, rows, channels, before, after).transpose(0, 2, 1)
+    )
     virtual = channels < 0
     if virtual.any():
         np.putmask(windows, np.broadcast_to(virtual[:, None, :], windows.shape), 0.0)
@@ -155,7 +168,9 @@ def _channel_snippets(traces, rows, channels, before, after) -> np.ndarray:
     slots (-1) read channel 0."""
     if len(rows) == 0:  # traces may then be shorter than a window
         return np.zeros((0, channels.shape[1], before + after), traces.dtype)
-    windows = np.lib.stride_tricks.sliding_window_view(traces, before + after, axis=0)  # (T - span + 1, C, span)
+    windows = np.lib.stride_tricks.sliding_window_view(
+        traces, before + after, axis=0
+    )  # (T - span + 1, C, span)
     return windows[(rows - before)[:, None], np.where(channels < 0, 0, channels)]
 
 
@@ -164,7 +179,9 @@ def peak_amplitudes(windows: np.ndarray) -> np.ndarray:
     return -windows.min(axis=1)
 
 
-def peak_amplitudes_at(traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, half: int) -> np.ndarray:
+def peak_amplitudes_at(
+    traces: np.ndarray, rows: np.ndarray, channels: np.ndarray, half: int
+) -> np.ndarray:
     """``peak_amplitudes`` of the windows ``rows`` +- ``half`` on ``channels`` (n, M), without
     building them: a running minimum over the window's 2 half + 1 time offsets, each one
     gather of (n, M) samples (~4x faster than the (n, 2 half + 1, M) fancy index).
@@ -212,12 +229,20 @@ class AmplitudeReader:
         where += f" on each snippet projected on {self.basis.shape[1]} temporal principal components of the recording's spikes"
         if self.components is None:
             return where
-        return where + (f", the neighbourhood's coefficients denoised on {self.components.shape[1]} spatio-temporal "
-                        "components of the recording's spikes (Wiener gains)")
+        return where + (
+            f", the neighbourhood's coefficients denoised on {self.components.shape[1]} spatio-temporal "
+            "components of the recording's spikes (Wiener gains)"
+        )
 
     def with_denoiser(self, components: np.ndarray, gains: np.ndarray) -> "AmplitudeReader":
-        return AmplitudeReader(self.before, self.after, self.half, self.basis, components.astype(np.float32),
-                               gains.astype(np.float32))
+        return AmplitudeReader(
+            self.before,
+            self.after,
+            self.half,
+            self.basis,
+            components.astype(np.float32),
+            gains.astype(np.float32),
+        )
 
     @cached_property
     def _filters(self) -> np.ndarray:
@@ -228,7 +253,9 @@ class AmplitudeReader:
     @cached_property
     def _near(self) -> np.ndarray:
         """(2 half + 1, P): the basis at the samples near the spike."""
-        return np.ascontiguousarray(self.basis[self.before - self.half : self.before + self.half + 1])
+        return np.ascontiguousarray(
+            self.basis[self.before - self.half : self.before + self.half + 1]
+        )
 
     def _denoised(self, coefficients: np.ndarray) -> np.ndarray:
         """(n, K, 2 half + 1) near the spike, from (n, K, P) temporal coefficients (virtual slots 0)."""
@@ -240,10 +267,14 @@ class AmplitudeReader:
     def of_windows(self, windows: np.ndarray) -> np.ndarray:
         """(n, M) from (n, before + after, M) snippets."""
         if self.basis is None:
-            return peak_amplitudes(windows[:, self.before - self.half : self.before + self.half + 1])
+            return peak_amplitudes(
+                windows[:, self.before - self.half : self.before + self.half + 1]
+            )
         if self.components is None:
             return -np.matmul(self._filters.T, windows).min(axis=1)
-        coefficients = np.matmul(windows.transpose(0, 2, 1).astype(np.float32, copy=False), self.basis)
+        coefficients = np.matmul(
+            windows.transpose(0, 2, 1).astype(np.float32, copy=False), self.basis
+        )
         amplitudes = -self._denoised(coefficients).min(axis=2)
         amplitudes[~windows.any(axis=1)] = 0.0  # virtual slots (zero windows): as ``at`` reads them
         return amplitudes
@@ -254,21 +285,26 @@ class AmplitudeReader:
             return peak_amplitudes_at(traces, rows, channels, self.half)
         # snippets gathered channel-major, (n * M, T), so that the projection is one matrix product
         span = self.before + self.after
-        snippets = _channel_snippets(traces, rows, channels, self.before, self.after).reshape(-1, span)
+        snippets = _channel_snippets(traces, rows, channels, self.before, self.after).reshape(
+            -1, span
+        )
         if self.components is None:
             # made (2 half + 1, n * M) so that the minimum runs across rows: a minimum along each
             # row of 2 half + 1 values took twice as long as the product itself
             amplitudes = -(self._filters.T @ snippets.T).min(axis=0).reshape(channels.shape)
         else:
             coefficients = (snippets @ self.basis).reshape(*channels.shape, -1)
-            coefficients[channels < 0] = 0.0  # virtual slots read channel 0: they must not reach the others
+            coefficients[channels < 0] = (
+                0.0  # virtual slots read channel 0: they must not reach the others
+            )
             amplitudes = -self._denoised(coefficients).min(axis=2)
         amplitudes[channels < 0] = 0.0
         return amplitudes
 
 
-def fit_amplitude_basis(snippets: np.ndarray, half: int, before: int, num_components: int,
-                        channels_per_spike: int = 5) -> np.ndarray | None:
+def fit_amplitude_basis(
+    snippets: np.ndarray, half: int, before: int, num_components: int, channels_per_spike: int = 5
+) -> np.ndarray | None:
     """(T, P) temporal principal components of (n, T, K) µV spike snippets on their
     neighbourhoods, from each spike's ``channels_per_spike`` largest channels (where its shape
     is above the noise), not centred: a zero snippet stays zero. None with fewer than 50 spikes."""
@@ -276,14 +312,26 @@ def fit_amplitude_basis(snippets: np.ndarray, half: int, before: int, num_compon
         return None
     size = -snippets[:, before - half : before + half + 1].min(axis=1)  # (n, K)
     largest = np.argsort(-size, axis=1)[:, :channels_per_spike]
-    shapes = np.take_along_axis(snippets, largest[:, None, :], axis=2).transpose(0, 2, 1).reshape(-1, snippets.shape[1])
+    shapes = (
+        np.take_along_axis(snippets, largest[:, None, :], axis=2)
+        .transpose(0, 2, 1)
+        .reshape(-1, snippets.shape[1])
+    )
     _, _, vt = np.linalg.svd(shapes.astype(np.float64), full_matrices=False)
     return vt[:num_components].T.astype(np.float32)
 
 
-def fit_amplitude_denoiser(windows: np.ndarray, centres: np.ndarray, basis: np.ndarray, index: np.ndarray,
-                           noise_covariance: np.ndarray, noise_autocorrelation: np.ndarray, min_gain: float,
-                           max_spikes: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+def fit_amplitude_denoiser(
+    windows: np.ndarray,
+    centres: np.ndarray,
+    basis: np.ndarray,
+    index: np.ndarray,
+    noise_covariance: np.ndarray,
+    noise_autocorrelation: np.ndarray,
+    min_gain: float,
+    max_spikes: int = 20_000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Spatio-temporal denoiser of channel amplitudes: (components (K P, r), gains (r,)) for
     ``AmplitudeReader``, or None (too few spikes, or nothing passes ``min_gain``).
 
@@ -301,8 +349,14 @@ def fit_amplitude_denoiser(windows: np.ndarray, centres: np.ndarray, basis: np.n
         return None
     pick = np.sort(np.random.default_rng(seed).permutation(n)[:max_spikes])
     # float64 products in blocks of 1,000 spikes: a float64 copy of all 20,000 snippets would take ~200 MB
-    coefficients = np.concatenate([(windows[block].astype(np.float64).transpose(0, 2, 1) @ basis).reshape(len(block), k * p)
-                                   for block in np.array_split(pick, -(-len(pick) // 1000))])
+    coefficients = np.concatenate(
+        [
+            (windows[block].astype(np.float64).transpose(0, 2, 1) @ basis).reshape(
+                len(block), k * p
+            )
+            for block in np.array_split(pick, -(-len(pick) // 1000))
+        ]
+    )
     total, vectors = np.linalg.eigh(coefficients.T @ coefficients / len(pick))
     total, vectors = total[::-1], vectors[:, ::-1]
     # the noise model in the coefficients: channels (K, K) averaged over the spikes' neighbourhoods, time (P, P)
@@ -310,7 +364,11 @@ def fit_amplitude_denoiser(windows: np.ndarray, centres: np.ndarray, basis: np.n
     slots = index[used]
     real = slots >= 0
     safe = np.where(real, slots, 0)
-    per_centre = np.where(real[:, :, None] & real[:, None, :], noise_covariance[safe[:, :, None], safe[:, None, :]], 0.0)
+    per_centre = np.where(
+        real[:, :, None] & real[:, None, :],
+        noise_covariance[safe[:, :, None], safe[:, None, :]],
+        0.0,
+    )
     spatial = np.einsum("u,ukl->kl", counts / counts.sum(), per_centre)
     lags = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
     temporal = basis.T @ noise_autocorrelation[lags] @ basis

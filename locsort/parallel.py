@@ -42,7 +42,9 @@ def read_chunk(recording, chunk: Chunk, margin: int) -> tuple[np.ndarray, int]:
     first = max(chunk.start - margin, 0)
     last = min(chunk.end + margin, n)
     try:
-        traces = recording.get_traces(segment_index=chunk.segment_index, start_frame=first, end_frame=last)
+        traces = recording.get_traces(
+            segment_index=chunk.segment_index, start_frame=first, end_frame=last
+        )
         traces = np.asarray(traces, dtype=np.float32)
     except Exception as exc:  # a file removed, truncated or unreadable while the run goes on
         raise LocsortError(
@@ -50,9 +52,13 @@ def read_chunk(recording, chunk: Chunk, margin: int) -> tuple[np.ndarray, int]:
             f"{exc}; was the file moved, truncated or changed during the run?"
         ) from exc
     if traces.shape[0] != last - first:
-        raise LocsortError(f"{describe_files(recording)} ended early: {traces.shape[0]} samples read at segment "
-                           f"{chunk.segment_index}, sample {first}, where {last - first} were expected (truncated file?)")
-    if traces.size and not (np.isfinite(traces.min()) and np.isfinite(traces.max())):  # NaN propagates; SIMD reductions, no boolean copy
+        raise LocsortError(
+            f"{describe_files(recording)} ended early: {traces.shape[0]} samples read at segment "
+            f"{chunk.segment_index}, sample {first}, where {last - first} were expected (truncated file?)"
+        )
+    if traces.size and not (
+        np.isfinite(traces.min()) and np.isfinite(traces.max())
+    ):  # NaN propagates; SIMD reductions, no boolean copy
         row = int(np.flatnonzero(~np.isfinite(traces).all(axis=1))[0])
         raise LocsortError(
             f"the recording has NaN or Inf samples (segment {chunk.segment_index}, sample {first + row}); "

@@ -16,17 +16,25 @@ class Params:
     preprocess: bool = True  # band-pass + common reference; turn off for already-filtered data
     freq_min: float = 300.0  # Hz, high-pass edge: removes LFP below the spike band
     freq_max: float = 6000.0  # Hz, low-pass edge: spikes carry little power above
-    common_reference: str = "median"  # "median", "average" or "none": removes noise shared by all channels
-    filter_direction: str = "forward-backward"  # "forward-backward" (zero phase) or "forward" (causal, ~3x cheaper)
+    common_reference: str = (
+        "median"  # "median", "average" or "none": removes noise shared by all channels
+    )
+    filter_direction: str = (
+        "forward-backward"  # "forward-backward" (zero phase) or "forward" (causal, ~3x cheaper)
+    )
     # 2 flat + 1 noisy of 64 channels (bench_bad_channels.py, 60 s generated): accuracy 0.855 / 1 FP unit kept
     # as they are, 0.873 / 0 interpolated (intact 0.873 / 0); median location error 8.10 -> 5.83 µm (intact 5.82)
     bad_channels: str = "auto"  # channels interpolated from their neighbours (SpikeInterface's interpolate_bad_channels) before the common reference: "auto" finds flat and very noisy ones (bad_channel_flat, bad_channel_noisy), "none" keeps every channel, or comma-separated channel ids
-    bad_channel_flat: float = 0.2  # "auto": band-passed noise level below this x the median channel's: flat (dead)
+    bad_channel_flat: float = (
+        0.2  # "auto": band-passed noise level below this x the median channel's: flat (dead)
+    )
     bad_channel_noisy: float = 5.0  # ... above this x the median channel's: noisy (SpikeInterface's detect_bad_channels std/mad threshold)
 
     # --- chunking (every pass over the traces) ---
     chunk_duration: float = 1.0  # s of traces per chunk: memory per chunk, independent of duration
-    chunk_margin_ms: float = 2.0  # ms read on each side of a chunk so that windows never cut a spike
+    chunk_margin_ms: float = (
+        2.0  # ms read on each side of a chunk so that windows never cut a spike
+    )
 
     # --- detection ---
     detect_method: str = "matched"  # "matched": threshold each channel's correlation with the recording's mean spike shape (detect.py); "peak": the traces themselves
@@ -34,8 +42,12 @@ class Params:
     detect_sweep_ms: float = 0.3  # ms: a peak must be the minimum within +/- this time ...
     detect_radius_um: float = 60.0  # ... and among the channels within this distance (40 / 60 / 80 µm with ground-truth labels: np128 accuracy 0.918 / 0.926 / 0.921, np64 0.822 / 0.824 / 0.816; NOTES.md session 12)
     matched_filter_ms_before: float = 0.5  # ms of the spike prototype before its trough ...
-    matched_filter_ms_after: float = 0.8  # ... and after (covers the trough and the repolarization peak)
-    noise_chunks: int = 20  # random 10,000-sample slices per segment used to estimate per-channel noise
+    matched_filter_ms_after: float = (
+        0.8  # ... and after (covers the trough and the repolarization peak)
+    )
+    noise_chunks: int = (
+        20  # random 10,000-sample slices per segment used to estimate per-channel noise
+    )
 
     # --- neighbourhood (fixed-shape channel window around the centre channel) ---
     neighbourhood_channels: int = 25  # lattice positions per neighbourhood (5 x 5 on a square grid)
@@ -52,7 +64,9 @@ class Params:
     localization_method: str = "locsort"  # "locsort" (amortized Bayesian) or "center_of_mass"
     com_channels: int = 9  # centre-of-mass baseline (and fallback): number of nearest real channels
     decay_law: str = "exponential"  # amplitude vs distance: "exponential" or "monopole" (1/r)
-    source_offset_um: float = 8.0  # SD per axis of soma vs point source (model.py): widens x/y posterior SDs
+    source_offset_um: float = (
+        8.0  # SD per axis of soma vs point source (model.py): widens x/y posterior SDs
+    )
     # Off by default: on the five benchmark recordings 10 µV gave the same or worse errors at 2-3x the
     # training time of the same number of epochs without it (BENCHMARKS.md, session 11 in NOTES.md)
     jitter_uv: float = 0.0  # amplitude jitter (the paper's): channels within this many µV of the largest also serve as centre (0: off)
@@ -77,12 +91,16 @@ class Params:
     # shipped encoder 8.61 / 9.56 / 10.95 / 6.10 / 9.87 (but square MEA 30 µV +-1 SD covers 0.84-0.86 of the true x, from
     # scratch 0.74-0.78); sort accuracy np64 / np128, seeds 0-2, 0.876 / 0.968 -> 0.873 / 0.967
     encoder_init: str = "pretrained"  # "pretrained": the shipped encoder for this probe's neighbourhood layout (Neuropixels-1.0-like staggered columns, 15 µm square MEA) when there is one, else from scratch; "none": from scratch; or a saved encoder (.safetensors) of the same probe type
-    encoder_init_epochs: int = 10  # training epochs from a pretrained start (from scratch: encoder_max_epochs)
+    encoder_init_epochs: int = (
+        10  # training epochs from a pretrained start (from scratch: encoder_max_epochs)
+    )
     min_training_spikes: int = 300  # fewer spikes: fall back to centre of mass (and say so)
     encoder_path: str = ""  # a saved encoder (.safetensors) to use instead of training one
 
     # --- training sample (bounded, drawn across the whole recording) ---
-    sample_chunks: int = 30  # chunks read to fit waveform PCA / models: bounded, spread over the recording
+    sample_chunks: int = (
+        30  # chunks read to fit waveform PCA / models: bounded, spread over the recording
+    )
     max_training_spikes: int = 50_000  # spikes kept from those chunks
     # clustering needs ~200 spikes per unit. Seeds 0-2, np64 (0.8 units and 10 detected spikes per channel a second): 30 / 15 /
     # 10 chunks 0.8736 / 0.8729 / 0.8740 (1 FP unit on each seed); 150 a channel (16 chunks) 0.8725, 1 FP unit on each seed; 200
@@ -95,7 +113,9 @@ class Params:
     sorter: str = "neural"  # "neural": cluster a training sample, train the network on it, let it assign every spike; "cluster": cluster every spike
     neural_backbone: str = "pretrained"  # backbone to fine-tune: "pretrained" (shipped), "none" (from scratch) or a .safetensors path
     neural_epochs: int = 30  # upper bound; early stopping on held-out loss usually ends sooner
-    neural_lr: float = 3e-3  # Adam learning rate of the head (a pretrained backbone learns at 0.3 x this)
+    neural_lr: float = (
+        3e-3  # Adam learning rate of the head (a pretrained backbone learns at 0.3 x this)
+    )
     neural_batch_size: int = 256  # candidate windows per step
     neural_frozen_epochs: int = 10  # a pretrained backbone stays frozen this many epochs while the new (imprinted) head trains, then all is fine-tuned
     neural_ensemble: int = 0  # networks trained from different seeds, probabilities averaged; 0: 3 with a user's labels limited to K per unit (first 10 per unit, np64: 0.805 -> 0.820), else 1 (all first-half labels 0.843 -> 0.846 at twice the time; own clustering np128 0.925 -> 0.926)
@@ -107,9 +127,13 @@ class Params:
     neural_threshold: float = 0.5  # a candidate is a spike when its units' probabilities add up above this; it goes to its most probable unit
     neural_peel: bool = True  # subtract the assigned spikes' unit templates from each chunk and detect again under them (overlapping spikes; sort/peel.py)
     peel_radius_um: float = 100.0  # peeling templates cover the channels within this distance of the unit's usual centre (wider than detect_radius_um: a large spike's edges cross the threshold too; np64 accuracy 0.841 at the 25-channel neighbourhood -> 0.847)
-    peel_max_channels: int = 40  # ... at most this many, the nearest (dense arrays: bounds the training sample's memory)
+    peel_max_channels: int = (
+        40  # ... at most this many, the nearest (dense arrays: bounds the training sample's memory)
+    )
     neural_rescue_min_probability: float = 0.1  # a candidate the network rejects goes to the best-fitting template among its 3 most probable units of at least this probability (overlapping spikes; 1: off; np64 0.847 -> 0.849, np128 0.923 -> 0.926; 0.05 / 0.1 and fit 0.3 / 0.5 / 0.7 within 0.001)
-    neural_rescue_min_fit: float = 0.5  # ... when that template removes at least this fraction of its energy at the spike
+    neural_rescue_min_fit: float = (
+        0.5  # ... when that template removes at least this fraction of its energy at the spike
+    )
     peel_detect_threshold: float = 4.0  # the residual is searched at this threshold (x noise level), under the subtracted spikes and wherever the first pass found nothing: faint units' spikes between this and detect_threshold (session 23, with lagged_copy_min_share: 5.5 -> 4.5 np64 0.849 / 43 -> 0.869 / 44, np128 0.929 / 46 -> 0.944 / 46; session 24, with neural_peel_min_z: 4.5 / 4.0 / 3.5 np64 0.869 / 0.871 / 0.871, np128 0.962 / 0.963 / 0.963)
     neural_peel_threshold: float = 0.6  # a spike found under others must be this probable (the residual holds leftovers of imperfect subtraction; session 12, before the fit and noise tests below: 0.5 / 0.8 / 0.95 np64 0.831 / 0.834 / 0.837; session 25, with them, mean of seeds 0-2: 0.95 -> 0.6 np64 0.8709 -> 0.8729, np128 0.9595 -> 0.9604, higher on every seed; 0.5 / 0.8 like 0.6)
     neural_peel_min_fit: float = 0.3  # ... and one its unit's template fits: least squares removes at least this fraction of the template's energy from the residual (leftovers of imperfect subtraction: np64 0.837 -> 0.843, np128 0.917 -> 0.918; NOTES.md session 12)
@@ -121,25 +145,37 @@ class Params:
     # 7: 0.9458 / 0.8579 (NOTES.md session 33)
     neural_min_z: float = 4.5  # (0: off)
     neural_min_z_shift_ms: float = 0.3  # ... a unit detected on another channel than usual peaks up to ~0.3 ms off its template's time (np128 #47: 186 spikes 6-9 samples late; searched at +-1 sample, the test at 4 removed them: np128 seed 0 0.9641, at +-0.3 ms 0.9686)
-    neural_refractory_ms: float = 0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)
-    label_max_spikes_per_unit: int = 0  # with user labels: train on the first K spikes of each unit (0: all)
+    neural_refractory_ms: float = (
+        0.5  # one unit's candidates closer than this are one spike (the local maximum is kept)
+    )
+    label_max_spikes_per_unit: int = (
+        0  # with user labels: train on the first K spikes of each unit (0: all)
+    )
     label_tolerance_ms: float = 0.4  # a labelled spike marks the nearest candidate within this (SpikeInterface's match tolerance)
 
     # --- clustering ---
     waveform_pcs: int = 3  # temporal principal components kept per neighbourhood channel
-    cluster_pcs: int = 2  # whitened PCs of the centre-channel waveform used for clustering (as the paper)
+    cluster_pcs: int = (
+        2  # whitened PCs of the centre-channel waveform used for clustering (as the paper)
+    )
     cluster_min_size: int = 25  # HDBSCAN min_cluster_size: fewer spikes than this is not a unit
-    cluster_sample: int = 40_000  # spikes clustered by HDBSCAN; the rest are assigned by nearest neighbours
+    cluster_sample: int = (
+        40_000  # spikes clustered by HDBSCAN; the rest are assigned by nearest neighbours
+    )
     split_max_rounds: int = 3  # neural path: each cluster is split again on its multi-channel waveforms (sort/split.py) up to this many times (0: never)
     merge_min_similarity: float = 0.95  # merge clusters whose templates agree this well (cosine over shared contacts; 1: never)
-    merge_max_amplitude_ratio: float = 1.5  # ... and whose template sizes differ by at most this factor
+    merge_max_amplitude_ratio: float = (
+        1.5  # ... and whose template sizes differ by at most this factor
+    )
     merge_max_shift_ms: float = 0.3  # ... also when one template is shifted by up to this (one neuron detected on channels its spike reaches at different times; 0: lag 0 only)
     duplicate_unit_min_shared: float = 0.5  # a unit with this share of its spikes within duplicate_unit_max_lag_ms of a larger unit's repeats it and is removed (own labels only; 1: never); on the training sample's clusters too, whose copies become negatives the network learns to reject (np128 0.925 / 45 -> 0.929 / 46, #8's precision 0.68 -> 0.88; every pair with a coincidence is examined, not only SpikeInterface's agreement >= 0.2: FP units 2 -> 0)
     duplicate_unit_max_lag_ms: float = 0.8  # ... (late copies on far channels come 0.4-0.7 ms after the spike: np128 FP units 4 -> 2 at 0.8 ms, accuracy unchanged; np64 unchanged; NOTES.md session 20)
     lagged_copy_min_share: float = 0.02  # a unit's spikes at one fixed lag (within duplicate_unit_max_lag_ms) from a larger unit's are that unit's spikes detected again on far channels and are removed, when they are at least this share of its spikes and far above chance (sort/postprocess.lagged_copy_spikes; 1: never; at peel_detect_threshold 4.5, without it: np64 0.863 / 42, np128 0.934 / 45)
     cluster_adopt_min_fit: float = 0.5  # neural path: a training-sample spike the clustering left out goes to the cluster whose template removes at least this share of its own energy from it (the unit detected on another channel than usual; sort/peel.adopt; 1: never; np128 0.944 / 46 -> 0.955 / 48, np64 0.869 / 44 -> 0.867 / 44; NOTES.md session 24)
     cluster_adopt_max_residual: float = 1.3  # ... and leaves at most this multiple of the noise energy expected on the spike's footprint (the template explains the spike down to the noise, not only part of it; without this test np128 fell to 0.915; 1.15 / 1.5: 0.956 / 0.955)
-    cluster_location_scale_um: float = 5.0  # µm that count as one unit of distance in the clustering space
+    cluster_location_scale_um: float = (
+        5.0  # µm that count as one unit of distance in the clustering space
+    )
 
     # --- execution ---
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
@@ -180,7 +216,9 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise UsageError(
+            "--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto"
+        )
     if device not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
     return device

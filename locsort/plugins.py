@@ -44,13 +44,19 @@ def _localize_node_class():
             from .pipeline import _training_sample, fit_localizer, prepare
             from .spikes import check_peaks
 
-            LocalizeBase.__init__(self, recording, return_output=return_output, parents=parents, radius_um=radius_um)
+            LocalizeBase.__init__(
+                self, recording, return_output=return_output, parents=parents, radius_um=radius_um
+            )
             self._dtype = np.dtype(LOCATION_DTYPE)
             self._kwargs.update(params)
             values = {"preprocess": False, **params, "localization_method": "locsort"}
             self.prep = prepare(recording, Params.from_dict(values))
             self.localizer = make_localizer("locsort", self.prep.params)
-            peaks = check_peaks(_source_peaks(parents[0]), recording.get_num_channels(), recording.get_num_segments())
+            peaks = check_peaks(
+                _source_peaks(parents[0]),
+                recording.get_num_channels(),
+                recording.get_num_segments(),
+            )
             sample = _training_sample(self.prep, self.localizer, peaks, progress=False)
             fit_localizer(self.prep, self.localizer, sample, progress=False)
 
@@ -65,10 +71,16 @@ def _localize_node_class():
             if len(peaks) == 0:
                 return out
             # our windows may reach further than SpikeInterface's margin: pad with zeros
-            padded = np.pad(np.asarray(traces, dtype=np.float32), ((geo.margin, geo.margin), (0, 0)))
+            padded = np.pad(
+                np.asarray(traces, dtype=np.float32), ((geo.margin, geo.margin), (0, 0))
+            )
             rows = peaks["sample_index"].astype(np.int64) + geo.margin
-            batch = _features(padded, rows, peaks, None, self.prep.neighbourhood, geo, self.prep.amplitudes)
-            location = self.localizer.transform(self.localizer.observe(batch, self.prep.neighbourhood), self.prep.neighbourhood)
+            batch = _features(
+                padded, rows, peaks, None, self.prep.neighbourhood, geo, self.prep.amplitudes
+            )
+            location = self.localizer.transform(
+                self.localizer.observe(batch, self.prep.neighbourhood), self.prep.neighbourhood
+            )
             for name, _ in LOCATION_DTYPE:
                 out[name] = location[name]
             return out
@@ -102,7 +114,9 @@ def _sorter_class():
         def _run_from_folder(cls, sorter_output_folder, params, verbose):
             from .pipeline import save_sorting, sort
 
-            recording = cls.load_recording_from_folder(sorter_output_folder.parent, with_warnings=False)
+            recording = cls.load_recording_from_folder(
+                sorter_output_folder.parent, with_warnings=False
+            )
             sorting = sort(recording, params=dict(params), progress=verbose)
             save_sorting(sorting, sorter_output_folder / "sorting")
 

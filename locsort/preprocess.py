@@ -22,12 +22,19 @@ def band_pass(recording, params: Params | None = None):
     if params.preprocess:
         nyquist = recording.get_sampling_frequency() / 2
         freq_max = min(params.freq_max, 0.95 * nyquist)
-        recording = spre.bandpass_filter(recording, freq_min=params.freq_min, freq_max=freq_max, dtype="float32",
-                                         direction=params.filter_direction)
+        recording = spre.bandpass_filter(
+            recording,
+            freq_min=params.freq_min,
+            freq_max=freq_max,
+            dtype="float32",
+            direction=params.filter_direction,
+        )
     return recording
 
 
-def find_bad_channels(filtered, params: Params | None = None, slices: list[np.ndarray] | None = None) -> dict:
+def find_bad_channels(
+    filtered, params: Params | None = None, slices: list[np.ndarray] | None = None
+) -> dict:
     """Channels to interpolate from their neighbours, channel id -> why: those ``params.bad_channels``
     names, or with "auto" the flat and the very noisy ones. A channel's noise level is read on the
     band-passed traces ``filtered`` (band_pass; or on their noise ``slices``), before the common
@@ -42,8 +49,10 @@ def find_bad_channels(filtered, params: Params | None = None, slices: list[np.nd
         by_name = {str(c): c for c in ids}
         unknown = [c for c in given if c not in by_name]
         if unknown:
-            raise UsageError(f"bad_channels names channels the recording does not have: {', '.join(unknown)} "
-                             f"(its channel ids: {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''})")
+            raise UsageError(
+                f"bad_channels names channels the recording does not have: {', '.join(unknown)} "
+                f"(its channel ids: {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''})"
+            )
         return {by_name[c]: "named in bad_channels" for c in given}
     if len(ids) < 4:  # too few channels for a median to say what a normal channel is
         return {}
@@ -51,8 +60,10 @@ def find_bad_channels(filtered, params: Params | None = None, slices: list[np.nd
     # median on the benchmark recordings) at a quarter of the cost of all
     levels = noise_levels(filtered, params, slices[:5] if slices is not None else None)
     if not np.any(levels > 0):
-        raise LocsortError("every channel is flat: the recording holds no signal (check the file, its data offset, "
-                           "dtype and channel count)")
+        raise LocsortError(
+            "every channel is flat: the recording holds no signal (check the file, its data offset, "
+            "dtype and channel count)"
+        )
     typical = float(np.median(levels))
     bad = {}
     for channel, level in zip(ids, levels / max(typical, 1e-12)):
@@ -68,7 +79,11 @@ def preprocess(recording, params: Params | None = None, bad_channels=None):
     decides) interpolated from their neighbours, common-referenced, per ``params``."""
     params = params or Params()
     filtered = band_pass(recording, params)
-    return referenced(filtered, params, find_bad_channels(filtered, params) if bad_channels is None else bad_channels)
+    return referenced(
+        filtered,
+        params,
+        find_bad_channels(filtered, params) if bad_channels is None else bad_channels,
+    )
 
 
 def referenced(filtered, params: Params, bad_channels):
@@ -78,25 +93,35 @@ def referenced(filtered, params: Params, bad_channels):
     recording = filtered
     if len(bad_channels):
         if len(bad_channels) > recording.get_num_channels() // 2:
-            raise LocsortError(f"{len(bad_channels)} of {recording.get_num_channels()} channels are flat or noisy "
-                               f"({', '.join(map(str, list(bad_channels)[:8]))} ...): too few good ones to interpolate them from; "
-                               "check the recording and its probe file, or set bad_channels")
+            raise LocsortError(
+                f"{len(bad_channels)} of {recording.get_num_channels()} channels are flat or noisy "
+                f"({', '.join(map(str, list(bad_channels)[:8]))} ...): too few good ones to interpolate them from; "
+                "check the recording and its probe file, or set bad_channels"
+            )
         # kriging from the neighbouring channels (SpikeInterface's, as in the IBL pipeline): the channel
         # count and indices stay, so outputs refer to the recording's own channels
         recording = spre.interpolate_bad_channels(recording, bad_channel_ids=list(bad_channels))
     if params.preprocess and params.common_reference != "none":
-        recording = spre.common_reference(recording, reference="global", operator=params.common_reference)
+        recording = spre.common_reference(
+            recording, reference="global", operator=params.common_reference
+        )
     return recording
 
 
-def referenced_slices(slices: list[np.ndarray], filtered, params: Params, bad_channels) -> list[np.ndarray]:
+def referenced_slices(
+    slices: list[np.ndarray], filtered, params: Params, bad_channels
+) -> list[np.ndarray]:
     """``referenced`` applied to noise slices already read from ``filtered``: the processed
     recording's own noise slices (both steps act sample by sample), without band-passing them twice."""
     from spikeinterface.core import NumpyRecording
 
     if not len(bad_channels) and not (params.preprocess and params.common_reference != "none"):
         return slices
-    pieces = NumpyRecording(slices, sampling_frequency=filtered.get_sampling_frequency(), channel_ids=filtered.channel_ids)
+    pieces = NumpyRecording(
+        slices,
+        sampling_frequency=filtered.get_sampling_frequency(),
+        channel_ids=filtered.channel_ids,
+    )
     pieces.set_dummy_probe_from_locations(filtered.get_channel_locations())
     pieces = referenced(pieces, params, bad_channels)
     return _in_threads(lambda i: pieces.get_traces(segment_index=i), list(range(len(slices))))
@@ -111,9 +136,15 @@ def noise_slices(recording, params: Params | None = None) -> list[np.ndarray]:
     shortest = min(recording.get_num_samples(s) for s in range(recording.get_num_segments()))
     chunk = int(min(10_000, shortest))  # SpikeInterface's default slice length
     num_chunks = max(1, min(params.noise_chunks, shortest // max(chunk, 1)))
-    slices = get_random_sample_slices(recording, num_chunks_per_segment=num_chunks, chunk_size=chunk, seed=params.seed)
-    return _in_threads(lambda where: recording.get_traces(segment_index=where[0], start_frame=where[1], end_frame=where[2],
-                                                          return_in_uV=False), slices)
+    slices = get_random_sample_slices(
+        recording, num_chunks_per_segment=num_chunks, chunk_size=chunk, seed=params.seed
+    )
+    return _in_threads(
+        lambda where: recording.get_traces(
+            segment_index=where[0], start_frame=where[1], end_frame=where[2], return_in_uV=False
+        ),
+        slices,
+    )
 
 
 def _in_threads(function, items: list) -> list:
@@ -125,14 +156,21 @@ def _in_threads(function, items: list) -> list:
     return [done[i] for i in range(len(items))]
 
 
-def noise_levels(recording, params: Params | None = None, slices: list[np.ndarray] | None = None) -> np.ndarray:
+def noise_levels(
+    recording, params: Params | None = None, slices: list[np.ndarray] | None = None
+) -> np.ndarray:
     """Per-channel noise SD (MAD / 0.6745, averaged over random slices, as SpikeInterface's
     ``get_noise_levels``) of the preprocessed traces."""
     slices = slices if slices is not None else noise_slices(recording, params)
-    levels = np.mean(_in_threads(lambda t: _mad(np.ascontiguousarray(t.T)), slices), axis=0) / 0.6744897501960817
+    levels = (
+        np.mean(_in_threads(lambda t: _mad(np.ascontiguousarray(t.T)), slices), axis=0)
+        / 0.6744897501960817
+    )
     levels = np.asarray(levels, dtype=np.float32)
     if not np.all(np.isfinite(levels)):
-        raise LocsortError("the recording contains NaN or Inf samples; clean or interpolate them before sorting")
+        raise LocsortError(
+            "the recording contains NaN or Inf samples; clean or interpolate them before sorting"
+        )
     return levels
 
 
@@ -142,8 +180,9 @@ def _mad(rows: np.ndarray) -> np.ndarray:
     return np.median(np.abs(rows - np.median(rows, axis=1)[:, None]), axis=1)
 
 
-def noise_correlations(slices: list[np.ndarray], noise: np.ndarray, max_lag: int,
-                       max_samples: int = 30_000) -> tuple[np.ndarray, np.ndarray]:
+def noise_correlations(
+    slices: list[np.ndarray], noise: np.ndarray, max_lag: int, max_samples: int = 30_000
+) -> tuple[np.ndarray, np.ndarray]:
     """(C, C) covariance (µV²) across channels and (max_lag + 1,) autocorrelation in time of the
     noise, from the noise slices clipped at 4 SDs (spikes in the slices would otherwise count as
     noise). Noise on dense probes is spatially correlated (MEArec's distance-correlated noise,
@@ -155,7 +194,11 @@ def noise_correlations(slices: list[np.ndarray], noise: np.ndarray, max_lag: int
             break
         # C order: the lagged row slices below are then views (SpikeInterface may return Fortran-ordered
         # traces, whose row slices ravel into copies: 0.9 of 1.1 s on 128 channels)
-        part = np.clip(np.ascontiguousarray(traces[: max_samples - taken], dtype=np.float64), -4 * noise, 4 * noise)
+        part = np.clip(
+            np.ascontiguousarray(traces[: max_samples - taken], dtype=np.float64),
+            -4 * noise,
+            4 * noise,
+        )
         parts.append(part - part.mean(axis=0))
         taken += len(part)
     if not parts or taken <= max_lag + 1:
@@ -164,7 +207,14 @@ def noise_correlations(slices: list[np.ndarray], noise: np.ndarray, max_lag: int
     white = [p / np.sqrt(np.maximum(np.diag(covariance), 1e-12)) for p in parts]
     # lagged products summed over time and channels: one BLAS dot per lag on contiguous views
     # (elementwise products per lag took 1.2 s on 384 channels, this 0.2 s)
-    sums = np.array([sum(np.vdot(w[: len(w) - lag].ravel(), w[lag:].ravel()) for w in white) for lag in range(max_lag + 1)])
-    counts = np.array([sum(max(len(w) - lag, 1) * w.shape[1] for w in white) for lag in range(max_lag + 1)])
+    sums = np.array(
+        [
+            sum(np.vdot(w[: len(w) - lag].ravel(), w[lag:].ravel()) for w in white)
+            for lag in range(max_lag + 1)
+        ]
+    )
+    counts = np.array(
+        [sum(max(len(w) - lag, 1) * w.shape[1] for w in white) for lag in range(max_lag + 1)]
+    )
     autocorrelation = sums / counts
     return covariance, autocorrelation / autocorrelation[0]

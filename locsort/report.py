@@ -26,8 +26,12 @@ logger = logging.getLogger(__name__)
 
 DPI = 110
 MAX_TEMPLATE_UNITS = 64  # units drawn in templates.png, largest median |amplitude| first
-TEMPLATE_SPIKES_PER_UNIT = 100  # random spikes averaged per unit (fewer if the unit has fewer or the reads run out)
-MAX_TEMPLATE_READS = 400  # get_traces calls for all templates together (each filters all channels: ~15 ms at 384)
+TEMPLATE_SPIKES_PER_UNIT = (
+    100  # random spikes averaged per unit (fewer if the unit has fewer or the reads run out)
+)
+MAX_TEMPLATE_READS = (
+    400  # get_traces calls for all templates together (each filters all channels: ~15 ms at 384)
+)
 TEMPLATE_READ_S = 0.25  # length of the stretches read first, each holding many units' spikes
 TEMPLATE_TIME_BUDGET_S = 30.0  # stop reading traces after this and average what was read
 TEMPLATE_MS_BEFORE = 1.0
@@ -184,9 +188,12 @@ class _Context:
         self.fs = float(recording.get_sampling_frequency())
         self.num_segments = int(recording.get_num_segments())
         self.segment_samples = np.array(
-            [int(recording.get_num_samples(segment_index=s)) for s in range(self.num_segments)], dtype=np.int64
+            [int(recording.get_num_samples(segment_index=s)) for s in range(self.num_segments)],
+            dtype=np.int64,
         )
-        self.segment_offset_s = np.concatenate([[0.0], np.cumsum(self.segment_samples)[:-1] / self.fs])
+        self.segment_offset_s = np.concatenate(
+            [[0.0], np.cumsum(self.segment_samples)[:-1] / self.fs]
+        )
         self.duration_s = float(self.segment_samples.sum() / self.fs)
         self.num_channels = int(recording.get_num_channels())
         self.channel_xy = np.asarray(recording.get_channel_locations(), dtype=float)[:, :2]
@@ -214,7 +221,11 @@ class _Context:
         self.num_units = int(max(sorting_units, (units.max() + 1) if n and units.max() >= 0 else 0))
         assigned = units >= 0
         self.assigned = assigned
-        self.unit_counts = np.bincount(units[assigned], minlength=self.num_units) if self.num_units else np.zeros(0, int)
+        self.unit_counts = (
+            np.bincount(units[assigned], minlength=self.num_units)
+            if self.num_units
+            else np.zeros(0, int)
+        )
         self.unit_colors = _unit_colors(self.num_units)
         # one random subset of spikes for every scatter plot
         if n > max_plotted:
@@ -242,8 +253,15 @@ def _as_spike_array(spikes) -> np.ndarray:
     spikes = np.asarray(spikes)
     if spikes.dtype.names is None:
         raise TypeError("spikes must be a structured array with locsort's spike fields")
-    needed = {"sample_index": np.int64, "segment_index": np.int32, "channel_index": np.int32,
-              "amplitude": np.float32, "x": np.float32, "y": np.float32, "unit_index": np.int32}
+    needed = {
+        "sample_index": np.int64,
+        "segment_index": np.int32,
+        "channel_index": np.int32,
+        "amplitude": np.float32,
+        "x": np.float32,
+        "y": np.float32,
+        "unit_index": np.int32,
+    }
     missing = [name for name in needed if name not in spikes.dtype.names]
     if not missing:
         return spikes.reshape(-1)
@@ -295,7 +313,9 @@ def _save(fig, path: Path) -> None:
 
 
 def _message_axes(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.3")
+    ax.text(
+        0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.3"
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -323,7 +343,9 @@ def _draw_probe(ax, ctx: _Context) -> None:
                     title=False,
                     contacts_colors="#d9c58c",
                     contact_kwargs=dict(alpha=0.8, edgecolor="0.55", lw=0.3, zorder=1),
-                    probe_shape_kwargs=dict(facecolor="#eeeeee", edgecolor="0.6", lw=0.6, alpha=1.0, zorder=0),
+                    probe_shape_kwargs=dict(
+                        facecolor="#eeeeee", edgecolor="0.6", lw=0.6, alpha=1.0, zorder=0
+                    ),
                     **kwargs,
                 )
             drawn = True
@@ -334,8 +356,12 @@ def _draw_probe(ax, ctx: _Context) -> None:
         from matplotlib.patches import Rectangle
 
         size = 0.6 * _contact_pitch(ctx.channel_xy)
-        patches = [Rectangle((cx - size / 2, cy - size / 2), size, size) for cx, cy in ctx.channel_xy]
-        ax.add_collection(PatchCollection(patches, facecolor="#d9c58c", edgecolor="0.55", lw=0.3, zorder=1))
+        patches = [
+            Rectangle((cx - size / 2, cy - size / 2), size, size) for cx, cy in ctx.channel_xy
+        ]
+        ax.add_collection(
+            PatchCollection(patches, facecolor="#d9c58c", edgecolor="0.55", lw=0.3, zorder=1)
+        )
     ax.set_xlabel("")
     ax.set_ylabel("")
     ax.set_title("")
@@ -433,14 +459,38 @@ def _figure_locations(path: Path, ctx: _Context, ground_truth) -> bool:
         x_cursor += w + gap
         _draw_probe(ax, ctx)
         if len(unassigned):
-            ax.scatter(ctx.x[unassigned], ctx.y[unassigned], s=dot, c=[UNASSIGNED_COLOR], alpha=alpha,
-                       linewidths=0, zorder=2, rasterized=True)
+            ax.scatter(
+                ctx.x[unassigned],
+                ctx.y[unassigned],
+                s=dot,
+                c=[UNASSIGNED_COLOR],
+                alpha=alpha,
+                linewidths=0,
+                zorder=2,
+                rasterized=True,
+            )
         if len(assigned):
-            ax.scatter(ctx.x[assigned], ctx.y[assigned], s=dot, c=ctx.spike_colors(assigned), alpha=alpha,
-                       linewidths=0, zorder=3, rasterized=True)
+            ax.scatter(
+                ctx.x[assigned],
+                ctx.y[assigned],
+                s=dot,
+                c=ctx.spike_colors(assigned),
+                alpha=alpha,
+                linewidths=0,
+                zorder=3,
+                rasterized=True,
+            )
         if gt_xy is not None and len(gt_xy):
-            ax.scatter(gt_xy[:, 0], gt_xy[:, 1], marker="x", s=45, c="black", linewidths=1.6, zorder=5,
-                       label="true unit position")
+            ax.scatter(
+                gt_xy[:, 0],
+                gt_xy[:, 1],
+                marker="x",
+                s=45,
+                c="black",
+                linewidths=1.6,
+                zorder=5,
+                label="true unit position",
+            )
         if ctx.num_units and ctx.num_units <= 40 and k == len(panels) - 1 and len(assigned):
             _label_units(ax, ctx, assigned, (a, b, c, d))
         if len(ctx.spikes) == 0:
@@ -461,12 +511,28 @@ def _figure_locations(path: Path, ctx: _Context, ground_truth) -> bool:
         if zoom is not None and k == 0:
             from matplotlib.patches import Rectangle
 
-            ax.add_patch(Rectangle((a, zoom[0]), b - a, zoom[1] - zoom[0], fill=False, edgecolor="red",
-                                   lw=1.0, zorder=6))
+            ax.add_patch(
+                Rectangle(
+                    (a, zoom[0]),
+                    b - a,
+                    zoom[1] - zoom[0],
+                    fill=False,
+                    edgecolor="red",
+                    lw=1.0,
+                    zorder=6,
+                )
+            )
     shown = len(sub)
     outside = 0
     if shown:
-        outside = int(np.sum((ctx.x[sub] < x_lo) | (ctx.x[sub] > x_hi) | (ctx.y[sub] < y_lo) | (ctx.y[sub] > y_hi)))
+        outside = int(
+            np.sum(
+                (ctx.x[sub] < x_lo)
+                | (ctx.x[sub] > x_hi)
+                | (ctx.y[sub] < y_lo)
+                | (ctx.y[sub] > y_hi)
+            )
+        )
     head = f"{len(ctx.spikes):,} spikes, {ctx.num_sorting_units} units; {shown:,} located spikes plotted"
     if outside:
         head += f" ({outside:,} outside the frame)"
@@ -476,9 +542,19 @@ def _figure_locations(path: Path, ctx: _Context, ground_truth) -> bool:
 
 
 def _panel_text(ax, text):
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="0.25",
-            rotation=90 if ax.get_position().height > 2 * ax.get_position().width else 0,
-            bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"), zorder=10)
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=10,
+        color="0.25",
+        rotation=90 if ax.get_position().height > 2 * ax.get_position().width else 0,
+        bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"),
+        zorder=10,
+    )
 
 
 def _label_units(ax, ctx: _Context, idx: np.ndarray, limits) -> None:
@@ -490,9 +566,20 @@ def _label_units(ax, ctx: _Context, idx: np.ndarray, limits) -> None:
         members = idx[units == u]
         mx, my = float(np.median(ctx.x[members])), float(np.median(ctx.y[members]))
         if a <= mx <= b and c <= my <= d:
-            ax.annotate(str(int(u)), (mx, my), xytext=(7, 5), textcoords="offset points", fontsize=7,
-                        fontweight="bold", color=ctx.unit_colors[u], ha="left", va="bottom", zorder=7,
-                        path_effects=[pe.withStroke(linewidth=2, foreground="white")], annotation_clip=True)
+            ax.annotate(
+                str(int(u)),
+                (mx, my),
+                xytext=(7, 5),
+                textcoords="offset points",
+                fontsize=7,
+                fontweight="bold",
+                color=ctx.unit_colors[u],
+                ha="left",
+                va="bottom",
+                zorder=7,
+                path_effects=[pe.withStroke(linewidth=2, foreground="white")],
+                annotation_clip=True,
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +607,9 @@ def _select_template_units(ctx: _Context) -> np.ndarray:
     return units[rank][:MAX_TEMPLATE_UNITS]
 
 
-def _template_reads(ctx: _Context, units: np.ndarray, nbefore: int, width: int) -> list[tuple[int, int, int, np.ndarray, np.ndarray]]:
+def _template_reads(
+    ctx: _Context, units: np.ndarray, nbefore: int, width: int
+) -> list[tuple[int, int, int, np.ndarray, np.ndarray]]:
     """Which traces to read for the templates: (segment, first frame, end frame, spike rows,
     their slots in ``units``) per read, at most ``MAX_TEMPLATE_READS`` reads, at most
     ``TEMPLATE_SPIKES_PER_UNIT`` spikes per unit.
@@ -531,7 +620,9 @@ def _template_reads(ctx: _Context, units: np.ndarray, nbefore: int, width: int) 
     around their own spikes. The demo (46 units, 60 s): 10 spikes per unit from 376 sparse
     reads before, 100 per unit from ~70 reads now (NOTES.md session 29)."""
     spikes, fs = ctx.spikes, ctx.fs
-    slot_of_unit = np.full(ctx.num_units + 1, -1, np.int64)  # unit index -> slot; the last entry serves -1 (unassigned)
+    slot_of_unit = np.full(
+        ctx.num_units + 1, -1, np.int64
+    )  # unit index -> slot; the last entry serves -1 (unassigned)
     slot_of_unit[units] = np.arange(len(units))
     seg_len = ctx.segment_samples[ctx.spike_seg] if len(spikes) else np.zeros(0, np.int64)
     start = spikes["sample_index"].astype(np.int64) - nbefore
@@ -562,9 +653,13 @@ def _template_reads(ctx: _Context, units: np.ndarray, nbefore: int, width: int) 
     # dense stretches: (segment, stretch) keys of every valid spike, visited in random order
     span = max(int(TEMPLATE_READ_S * fs), width)
     stretch = start[rows] // span
-    keys, key_of = np.unique(np.column_stack([ctx.spike_seg[rows], stretch]), axis=0, return_inverse=True)
+    keys, key_of = np.unique(
+        np.column_stack([ctx.spike_seg[rows], stretch]), axis=0, return_inverse=True
+    )
     key_of = key_of.ravel()
-    members = np.split(np.argsort(key_of, kind="stable"), np.cumsum(np.bincount(key_of, minlength=len(keys)))[:-1])
+    members = np.split(
+        np.argsort(key_of, kind="stable"), np.cumsum(np.bincount(key_of, minlength=len(keys)))[:-1]
+    )
     for k in ctx.rng.permutation(len(keys)):
         if len(reads) >= MAX_TEMPLATE_READS // 2 or not (need > 0).any():
             break
@@ -575,11 +670,19 @@ def _template_reads(ctx: _Context, units: np.ndarray, nbefore: int, width: int) 
     left = np.flatnonzero(~taken & (need[slots] > 0))
     if len(left) and len(reads) < MAX_TEMPLATE_READS:
         chosen = take(ctx.rng.permutation(left))  # random spikes of each unit, in time order
-        groups = np.split(chosen, np.flatnonzero((np.diff(start[rows[chosen]]) > width + int(0.02 * fs))
-                                                 | (np.diff(ctx.spike_seg[rows[chosen]]) != 0)) + 1)
+        groups = np.split(
+            chosen,
+            np.flatnonzero(
+                (np.diff(start[rows[chosen]]) > width + int(0.02 * fs))
+                | (np.diff(ctx.spike_seg[rows[chosen]]) != 0)
+            )
+            + 1,
+        )
         budget = MAX_TEMPLATE_READS - len(reads)
         if len(groups) > budget:
-            groups = [groups[i] for i in np.sort(ctx.rng.choice(len(groups), size=budget, replace=False))]
+            groups = [
+                groups[i] for i in np.sort(ctx.rng.choice(len(groups), size=budget, replace=False))
+            ]
         for group in groups:
             add_read(group)
     return reads
@@ -608,7 +711,10 @@ def _compute_templates(ctx: _Context, units: np.ndarray):
 
     def windows_of(read):  # (spikes, width, channels) µV of one read's spikes
         segment, first, end, rows, _ = read
-        traces = np.asarray(rec.get_traces(segment_index=segment, start_frame=first, end_frame=end, **kw), dtype=np.float64)
+        traces = np.asarray(
+            rec.get_traces(segment_index=segment, start_frame=first, end_frame=end, **kw),
+            dtype=np.float64,
+        )
         offsets = ctx.spikes["sample_index"][rows].astype(np.int64) - nbefore - first
         return traces[offsets[:, None] + np.arange(width)]
 
@@ -617,7 +723,9 @@ def _compute_templates(ctx: _Context, units: np.ndarray):
     # reads in one thread per core (filtering releases the GIL: the demo's 70 reads 3.5 -> 2 s), added
     # in read order so that the sums do not depend on which thread finished first
     arrived, added = {}, 0
-    for n_read, windows in LocalRunner().map(windows_of, reads, list(range(len(reads))), progress=False):
+    for n_read, windows in LocalRunner().map(
+        windows_of, reads, list(range(len(reads))), progress=False
+    ):
         arrived[n_read] = windows
         while added in arrived:
             slots, windows = reads[added][4], arrived.pop(added)
@@ -626,7 +734,9 @@ def _compute_templates(ctx: _Context, units: np.ndarray):
             np.add.at(counts, slots, 1)
             added += 1
         if time.perf_counter() - t0 > TEMPLATE_TIME_BUDGET_S:
-            ctx.notes_templates = f"trace reading stopped after {TEMPLATE_TIME_BUDGET_S:g} s ({added} reads)"
+            ctx.notes_templates = (
+                f"trace reading stopped after {TEMPLATE_TIME_BUDGET_S:g} s ({added} reads)"
+            )
             logger.info("report: %s", ctx.notes_templates)
             break
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -661,7 +771,15 @@ def _figure_templates(path: Path, ctx: _Context):
         color = ctx.unit_colors[u]
         if counts[k] == 0:
             ax.set_title(f"unit {u}", fontsize=8)
-            ax.text(0.5, 0.5, "no spike\nwindow read", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            ax.text(
+                0.5,
+                0.5,
+                "no spike\nwindow read",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=8,
+            )
             continue
         tmpl = mean[k]
         peak_per_channel = np.abs(tmpl).max(axis=0)
@@ -678,27 +796,42 @@ def _figure_templates(path: Path, ctx: _Context):
         amp = float(peak_per_channel[main]) or 1.0
         scale_y = 1.6 * pitch_y / amp
         # one collection for the waveforms and one for the ±SD bands (fast to draw)
-        xs = cx[:, None] + t[None, :] * span_x  # (channels, samples); the spike time at the channel's x
+        xs = (
+            cx[:, None] + t[None, :] * span_x
+        )  # (channels, samples); the spike time at the channel's x
         wave = tmpl[:, near].T
         dev = sd[k][:, near].T
         mid = cy[:, None] + wave * scale_y
         lo, hi = mid - dev * scale_y, mid + dev * scale_y
-        bands = [np.column_stack([np.r_[x, x[::-1]], np.r_[a, b[::-1]]]) for x, a, b in zip(xs, lo, hi)]
+        bands = [
+            np.column_stack([np.r_[x, x[::-1]], np.r_[a, b[::-1]]]) for x, a, b in zip(xs, lo, hi)
+        ]
         ax.add_collection(PolyCollection(bands, facecolors=[color], alpha=0.18, linewidths=0))
         lines = [np.column_stack([x, m]) for x, m in zip(xs, mid)]
         widths = np.where(near == main, 1.3, 0.9)
         ax.add_collection(LineCollection(lines, colors=[color], linewidths=widths))
         ax.autoscale_view()
         signed_peak = float(tmpl[np.argmax(np.abs(tmpl[:, main])), main])
-        ax.set_title(f"unit {u}  n={ctx.unit_counts[u]:,}\n{signed_peak:.0f} µV, y={xy[main, 1]:.0f} µm", fontsize=8)
+        ax.set_title(
+            f"unit {u}  n={ctx.unit_counts[u]:,}\n{signed_peak:.0f} µV, y={xy[main, 1]:.0f} µm",
+            fontsize=8,
+        )
         ax.margins(x=0.05, y=0.05)
-    note = f"{n} of {int(np.sum(ctx.unit_counts > 0))} units shown (largest median |amplitude| first); " \
-           f"up to {int(counts.max())} spikes averaged per unit"
+    note = (
+        f"{n} of {int(np.sum(ctx.unit_counts > 0))} units shown (largest median |amplitude| first); "
+        f"up to {int(counts.max())} spikes averaged per unit"
+    )
     if ctx.notes_templates:
         note += "; " + ctx.notes_templates
     fig.text(0.5, 1 - 0.08 / fig_h, note, ha="center", va="top", fontsize=8)
-    fig.subplots_adjust(left=side, right=1 - side, bottom=0.02 / fig_h * 2.5,
-                        top=1 - (top_in + 0.45) / fig_h, hspace=0.45 * 2.5 / cell_h, wspace=0.12)
+    fig.subplots_adjust(
+        left=side,
+        right=1 - side,
+        bottom=0.02 / fig_h * 2.5,
+        top=1 - (top_in + 0.45) / fig_h,
+        hspace=0.45 * 2.5 / cell_h,
+        wspace=0.12,
+    )
     _save(fig, path)
     return note + "."
 
@@ -711,7 +844,27 @@ def _figure_templates(path: Path, ctx: _Context):
 def _time_bin(duration: float, typical_count: float) -> float:
     """A round bin width giving at most 200 bins and, if possible, ~5 spikes of a typical unit per bin."""
     n_bins = float(np.clip(typical_count / 5.0, 10, 200)) if typical_count > 0 else 100.0
-    for b in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600):
+    for b in (
+        0.01,
+        0.02,
+        0.05,
+        0.1,
+        0.2,
+        0.5,
+        1,
+        2,
+        5,
+        10,
+        15,
+        30,
+        60,
+        120,
+        300,
+        600,
+        1200,
+        1800,
+        3600,
+    ):
         if duration / b <= n_bins:
             return float(b)
     return float(duration / n_bins)
@@ -732,8 +885,18 @@ def _figure_activity(path: Path, ctx: _Context):
     n_units_active = int(np.sum(ctx.unit_counts > 0))
     heat_h = 2.2 if n_units_active <= 10 else min(2.2 + 0.05 * n_units_active, 7.0)
     fig = _new_figure(12.0, 2.0 + heat_h + 3.0 + 1.2)
-    gs = fig.add_gridspec(3, 2, height_ratios=[2.0, heat_h, 3.0], width_ratios=[1, 0.018], hspace=0.35,
-                          wspace=0.02, left=0.07, right=0.93, top=0.96, bottom=0.07)
+    gs = fig.add_gridspec(
+        3,
+        2,
+        height_ratios=[2.0, heat_h, 3.0],
+        width_ratios=[1, 0.018],
+        hspace=0.35,
+        wspace=0.02,
+        left=0.07,
+        right=0.93,
+        top=0.96,
+        bottom=0.07,
+    )
     ax_rate = fig.add_subplot(gs[0, 0])
     ax_heat = fig.add_subplot(gs[1, 0], sharex=ax_rate)
     ax_amp = fig.add_subplot(gs[2, 0], sharex=ax_rate)
@@ -742,7 +905,14 @@ def _figure_activity(path: Path, ctx: _Context):
     ax_rate.stairs(total / widths, edges, color="k", lw=1, label="all detected", baseline=None)
     if ctx.assigned.any():
         assigned, _ = np.histogram(ctx.times_s[ctx.assigned], bins=edges)
-        ax_rate.stairs(assigned / widths, edges, color="tab:blue", lw=1, label="assigned to units", baseline=None)
+        ax_rate.stairs(
+            assigned / widths,
+            edges,
+            color="tab:blue",
+            lw=1,
+            label="assigned to units",
+            baseline=None,
+        )
     ax_rate.set_ylabel("spikes/s")
     ax_rate.legend(fontsize=8, loc="upper right", frameon=False, ncols=2)
     ax_rate.set_title(f"detection rate ({bw:g} s bins)", fontsize=9)
@@ -763,23 +933,39 @@ def _figure_activity(path: Path, ctx: _Context):
         idx = np.flatnonzero(ctx.assigned)
         rows = row_of[ctx.unit_index[idx]]
         ok = rows >= 0
-        h, _, _ = np.histogram2d(rows[ok], ctx.times_s[idx][ok], bins=[np.arange(len(order) + 1) - 0.5, edges])
+        h, _, _ = np.histogram2d(
+            rows[ok], ctx.times_s[idx][ok], bins=[np.arange(len(order) + 1) - 0.5, edges]
+        )
         rates = h / widths[None, :]
         vmax = float(np.percentile(rates[rates > 0], 99)) if np.any(rates > 0) else 1.0
-        mesh = ax_heat.pcolormesh(edges, np.arange(len(order) + 1) - 0.5, rates, cmap="magma", vmin=0,
-                                  vmax=max(vmax, 1e-9), shading="flat", rasterized=True)
+        mesh = ax_heat.pcolormesh(
+            edges,
+            np.arange(len(order) + 1) - 0.5,
+            rates,
+            cmap="magma",
+            vmin=0,
+            vmax=max(vmax, 1e-9),
+            shading="flat",
+            rasterized=True,
+        )
         cax = fig.add_subplot(gs[1, 1])
         fig.colorbar(mesh, cax=cax, label="Hz")
         ax_heat.set_ylim(-0.5, len(order) - 0.5)  # largest y at the top, as on the probe
         if len(order) <= 40:
             ax_heat.set_yticks(np.arange(len(order)))
-            ax_heat.set_yticklabels([str(int(u)) for u in order], fontsize=7 if len(order) > 15 else 8)
+            ax_heat.set_yticklabels(
+                [str(int(u)) for u in order], fontsize=7 if len(order) > 15 else 8
+            )
         else:
             from matplotlib.ticker import FuncFormatter
 
             ax_heat.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
             ax_heat.yaxis.set_major_formatter(
-                FuncFormatter(lambda v, _pos: str(int(order[int(v)])) if 0 <= int(v) < len(order) and v == int(v) else "")
+                FuncFormatter(
+                    lambda v, _pos: (
+                        str(int(order[int(v)])) if 0 <= int(v) < len(order) and v == int(v) else ""
+                    )
+                )
             )
         ax_heat.set_ylabel("unit (sorted by y)")
         ax_heat.set_title(f"firing rate of each unit ({len(order)} units with spikes)", fontsize=9)
@@ -794,14 +980,30 @@ def _figure_activity(path: Path, ctx: _Context):
         assigned_sub = sub[ctx.unit_index[sub] >= 0]
         dot = 5.0 if len(sub) < 2_000 else 2.0 if len(sub) < 20_000 else 1.0
         if len(unassigned):
-            ax_amp.scatter(ctx.times_s[unassigned], ctx.abs_amp[unassigned], s=dot, c=[UNASSIGNED_COLOR],
-                           linewidths=0, alpha=0.6, rasterized=True)
+            ax_amp.scatter(
+                ctx.times_s[unassigned],
+                ctx.abs_amp[unassigned],
+                s=dot,
+                c=[UNASSIGNED_COLOR],
+                linewidths=0,
+                alpha=0.6,
+                rasterized=True,
+            )
         if len(assigned_sub):
-            ax_amp.scatter(ctx.times_s[assigned_sub], ctx.abs_amp[assigned_sub], s=dot,
-                           c=ctx.spike_colors(assigned_sub), linewidths=0, alpha=0.7, rasterized=True)
+            ax_amp.scatter(
+                ctx.times_s[assigned_sub],
+                ctx.abs_amp[assigned_sub],
+                s=dot,
+                c=ctx.spike_colors(assigned_sub),
+                linewidths=0,
+                alpha=0.7,
+                rasterized=True,
+            )
         top = float(np.percentile(ctx.abs_amp[sub], 99.5)) * 1.1
         ax_amp.set_ylim(0, max(top, 1e-6))
-        ax_amp.set_title(f"|amplitude| of {len(sub):,} spikes (random subset, grey: unassigned)", fontsize=9)
+        ax_amp.set_title(
+            f"|amplitude| of {len(sub):,} spikes (random subset, grey: unassigned)", fontsize=9
+        )
     else:
         _message_axes(ax_amp, "no finite amplitudes")
     ax_amp.set_ylabel("|amplitude| (µV)")
@@ -855,14 +1057,18 @@ def _figure_accuracy(path: Path, ctx: _Context, accuracy: np.ndarray, ground_tru
         gt_ids = []
     if n <= 40 and len(gt_ids) == n:
         ax.set_xticks(np.arange(n))
-        ax.set_xticklabels([str(gt_ids[i]) for i in order], fontsize=7, rotation=90 if n > 15 else 0)
+        ax.set_xticklabels(
+            [str(gt_ids[i]) for i in order], fontsize=7, rotation=90 if n > 15 else 0
+        )
         ax.set_xlabel("ground-truth unit (sorted by accuracy)")
     else:
         ax.set_xlabel("ground-truth units, sorted by accuracy")
     ax.set_ylabel("accuracy")
     well = int(np.sum(acc >= ACCURACY_THRESHOLD))
-    ax.set_title(f"{well} of {n} ground-truth units with accuracy ≥ {ACCURACY_THRESHOLD:g}; mean {np.mean(acc):.3f}",
-                 fontsize=10)
+    ax.set_title(
+        f"{well} of {n} ground-truth units with accuracy ≥ {ACCURACY_THRESHOLD:g}; mean {np.mean(acc):.3f}",
+        fontsize=10,
+    )
     fig.tight_layout()
     _save(fig, path)
     return True
@@ -908,15 +1114,25 @@ def _figure_errors(path: Path, ctx: _Context, ground_truth, evaluation):
     over = int(np.sum(dist > cap))
     fig = _new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
-    ax.hist(np.minimum(dist, cap), bins=np.linspace(0, cap, 51), color="tab:blue", edgecolor="white", lw=0.3)
+    ax.hist(
+        np.minimum(dist, cap),
+        bins=np.linspace(0, cap, 51),
+        color="tab:blue",
+        edgecolor="white",
+        lw=0.3,
+    )
     med = float(np.median(dist))
     ax.axvline(med, color="k", ls="--", lw=1)
     ax.set_xlim(0, cap)
-    ax.set_xlabel("2-D distance to the true unit position (µm)"
-                  + (f"; the last bin also holds {over:,} spikes > {cap:g} µm" if over else ""))
+    ax.set_xlabel(
+        "2-D distance to the true unit position (µm)"
+        + (f"; the last bin also holds {over:,} spikes > {cap:g} µm" if over else "")
+    )
     ax.set_ylabel("ground-truth spikes")
-    lines = [f"matched {len(dist):,} of {n_gt:,} GT spikes ({100 * len(dist) / max(n_gt, 1):.1f}%)",
-             f"median {med:.1f} µm, mean {float(np.mean(dist)):.1f} µm (this figure)"]
+    lines = [
+        f"matched {len(dist):,} of {n_gt:,} GT spikes ({100 * len(dist) / max(n_gt, 1):.1f}%)",
+        f"median {med:.1f} µm, mean {float(np.mean(dist)):.1f} µm (this figure)",
+    ]
     loc = evaluation.get("localization") if isinstance(evaluation, dict) else None
     if isinstance(loc, dict):
         parts = []
@@ -926,8 +1142,16 @@ def _figure_errors(path: Path, ctx: _Context, ground_truth, evaluation):
                 parts.append(f"{label} {float(v):.1f} µm")
         if parts:
             lines.append("evaluation: " + ", ".join(parts))
-    ax.text(0.98, 0.97, "\n".join(lines), transform=ax.transAxes, ha="right", va="top", fontsize=8.5,
-            bbox=dict(facecolor="white", alpha=0.85, edgecolor="0.8"))
+    ax.text(
+        0.98,
+        0.97,
+        "\n".join(lines),
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=8.5,
+        bbox=dict(facecolor="white", alpha=0.85, edgecolor="0.8"),
+    )
     ax.set_title("localization error of detected spikes matched to ground truth", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
@@ -984,7 +1208,9 @@ def _seconds(v: float) -> str:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_)
+    )
 
 
 def _table(rows, header=None, ids=None) -> str:
@@ -996,7 +1222,9 @@ def _table(rows, header=None, ids=None) -> str:
         for c, v in enumerate(row):
             text = v if isinstance(v, str) else _fmt(v)
             cls = ' class="num"' if (c > 0 and _is_number(v)) else ""
-            idattr = f' id="{html.escape(ids[r])}"' if (ids and c == len(row) - 1 and ids[r]) else ""
+            idattr = (
+                f' id="{html.escape(ids[r])}"' if (ids and c == len(row) - 1 and ids[r]) else ""
+            )
             tag = "th" if (c == 0 and not header) else "td"
             cells.append(f"<{tag}{cls}{idattr}>{html.escape(text)}</{tag}>")
         out.append("<tr>" + "".join(cells) + "</tr>")
@@ -1024,8 +1252,10 @@ def _summarise_list(values) -> str | None:
     head = ", ".join(_fmt(v) for v in arr[:16]) + (", …" if arr.size > 16 else "")
     if len(fin) == 0:
         return f"[{head}]"
-    return (f"n={arr.size}, median {_fmt(float(np.median(fin)))}, min {_fmt(float(fin.min()))}, "
-            f"max {_fmt(float(fin.max()))}: [{head}]")
+    return (
+        f"n={arr.size}, median {_fmt(float(np.median(fin)))}, min {_fmt(float(fin.min()))}, "
+        f"max {_fmt(float(fin.max()))}: [{head}]"
+    )
 
 
 def _value_cell(value):
@@ -1077,7 +1307,11 @@ def _summary_rows(ctx: _Context):
             pass
     add("Sampling rate (Hz)", ctx.fs, "sampling-rate")
     add("Spikes detected", n, "num-spikes")
-    add("Detection rate (spikes/s)", n / ctx.duration_s if ctx.duration_s > 0 else float("nan"), "spike-rate")
+    add(
+        "Detection rate (spikes/s)",
+        n / ctx.duration_s if ctx.duration_s > 0 else float("nan"),
+        "spike-rate",
+    )
     if n:
         n_loc = int(ctx.finite_xy.sum())
         add("Spikes with a finite (x, y)", f"{n_loc} ({100 * n_loc / n:.1f}%)", "num-located")
@@ -1090,13 +1324,19 @@ def _summary_rows(ctx: _Context):
     counts = ctx.sorting_spike_counts()
     if len(counts):
         add("Spikes per unit, median", float(np.median(counts)), "spikes-per-unit-median")
-        add("Spikes per unit, min – max", f"{int(counts.min())} – {int(counts.max())}", "spikes-per-unit-range")
+        add(
+            "Spikes per unit, min – max",
+            f"{int(counts.min())} – {int(counts.max())}",
+            "spikes-per-unit-range",
+        )
     else:
         add("Spikes per unit, median", "–", "spikes-per-unit-median")
     return rows, ids
 
 
-def _render_html(*, title, ctx, timings, evaluation, params, figures, notes, has_ground_truth) -> str:
+def _render_html(
+    *, title, ctx, timings, evaluation, params, figures, notes, has_ground_truth
+) -> str:
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -1138,7 +1378,9 @@ def _render_html(*, title, ctx, timings, evaluation, params, figures, notes, has
                 if isinstance(value, dict):
                     parts.append(f"<h3>{e(str(key))}</h3>")
                     rows = [(name, _value_cell(v)) for name, v in _flatten(value)]
-                    parts.append(_table(rows, header=("quantity", "value")) if rows else "<p>(empty)</p>")
+                    parts.append(
+                        _table(rows, header=("quantity", "value")) if rows else "<p>(empty)</p>"
+                    )
                 else:
                     loose.append((str(key), _value_cell(value)))
             if loose:

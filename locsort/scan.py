@@ -46,8 +46,17 @@ class SpikeBatch:
 
     def subset(self, rows: np.ndarray) -> "SpikeBatch":
         pick = lambda a: None if a is None else a[rows]
-        return SpikeBatch(self.peaks[rows], self.centre[rows], pick(self.waveforms), pick(self.amplitudes),
-                          pick(self.order), self._traces, pick(self._rows), self._reader, self._first)
+        return SpikeBatch(
+            self.peaks[rows],
+            self.centre[rows],
+            pick(self.waveforms),
+            pick(self.amplitudes),
+            pick(self.order),
+            self._traces,
+            pick(self._rows),
+            self._reader,
+            self._first,
+        )
 
     def amplitudes_around(self, channels: np.ndarray, neighbourhood: Neighbourhood) -> np.ndarray:
         """(n, K) negative-peak sizes on the neighbourhood of ``channels`` (n,), read the same way."""
@@ -65,7 +74,9 @@ class Geometry:
     margin: int
     chunk_size: int
     refractory: int  # neural sorter: one unit's candidates closer than this are one spike
-    template_shift: int  # neural sorter: a first-pass spike's template match is searched this far around it
+    template_shift: (
+        int  # neural sorter: a first-pass spike's template match is searched this far around it
+    )
     label_tolerance: int  # a labelled spike marks the nearest candidate within this
     prototype_before: int  # matched-filter prototype: samples before its trough ...
     prototype_after: int  # ... and after
@@ -80,12 +91,26 @@ class Geometry:
         proto_before = max(1, int(round(params.matched_filter_ms_before * ms)))
         proto_after = max(1, int(round(params.matched_filter_ms_after * ms)))
         # the detection signal must be whole within +/- sweep of every sample of the chunk
-        margin = max(before, after, amp_half, sweep + max(proto_before, proto_after) + 1,
-                     int(round(params.chunk_margin_ms * ms)))
-        return cls(before, after, amp_half, sweep, margin, max(1, int(round(params.chunk_duration * fs))),
-                   int(round(params.neural_refractory_ms * ms)), int(round(params.neural_min_z_shift_ms * ms)),
-                   int(round(params.label_tolerance_ms * ms)),
-                   proto_before, proto_after)
+        margin = max(
+            before,
+            after,
+            amp_half,
+            sweep + max(proto_before, proto_after) + 1,
+            int(round(params.chunk_margin_ms * ms)),
+        )
+        return cls(
+            before,
+            after,
+            amp_half,
+            sweep,
+            margin,
+            max(1, int(round(params.chunk_duration * fs))),
+            int(round(params.neural_refractory_ms * ms)),
+            int(round(params.neural_min_z_shift_ms * ms)),
+            int(round(params.label_tolerance_ms * ms)),
+            proto_before,
+            proto_after,
+        )
 
 
 class TraceCache:
@@ -105,18 +130,25 @@ class TraceCache:
         self.bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, chunk: Chunk, traces: np.ndarray, first: int, detected: np.ndarray | None = None) -> None:
+    def put(
+        self, chunk: Chunk, traces: np.ndarray, first: int, detected: np.ndarray | None = None
+    ) -> None:
         """Keep ``chunk``'s traces (first row: sample ``first``) and the peaks detected on them
         (PEAK_DTYPE, None when none were detected), if there is room."""
         with self._lock:
             if chunk not in self.held and self.bytes + traces.nbytes <= self.max_bytes:
-                for array in (traces, detected):  # shared by passes: nobody may change them in place
+                for array in (
+                    traces,
+                    detected,
+                ):  # shared by passes: nobody may change them in place
                     if array is not None:
                         array.flags.writeable = False
                 self.held[chunk] = (traces, first, detected)
                 self.bytes += traces.nbytes
 
-    def get(self, chunk: Chunk, remove: bool = False) -> tuple[np.ndarray, int, np.ndarray | None] | None:
+    def get(
+        self, chunk: Chunk, remove: bool = False
+    ) -> tuple[np.ndarray, int, np.ndarray | None] | None:
         with self._lock:
             held = self.held.pop(chunk, None) if remove else self.held.get(chunk)
             if held is not None and remove:
@@ -146,17 +178,25 @@ class Scanner:
     peaks: np.ndarray | None = None
     matched_filter: MatchedFilter | None = None
     amplitudes: AmplitudeReader | None = None  # None: the raw traces' minimum
-    cache: TraceCache | None = None  # chunks' traces kept from an earlier pass (not sent to Dask workers)
-    last_pass: bool = False  # with ``cache``: take cached chunks out and keep none (True), or keep what is read
+    cache: TraceCache | None = (
+        None  # chunks' traces kept from an earlier pass (not sent to Dask workers)
+    )
+    last_pass: bool = (
+        False  # with ``cache``: take cached chunks out and keep none (True), or keep what is read
+    )
 
     def __post_init__(self):
-        self.geometry = geo = Geometry.from_params(self.params, self.recording.get_sampling_frequency())
+        self.geometry = geo = Geometry.from_params(
+            self.params, self.recording.get_sampling_frequency()
+        )
         if self.amplitudes is None:
             self.amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half)
         if self.matched_filter is not None:  # the score is already in noise SDs
             self.thresholds = np.full(len(self.noise), self.params.detect_threshold, np.float32)
         else:
-            self.thresholds = (self.params.detect_threshold * np.asarray(self.noise)).astype(np.float32)
+            self.thresholds = (self.params.detect_threshold * np.asarray(self.noise)).astype(
+                np.float32
+            )
         self.detect_neighbours = self.neighbourhood.channels_within(self.params.detect_radius_um)
         if self.peaks is not None:
             self.sort = np.lexsort((self.peaks["sample_index"], self.peaks["segment_index"]))
@@ -168,7 +208,11 @@ class Scanner:
         state = self.__dict__.copy()
         state["cache"] = None
         recording = state.pop("recording")
-        state["_description"] = recording.to_dict(recursive=True) if recording is not None else state.get("_description")
+        state["_description"] = (
+            recording.to_dict(recursive=True)
+            if recording is not None
+            else state.get("_description")
+        )
         return state
 
     def __setstate__(self, state):
@@ -182,8 +226,10 @@ class Scanner:
             try:
                 self.recording = BaseExtractor.from_dict(self._description)
             except Exception as exc:
-                raise LocsortError(f"cannot open {describe_files(self._description)} here ({exc}); every worker must "
-                                   "see the recording's files at the same path") from exc
+                raise LocsortError(
+                    f"cannot open {describe_files(self._description)} here ({exc}); every worker must "
+                    "see the recording's files at the same path"
+                ) from exc
         return self.recording
 
     def chunks(self) -> list[Chunk]:
@@ -211,8 +257,16 @@ class Scanner:
             first -= pad_left
         return traces, first
 
-    def batch_in(self, traces: np.ndarray, first: int, chunk: Chunk, features: bool = True, waveforms: bool = True,
-                 threshold: float | None = None, detected: np.ndarray | None = None) -> SpikeBatch:
+    def batch_in(
+        self,
+        traces: np.ndarray,
+        first: int,
+        chunk: Chunk,
+        features: bool = True,
+        waveforms: bool = True,
+        threshold: float | None = None,
+        detected: np.ndarray | None = None,
+    ) -> SpikeBatch:
         """``batch`` on traces already read (T, C), whose first row is sample ``first`` and which
         hold ``chunk`` with the geometry's margin on both sides (e.g. a chunk with spikes peeled off).
         ``threshold``: detect at this many noise levels instead of ``params.detect_threshold``;
@@ -224,16 +278,28 @@ class Scanner:
             batch_peaks = detected.copy()
             rows = batch_peaks["sample_index"] - first
         elif self.peaks is None:
-            signal = traces if self.matched_filter is None else -self.matched_filter.score(traces, self.noise)
-            thresholds = self.thresholds if threshold is None else self.thresholds * np.float32(threshold / self.params.detect_threshold)
-            rows, channels = detect_chunk(signal, thresholds, self.detect_neighbours, geo.sweep, lo, hi)
+            signal = (
+                traces
+                if self.matched_filter is None
+                else -self.matched_filter.score(traces, self.noise)
+            )
+            thresholds = (
+                self.thresholds
+                if threshold is None
+                else self.thresholds * np.float32(threshold / self.params.detect_threshold)
+            )
+            rows, channels = detect_chunk(
+                signal, thresholds, self.detect_neighbours, geo.sweep, lo, hi
+            )
             batch_peaks = np.zeros(len(rows), PEAK_DTYPE)
             batch_peaks["sample_index"] = rows + first
             batch_peaks["channel_index"] = channels
             batch_peaks["segment_index"] = chunk.segment_index
             batch_peaks["amplitude"] = traces[rows, channels]
         else:
-            seg_lo, seg_hi = np.searchsorted(self.sorted_peaks["segment_index"], [chunk.segment_index, chunk.segment_index + 1])
+            seg_lo, seg_hi = np.searchsorted(
+                self.sorted_peaks["segment_index"], [chunk.segment_index, chunk.segment_index + 1]
+            )
             samples = self.sorted_peaks["sample_index"][seg_lo:seg_hi]
             i0, i1 = seg_lo + np.searchsorted(samples, [chunk.start, chunk.end])
             selected = np.arange(i0, i1)
@@ -242,7 +308,17 @@ class Scanner:
             rows = batch_peaks["sample_index"] - first
             batch_peaks["amplitude"] = traces[rows, batch_peaks["channel_index"]]
         if features:
-            return _features(traces, rows, batch_peaks, order, self.neighbourhood, geo, self.amplitudes, waveforms, first)
+            return _features(
+                traces,
+                rows,
+                batch_peaks,
+                order,
+                self.neighbourhood,
+                geo,
+                self.amplitudes,
+                waveforms,
+                first,
+            )
         return SpikeBatch(batch_peaks, batch_peaks["channel_index"], None, None, order)
 
 
@@ -280,13 +356,24 @@ def scan(
         return consume(batch) if concatenate or len(batch.peaks) else None
 
     # chunks in a thread pool (as the pipeline's passes), results in chunk order
-    found = dict(LocalRunner().map(work, chunks, list(range(len(chunks))), desc=desc, progress=progress))
+    found = dict(
+        LocalRunner().map(work, chunks, list(range(len(chunks))), desc=desc, progress=progress)
+    )
     parts = [found[i] for i in range(len(chunks)) if found[i] is not None]
     return concatenate_parts(parts, peaks is not None) if concatenate else parts
 
 
-def _features(traces, rows, peaks, order, neighbourhood, geo, reader: AmplitudeReader, with_waveforms: bool = True,
-              first: int = 0) -> SpikeBatch:
+def _features(
+    traces,
+    rows,
+    peaks,
+    order,
+    neighbourhood,
+    geo,
+    reader: AmplitudeReader,
+    with_waveforms: bool = True,
+    first: int = 0,
+) -> SpikeBatch:
     """Neighbourhood waveforms and amplitudes around each peak's channel. Detected peaks are
     already the largest channel within the detection radius; caller-given peaks keep their
     channel (honoured one to one)."""

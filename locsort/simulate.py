@@ -48,8 +48,14 @@ def square_mea_probe(rows: int = 10, pitch_um: float = 15.0):
     localization paper's 10 x 10, 15 µm MEA), 5 µm radius contacts, wired in contact order."""
     import probeinterface as pi
 
-    probe = pi.generate_multi_columns_probe(num_columns=rows, num_contact_per_column=rows, xpitch=pitch_um,
-                                            ypitch=pitch_um, contact_shapes="circle", contact_shape_params={"radius": 5})
+    probe = pi.generate_multi_columns_probe(
+        num_columns=rows,
+        num_contact_per_column=rows,
+        xpitch=pitch_um,
+        ypitch=pitch_um,
+        contact_shapes="circle",
+        contact_shape_params={"radius": 5},
+    )
     probe.set_device_channel_indices(np.arange(rows * rows))
     return probe
 
@@ -92,7 +98,9 @@ def with_bad_channels(recording, flat=(), noisy=(), extra_noise_uv: float = 60.0
     rng = np.random.default_rng(seed)
     for channel in noisy:
         traces[:, channel] += rng.normal(0.0, extra_noise_uv, len(traces)).astype(np.float32)
-    copy = NumpyRecording([traces], recording.get_sampling_frequency(), channel_ids=recording.channel_ids)
+    copy = NumpyRecording(
+        [traces], recording.get_sampling_frequency(), channel_ids=recording.channel_ids
+    )
     copy.set_probe(recording.get_probe())
     return copy
 
@@ -111,7 +119,9 @@ def read_mearec_ground_truth(path: str | Path):
         if "template_locations" not in f:
             raise ValueError(f"{path} has no template_locations: not a MEArec recording")
         mearec_xyz = np.asarray(f["template_locations"][()], dtype=float)
-    if mearec_xyz.ndim == 3:  # drifting recordings store one position per drift step: take the first
+    if (
+        mearec_xyz.ndim == 3
+    ):  # drifting recordings store one position per drift step: take the first
         mearec_xyz = mearec_xyz[:, 0, :]
     locations = np.column_stack([mearec_xyz[:, 1], mearec_xyz[:, 2], np.abs(mearec_xyz[:, 0])])
     # unit "#i" is spike train i, in the order of template_locations

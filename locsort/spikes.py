@@ -70,9 +70,15 @@ def check_peaks(peaks: np.ndarray, num_channels: int, num_segments: int) -> np.n
     from .errors import UsageError
 
     peaks = np.asarray(peaks)
-    missing = [f for f in ("sample_index", "channel_index") if peaks.dtype.names is None or f not in peaks.dtype.names]
+    missing = [
+        f
+        for f in ("sample_index", "channel_index")
+        if peaks.dtype.names is None or f not in peaks.dtype.names
+    ]
     if missing:
-        raise UsageError(f"peaks need the fields sample_index and channel_index (missing: {', '.join(missing)})")
+        raise UsageError(
+            f"peaks need the fields sample_index and channel_index (missing: {', '.join(missing)})"
+        )
     out = np.zeros(len(peaks), dtype=PEAK_DTYPE)
     for name in PEAK_DTYPE.names:
         if name in peaks.dtype.names:

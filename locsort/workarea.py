@@ -54,7 +54,11 @@ def digest(value) -> str:
             h.update(b"]")
         elif isinstance(v, np.ndarray):
             h.update(str((v.dtype.str, v.shape)).encode())
-            h.update(np.ascontiguousarray(v).tobytes() if v.dtype != object else repr(v.tolist()).encode())
+            h.update(
+                np.ascontiguousarray(v).tobytes()
+                if v.dtype != object
+                else repr(v.tolist()).encode()
+            )
         else:
             h.update(repr(v).encode())
 
@@ -110,12 +114,22 @@ class WorkArea:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.close()
-            raise LocsortError(f"another locsort run is writing {self.path.parent}; wait for it or choose another --out") from None
-        manifest = {"format": FORMAT, "version": VERSION, "identity": self.identity, "num_chunks": self.num_chunks}
+            raise LocsortError(
+                f"another locsort run is writing {self.path.parent}; wait for it or choose another --out"
+            ) from None
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "identity": self.identity,
+            "num_chunks": self.num_chunks,
+        }
         if self.overwrite or self._manifest() != manifest:
             for part in (self.chunks_dir, self.models_dir):
                 shutil.rmtree(part, ignore_errors=True)
-            write_atomic(self.path / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            write_atomic(
+                self.path / "manifest.json",
+                lambda f: f.write(json.dumps(manifest, indent=1).encode()),
+            )
         self.chunks_dir.mkdir(exist_ok=True)
         self.resumed = len(self.finished())
         return self
@@ -137,7 +151,11 @@ class WorkArea:
         return self.chunks_dir / f"{index:07d}.npz"
 
     def finished(self) -> set[int]:
-        return {int(p.stem) for p in self.chunks_dir.glob("*.npz") if p.stem.isdigit() and int(p.stem) < self.num_chunks}
+        return {
+            int(p.stem)
+            for p in self.chunks_dir.glob("*.npz")
+            if p.stem.isdigit() and int(p.stem) < self.num_chunks
+        }
 
     def save_chunk(self, index: int, result: dict) -> None:
         write_atomic(self._chunk_path(index), lambda f: np.savez(f, **result))

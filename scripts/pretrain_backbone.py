@@ -28,7 +28,9 @@ from locsort.sort.pretrained import BACKBONE_PATH
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=str(BACKBONE_PATH))
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102, 103, 104, 105])
     parser.add_argument("--duration", type=float, default=60.0)
@@ -39,26 +41,42 @@ def main():
     params = Params(localization_method="center_of_mass", seed=0)  # locations are not used here
     datasets = []
     for seed in args.seeds:
-        recording, truth = generate_recording(duration=args.duration, num_units=50, noise_level=5.0, seed=seed)
+        recording, truth = generate_recording(
+            duration=args.duration, num_units=50, noise_level=5.0, seed=seed
+        )
         prep = prepare(recording, params)
         labels = labels_from_sorting(truth.sorting, prep.recording)
-        sample = _training_sample(prep, make_localizer("center_of_mass", params), None, progress=True, windows=True,
-                                  labels=labels)
+        sample = _training_sample(
+            prep,
+            make_localizer("center_of_mass", params),
+            None,
+            progress=True,
+            windows=True,
+            labels=labels,
+        )
         datasets.append((sample.windows, sample.targets, sample.mask))
-        print(f"seed {seed}: {len(sample.windows)} candidate windows, {int(sample.targets.any(1).sum())} labelled", flush=True)
+        print(
+            f"seed {seed}: {len(sample.windows)} candidate windows, {int(sample.targets.any(1).sum())} labelled",
+            flush=True,
+        )
     backbone, summary = pretrain_backbone(datasets, epochs=args.epochs, seed=0)
     info = {
         "made_by": "scripts/pretrain_backbone.py",
         "locsort_version": locsort.__version__,
-        "recordings": [f"spikeinterface generate_ground_truth_recording, 64-channel Neuropixels-like probe, {args.duration:g} s, "
-                       f"50 units, noise 5, seed {s}" for s in args.seeds],
+        "recordings": [
+            f"spikeinterface generate_ground_truth_recording, 64-channel Neuropixels-like probe, {args.duration:g} s, "
+            f"50 units, noise 5, seed {s}"
+            for s in args.seeds
+        ],
         "labels": "ground truth",
         "training": summary,
         "seconds": round(time.perf_counter() - start, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_backbone(backbone, args.out, info)
-    print(f"wrote {args.out} in {info['seconds']} s; final train loss {summary['train_loss'][-1]:.4f}")
+    print(
+        f"wrote {args.out} in {info['seconds']} s; final train loss {summary['train_loss'][-1]:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from locsort.simulate import generate_recording
 
 @pytest.fixture(scope="session")
 def ground_truth_recording():
-    recording, ground_truth = generate_recording(duration=10.0, num_units=20, noise_level=5.0, seed=1)
+    recording, ground_truth = generate_recording(
+        duration=10.0, num_units=20, noise_level=5.0, seed=1
+    )
     return recording, ground_truth
 
 

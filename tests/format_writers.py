@@ -28,7 +28,9 @@ NWB_CONVERSION = 0.195e-6  # V per bit stored in ElectricalSeries.conversion
 def _as_int16_2d(traces: np.ndarray) -> np.ndarray:
     traces = np.asarray(traces)
     if traces.ndim != 2 or traces.dtype != np.int16:
-        raise ValueError(f"traces must be a 2D int16 array (num_samples, num_channels), got {traces.dtype} {traces.shape}")
+        raise ValueError(
+            f"traces must be a 2D int16 array (num_samples, num_channels), got {traces.dtype} {traces.shape}"
+        )
     return traces
 
 
@@ -41,7 +43,9 @@ def neuropixels1_locations(num_channels: int) -> np.ndarray:
     return np.column_stack([col * 32.0 + 16.0 * ((row + 1) % 2), row * 20.0])
 
 
-def write_spikeglx(folder: Path, traces: np.ndarray, sampling_frequency: float, run_name: str = "locsort") -> Path:
+def write_spikeglx(
+    folder: Path, traces: np.ndarray, sampling_frequency: float, run_name: str = "locsort"
+) -> Path:
     """Write a SpikeGLX run with one Neuropixels 1.0 (NP1000) AP stream; return the run folder.
 
     Layout (as SpikeGLX names it, the names are parsed by neo)::
@@ -80,7 +84,9 @@ def write_spikeglx(folder: Path, traces: np.ndarray, sampling_frequency: float, 
 
     n = num_channels
     row, col = np.arange(n) // 2, np.arange(n) % 2
-    x_in_shank = neuropixels1_locations(n)[:, 0] + 11  # SpikeGLX measures x from the shank's left edge
+    x_in_shank = (
+        neuropixels1_locations(n)[:, 0] + 11
+    )  # SpikeGLX measures x from the shank's left edge
     meta = {
         "acqApLfSy": "384,384,1",
         "appVersion": "20230815",
@@ -109,8 +115,11 @@ def write_spikeglx(folder: Path, traces: np.ndarray, sampling_frequency: float, 
         "typeNiEnabled": 0,
         "typeThis": "imec",
         "~imroTbl": "(0,384)" + "".join(f"({c} 0 0 500 250 1)" for c in range(384)),
-        "~snsChanMap": "(384,384,1)" + "".join(f"(AP{c};{c}:{c})" for c in range(n)) + "(SY0;768:768)",
-        "~snsGeomMap": "(NP1000,1,0,70)" + "".join(f"(0:{x:g}:{20 * r}:1)" for x, r in zip(x_in_shank, row)),
+        "~snsChanMap": "(384,384,1)"
+        + "".join(f"(AP{c};{c}:{c})" for c in range(n))
+        + "(SY0;768:768)",
+        "~snsGeomMap": "(NP1000,1,0,70)"
+        + "".join(f"(0:{x:g}:{20 * r}:1)" for x, r in zip(x_in_shank, row)),
         "~snsShankMap": "(1,2,480)" + "".join(f"(0:{c}:{r}:1)" for c, r in zip(col, row)),
     }
     text = "".join(f"{key}={value}\n" for key, value in meta.items())
@@ -183,7 +192,7 @@ def write_openephys(folder: Path, traces: np.ndarray, sampling_frequency: float)
     (rec_folder / "structure.oebin").write_text(json.dumps(structure, indent=2))
     (node / "settings.xml").write_text(
         '<?xml version="1.0" encoding="UTF-8"?>\n<SETTINGS>\n'
-        '  <INFO><VERSION>0.6.7</VERSION></INFO>\n'
+        "  <INFO><VERSION>0.6.7</VERSION></INFO>\n"
         "  <SIGNALCHAIN>\n"
         f'    <PROCESSOR name="Acquisition Board" nodeId="100">'
         f'<STREAM name="Rhythm Data" sample_rate="{float(sampling_frequency)}" channel_count="{num_channels}"/>'
@@ -194,7 +203,9 @@ def write_openephys(folder: Path, traces: np.ndarray, sampling_frequency: float)
     return Path(folder)
 
 
-def write_nwb(path: Path, traces: np.ndarray, sampling_frequency: float, locations: np.ndarray) -> Path:
+def write_nwb(
+    path: Path, traces: np.ndarray, sampling_frequency: float, locations: np.ndarray
+) -> Path:
     """Write an NWB file with pynwb; return its path.
 
     One Device, one ElectrodeGroup, an electrodes table with ``rel_x`` / ``rel_y`` (µm,
@@ -217,11 +228,17 @@ def write_nwb(path: Path, traces: np.ndarray, sampling_frequency: float, locatio
         session_start_time=datetime(2024, 1, 1, tzinfo=timezone.utc),
     )
     device = nwbfile.create_device(name="probe", description="test probe")
-    group = nwbfile.create_electrode_group(name="0", description="shank 0", location="unknown", device=device)
+    group = nwbfile.create_electrode_group(
+        name="0", description="shank 0", location="unknown", device=device
+    )
     nwbfile.add_electrode_column(name="channel_name", description="channel name")
     for i, (x, y) in enumerate(locations):
-        nwbfile.add_electrode(group=group, location="unknown", rel_x=float(x), rel_y=float(y), channel_name=f"CH{i}")
-    electrodes = nwbfile.create_electrode_table_region(region=list(range(len(locations))), description="all")
+        nwbfile.add_electrode(
+            group=group, location="unknown", rel_x=float(x), rel_y=float(y), channel_name=f"CH{i}"
+        )
+    electrodes = nwbfile.create_electrode_table_region(
+        region=list(range(len(locations))), description="all"
+    )
     nwbfile.add_acquisition(
         ElectricalSeries(
             name="ElectricalSeries",

@@ -44,15 +44,41 @@ def _write_binary(path: Path, traces) -> Path:
 
 
 def _binary_args(path, probe, out, channels=64):
-    return ["run", str(path), "--probe", str(probe), "--sampling-frequency", "30000", "--num-channels", str(channels),
-            "--dtype", "float32", "--out", str(out), "--quiet"]
+    return [
+        "run",
+        str(path),
+        "--probe",
+        str(probe),
+        "--sampling-frequency",
+        "30000",
+        "--num-channels",
+        str(channels),
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
 
 
 def test_missing_path_through_the_installed_command(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "locsort.cli", "run", str(tmp_path / "nope.bin"), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locsort.cli",
+            "run",
+            str(tmp_path / "nope.bin"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"locsort: error: recording not found: {tmp_path / 'nope.bin'}"]
+    assert proc.stderr.strip().splitlines() == [
+        f"locsort: error: recording not found: {tmp_path / 'nope.bin'}"
+    ]
     assert not (tmp_path / "o").exists()
 
 
@@ -119,7 +145,9 @@ def test_recording_without_spikes_gives_empty_outputs(tmp_path, probe_json, caps
     traces = np.random.default_rng(0).normal(0, 5, (90_000, 64)).astype(np.float32)
     path = _write_binary(tmp_path / "rec.bin", traces)
     out = tmp_path / "o"
-    code, lines = _run(_binary_args(path, probe_json, out) + ["--param", "detect_threshold=50"], capsys)
+    code, lines = _run(
+        _binary_args(path, probe_json, out) + ["--param", "detect_threshold=50"], capsys
+    )
     assert code == 0, lines
     assert len(np.load(out / "spikes.npy")) == 0
     assert len(si.load(out / "sorting").unit_ids) == 0
@@ -127,7 +155,9 @@ def test_recording_without_spikes_gives_empty_outputs(tmp_path, probe_json, caps
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, probe_json, capsys):
-    path = _write_binary(tmp_path / "rec.bin", np.random.default_rng(0).normal(0, 5, (30_000, 64)).astype(np.float32))
+    path = _write_binary(
+        tmp_path / "rec.bin", np.random.default_rng(0).normal(0, 5, (30_000, 64)).astype(np.float32)
+    )
     out = tmp_path / "o"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
@@ -164,8 +194,20 @@ def test_read_only_output_location(tmp_path, probe_json, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "locsort.cli", "run", str(tmp_path / "nope.bin"), "--out", str(tmp_path / "o"),
-                           "--debug"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locsort.cli",
+            "run",
+            str(tmp_path / "nope.bin"),
+            "--out",
+            str(tmp_path / "o"),
+            "--debug",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
@@ -175,7 +217,9 @@ def test_cuda_requested_without_gpu(tmp_path, probe_json, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     path = _write_binary(tmp_path / "rec.bin", np.zeros((30_000, 64), np.float32))
-    code, lines = _run(_binary_args(path, probe_json, tmp_path / "o") + ["--device", "cuda"], capsys)
+    code, lines = _run(
+        _binary_args(path, probe_json, tmp_path / "o") + ["--device", "cuda"], capsys
+    )
     _assert_one_line_error(code, lines, 2, "cuda")
 
 
@@ -183,17 +227,27 @@ def test_labels_options(tmp_path, probe_json, ground_truth_recording, capsys):
     from spikeinterface.core import NumpySorting
 
     recording, _ = ground_truth_recording
-    path = _write_binary(tmp_path / "rec.bin", recording.get_traces(start_frame=0, end_frame=30_000))
+    path = _write_binary(
+        tmp_path / "rec.bin", recording.get_traces(start_frame=0, end_frame=30_000)
+    )
     out = tmp_path / "o"
     code, lines = _run(_binary_args(path, probe_json, out) + ["--labels-k", "5"], capsys)
     _assert_one_line_error(code, lines, 2, "--labels-k needs --labels")
-    code, lines = _run(_binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "nope")], capsys)
+    code, lines = _run(
+        _binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "nope")], capsys
+    )
     _assert_one_line_error(code, lines, 2, "labels not found")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    code, lines = _run(_binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "junk.npz")], capsys)
+    code, lines = _run(
+        _binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "junk.npz")], capsys
+    )
     _assert_one_line_error(code, lines, 2, "cannot read labels")
-    other_rate = NumpySorting.from_samples_and_labels([np.array([100, 200])], [np.array([0, 0])], 20000.0)
+    other_rate = NumpySorting.from_samples_and_labels(
+        [np.array([100, 200])], [np.array([0, 0])], 20000.0
+    )
     other_rate.save(folder=tmp_path / "labels")
-    code, lines = _run(_binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "labels")], capsys)
+    code, lines = _run(
+        _binary_args(path, probe_json, out) + ["--labels", str(tmp_path / "labels")], capsys
+    )
     _assert_one_line_error(code, lines, 2, "sampling frequency")
     assert not out.exists()

@@ -51,12 +51,22 @@ def assert_same_spikes(spikes: np.ndarray, expected: np.ndarray) -> None:
 def _environment() -> dict:
     """This process's environment without the thread limits a Dask LocalCluster leaves in it:
     training results depend on the number of threads, and every run here must use the same."""
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    }
 
 
 def _cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "locsort.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=_environment(), **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "locsort.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_environment(),
+        **kwargs,
+    )
 
 
 def _finished_chunks(out: Path) -> int:
@@ -67,9 +77,22 @@ def _finished_chunks(out: Path) -> int:
 def test_killed_run_resumes_to_the_same_result(recording_folder, reference, tmp_path):
     out = tmp_path / "out"
     # trained and partly run with a 2-worker local Dask cluster ...
-    command = [sys.executable, "-m", "locsort.cli", "run", str(recording_folder), "--out", str(out), "--quiet",
-               "--workers", "2", *PARAM_ARGS]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_environment())
+    command = [
+        sys.executable,
+        "-m",
+        "locsort.cli",
+        "run",
+        str(recording_folder),
+        "--out",
+        str(out),
+        "--quiet",
+        "--workers",
+        "2",
+        *PARAM_ARGS,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_environment()
+    )
     while process.poll() is None and _finished_chunks(out) < 3:
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)  # kill -9 in the middle of the main pass
@@ -93,8 +116,12 @@ def _run_on_a_cluster_while(recording_folder, tmp_path, act):
 
     recording, _ = open_recording(recording_folder)
     acted, stop = [], threading.Event()
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         pids = client.run(os.getpid)
 
         def watch():
@@ -109,7 +136,13 @@ def _run_on_a_cluster_while(recording_folder, tmp_path, act):
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            result = locsort.run(recording, tmp_path / "out", PARAMS, progress=False, scheduler=cluster.scheduler_address)
+            result = locsort.run(
+                recording,
+                tmp_path / "out",
+                PARAMS,
+                progress=False,
+                scheduler=cluster.scheduler_address,
+            )
         finally:
             stop.set()
             watcher.join()
@@ -126,7 +159,9 @@ def test_worker_killed_mid_chunk_is_retried(recording_folder, reference, tmp_pat
     assert_same_spikes(result.spikes, reference.spikes)
 
 
-def test_chunk_task_cancelled_by_the_scheduler_is_submitted_again(recording_folder, reference, tmp_path):
+def test_chunk_task_cancelled_by_the_scheduler_is_submitted_again(
+    recording_folder, reference, tmp_path
+):
     # after a worker is killed the scheduler may drop a chunk's task ("already forgotten") instead
     # of re-running it; another client cancelling the task forcibly does the same
     from distributed import Future
@@ -141,8 +176,17 @@ def test_chunk_task_cancelled_by_the_scheduler_is_submitted_again(recording_fold
 
 
 def test_unreachable_scheduler_fails_within_the_timeout(recording_folder, tmp_path):
-    result = _cli("run", str(recording_folder), "--out", str(tmp_path / "out"), "--quiet",
-                  "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "2")
+    result = _cli(
+        "run",
+        str(recording_folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+        "--connect-timeout",
+        "2",
+    )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("locsort:")]
     assert lines and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in lines[-1]
@@ -165,7 +209,9 @@ class TruncateDuringMainPass(LocalRunner):
                 os.truncate(self.path, self.path.stat().st_size // 2)
 
 
-def test_file_truncated_mid_run_names_the_file_and_keeps_finished_chunks(ground_truth_recording, tmp_path):
+def test_file_truncated_mid_run_names_the_file_and_keeps_finished_chunks(
+    ground_truth_recording, tmp_path
+):
     import probeinterface as pi
 
     recording, _ = ground_truth_recording
@@ -173,24 +219,38 @@ def test_file_truncated_mid_run_names_the_file_and_keeps_finished_chunks(ground_
     recording.get_traces().astype(np.float32).tofile(path)
     probe = tmp_path / "probe.json"
     pi.write_probeinterface(probe, recording.get_probe())
-    opened, _ = open_recording(path, probe=str(probe), sampling_frequency=30_000, num_channels=64, dtype="float32")
+    opened, _ = open_recording(
+        path, probe=str(probe), sampling_frequency=30_000, num_channels=64, dtype="float32"
+    )
     out = tmp_path / "out"
     with pytest.raises(LocsortError) as error:
-        locsort.run(opened, out, PARAMS, progress=False, runner=TruncateDuringMainPass(path, after=5))
+        locsort.run(
+            opened, out, PARAMS, progress=False, runner=TruncateDuringMainPass(path, after=5)
+        )
     message = str(error.value)
     assert "rec.raw" in message and "samples" in message and "run the same command again" in message
     assert _finished_chunks(out) >= 5
     assert not out.exists()
 
 
-def test_full_disk_leaves_no_output_and_the_run_then_completes(recording_folder, reference, tmp_path):
+def test_full_disk_leaves_no_output_and_the_run_then_completes(
+    recording_folder, reference, tmp_path
+):
     out = tmp_path / "out"
     limit = 300_000  # bytes per file: the 450 kB encoder file cannot be written (EFBIG, as on a full disk)
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    full = _cli("run", str(recording_folder), "--out", str(out), "--quiet", *PARAM_ARGS, preexec_fn=small_files)
+    full = _cli(
+        "run",
+        str(recording_folder),
+        "--out",
+        str(out),
+        "--quiet",
+        *PARAM_ARGS,
+        preexec_fn=small_files,
+    )
     assert full.returncode == 1
     lines = [line for line in full.stderr.splitlines() if line.startswith("locsort:")]
     assert lines and "no space left" in lines[-1], full.stderr
@@ -208,7 +268,14 @@ def test_several_recordings_one_failing(ground_truth_recording, tmp_path):
     first = short.save(folder=tmp_path / "session_a", progress_bar=False)
     first.save(folder=tmp_path / "session_b", progress_bar=False)
     missing = tmp_path / "session_c.nwb"
-    result = _cli("run", str(tmp_path / "session_*"), str(missing), "--out", str(tmp_path / "sorted"), "--quiet")
+    result = _cli(
+        "run",
+        str(tmp_path / "session_*"),
+        str(missing),
+        "--out",
+        str(tmp_path / "sorted"),
+        "--quiet",
+    )
     assert result.returncode == 1
     assert "2 of 3 recordings sorted" in result.stdout
     assert "session_c.nwb" in result.stdout and "failed" in result.stdout

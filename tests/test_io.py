@@ -45,12 +45,18 @@ def _binary(folder: Path, traces: np.ndarray) -> Path:
 def test_raw_binary_with_each_probe_file_kind(tmp_path, int16_traces, kind):
     path = _binary(tmp_path, int16_traces)
     recording, truth = open_recording(
-        path, probe=_probe_file(tmp_path, kind), sampling_frequency=30000, num_channels=64, dtype="int16"
+        path,
+        probe=_probe_file(tmp_path, kind),
+        sampling_frequency=30000,
+        num_channels=64,
+        dtype="int16",
     )
     assert truth is None and detect_format(path) == "binary"
     assert recording.get_num_channels() == 64
     np.testing.assert_array_equal(recording.get_traces(), int16_traces)
-    np.testing.assert_allclose(recording.get_channel_locations(), neuropixels_like_probe(64).contact_positions)
+    np.testing.assert_allclose(
+        recording.get_channel_locations(), neuropixels_like_probe(64).contact_positions
+    )
 
 
 def test_spikeglx_folder(tmp_path, int16_traces):
@@ -100,9 +106,22 @@ def mearec_file(tmp_path_factory):
         pytest.skip("../shared/data/mearec is not beside the repository")
     out = tmp_path_factory.mktemp("mearec") / "sq_3s.h5"
     subprocess.run(
-        [sys.executable, str(SHARED_MEAREC / "make_recording.py"), str(SHARED_MEAREC / "templates_sqmea_10x10_15um.h5"),
-         str(out), "--duration", "3", "--noise", "10", "--n-exc", "8", "--n-inh", "2"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            str(SHARED_MEAREC / "make_recording.py"),
+            str(SHARED_MEAREC / "templates_sqmea_10x10_15um.h5"),
+            str(out),
+            "--duration",
+            "3",
+            "--noise",
+            "10",
+            "--n-exc",
+            "8",
+            "--n-inh",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
     )
     return out
 
@@ -121,7 +140,9 @@ def _check_output(out: Path, recording_channels: int):
     for name in ("spikes.npy", "sorting", "report.html", "run.json"):
         assert (out / name).exists(), name
     spikes = np.load(out / "spikes.npy")
-    assert {"sample_index", "x", "y", "z", "alpha", "x_std", "unit_index"} <= set(spikes.dtype.names)
+    assert {"sample_index", "x", "y", "z", "alpha", "x_std", "unit_index"} <= set(
+        spikes.dtype.names
+    )
     sorting = si.load(out / "sorting")
     assigned = spikes[spikes["unit_index"] >= 0]
     assert sorting.to_spike_vector().size == len(assigned)
@@ -136,8 +157,23 @@ def _check_output(out: Path, recording_channels: int):
 def test_run_raw_binary_with_probe_json(tmp_path, int16_traces):
     path = _binary(tmp_path, int16_traces)
     out = tmp_path / "out"
-    code = main(["run", str(path), "--probe", str(_probe_file(tmp_path, "json")), "--sampling-frequency", "30000",
-                 "--num-channels", "64", "--dtype", "int16", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "run",
+            str(path),
+            "--probe",
+            str(_probe_file(tmp_path, "json")),
+            "--sampling-frequency",
+            "30000",
+            "--num-channels",
+            "64",
+            "--dtype",
+            "int16",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     spikes = _check_output(out, 64)
     assert len(spikes) > 100
@@ -159,5 +195,8 @@ def test_phy_export(tmp_path, ground_truth_recording):
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "si_rec"), "--out", str(out), "--phy", "--quiet"]) == 0
     assert (out / "phy" / "params.py").exists() and (out / "phy" / "spike_times.npy").exists()
-    assert len(np.load(out / "phy" / "spike_times.npy")) == si.load(out / "sorting").to_spike_vector().size
+    assert (
+        len(np.load(out / "phy" / "spike_times.npy"))
+        == si.load(out / "sorting").to_spike_vector().size
+    )
     del saved

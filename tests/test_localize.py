@@ -13,7 +13,9 @@ from locsort.params import Params
 from locsort.pipeline import _locate, prepare
 from locsort.preprocess import preprocess
 
-QUICK = dict(encoder_max_epochs=25, encoder_patience=4, encoder_init="none")  # from scratch: the recording's spikes alone
+QUICK = dict(
+    encoder_max_epochs=25, encoder_patience=4, encoder_init="none"
+)  # from scratch: the recording's spikes alone
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,13 @@ def trained(processed):
     recording, peaks, true_xyz = processed
     prep = prepare(recording, Params(preprocess=False, **QUICK))
     spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
-    com = locsort.localize(recording, peaks=peaks, method="center_of_mass", params=Params(preprocess=False), progress=False)
+    com = locsort.localize(
+        recording,
+        peaks=peaks,
+        method="center_of_mass",
+        params=Params(preprocess=False),
+        progress=False,
+    )
     return prep, spikes, localizer, com
 
 
@@ -53,7 +61,10 @@ def test_posterior_fields_are_complete_and_z_is_positive(trained):
 def test_edge_spikes_are_not_pulled_inward_like_centre_of_mass(processed, trained):
     recording, _, true_xyz = processed
     _, spikes, _, com = trained
-    x_min, x_max = recording.get_channel_locations()[:, 0].min(), recording.get_channel_locations()[:, 0].max()
+    x_min, x_max = (
+        recording.get_channel_locations()[:, 0].min(),
+        recording.get_channel_locations()[:, 0].max(),
+    )
     outside = (true_xyz[:, 0] < x_min - 3) | (true_xyz[:, 0] > x_max + 3)
     assert outside.sum() > 50, "the test recording needs units beyond the probe edge"
     ours = np.abs(spikes["x"][outside] - true_xyz[outside, 0]).mean()
@@ -63,18 +74,31 @@ def test_edge_spikes_are_not_pulled_inward_like_centre_of_mass(processed, traine
     assert np.mean((spikes["x"][outside] < x_min) | (spikes["x"][outside] > x_max)) > 0.3
 
 
-def test_amplitude_jitter_gives_several_centres_and_one_pooled_posterior_per_spike(processed, trained):
+def test_amplitude_jitter_gives_several_centres_and_one_pooled_posterior_per_spike(
+    processed, trained
+):
     recording, peaks, true_xyz = processed
     com = trained[3]
     prep = prepare(recording, Params(preprocess=False, jitter_uv=10.0, encoder_max_epochs=3))
     spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
     scanner = prep.scanner(peaks)
-    observations = localizer.observe(scanner.batch(scanner.chunks()[0], waveforms=False), prep.neighbourhood)
+    observations = localizer.observe(
+        scanner.batch(scanner.chunks()[0], waveforms=False), prep.neighbourhood
+    )
     used = (observations["centres"] >= 0).sum(axis=1)
-    assert used.min() >= 1 and used.max() > 1, "no spike had a second channel within 10 µV of its largest"
-    assert len(spikes) == len(peaks) and np.all(np.isfinite(spikes["x"])) and np.all(spikes["x_std"] > 0)
+    assert used.min() >= 1 and used.max() > 1, (
+        "no spike had a second channel within 10 µV of its largest"
+    )
+    assert (
+        len(spikes) == len(peaks)
+        and np.all(np.isfinite(spikes["x"]))
+        and np.all(spikes["x_std"] > 0)
+    )
     # pooling the centres (mean of means in probe coordinates) must still beat centre of mass
-    assert localization_errors(spikes, true_xyz)["median_xy_um"] < localization_errors(com, true_xyz)["median_xy_um"]
+    assert (
+        localization_errors(spikes, true_xyz)["median_xy_um"]
+        < localization_errors(com, true_xyz)["median_xy_um"]
+    )
 
 
 def test_saved_encoder_reproduces_and_checks_geometry(tmp_path, processed, trained):
@@ -82,14 +106,24 @@ def test_saved_encoder_reproduces_and_checks_geometry(tmp_path, processed, train
     _, spikes, localizer, _ = trained
     path = tmp_path / "encoder.safetensors"
     localizer.save(path)
-    again = locsort.localize(recording, peaks=peaks, params=Params(preprocess=False, encoder_path=str(path)), progress=False)
+    again = locsort.localize(
+        recording,
+        peaks=peaks,
+        params=Params(preprocess=False, encoder_path=str(path)),
+        progress=False,
+    )
     np.testing.assert_allclose(again["x"], spikes["x"], atol=1e-3)
     np.testing.assert_allclose(again["y_std"], spikes["y_std"], atol=1e-3)
 
     from spikeinterface.core import generate_ground_truth_recording
 
-    square, _ = generate_ground_truth_recording(durations=[3.0], num_channels=16, num_units=3, seed=0,
-                                                generate_probe_kwargs=dict(num_columns=4, xpitch=20, ypitch=20))
+    square, _ = generate_ground_truth_recording(
+        durations=[3.0],
+        num_channels=16,
+        num_units=3,
+        seed=0,
+        generate_probe_kwargs=dict(num_columns=4, xpitch=20, ypitch=20),
+    )
     with pytest.raises(UsageError, match="another probe geometry"):
         locsort.localize(square, params=Params(encoder_path=str(path)), progress=False)
 
@@ -111,12 +145,16 @@ def test_corrupt_or_foreign_encoder_files_are_refused(tmp_path, ground_truth_rec
         AmortizedLocalizer.load(tmp_path / "missing.safetensors")
 
 
-def test_training_starts_from_the_shipped_encoder_of_the_probe_type_and_adapts_it(processed, trained):
+def test_training_starts_from_the_shipped_encoder_of_the_probe_type_and_adapts_it(
+    processed, trained
+):
     from locsort.localize.pretrained import ENCODER_PATHS
 
     recording, peaks, true_xyz = processed
     com = trained[3]
-    prep = prepare(recording, Params(preprocess=False))  # default: encoder_init=pretrained, encoder_init_epochs
+    prep = prepare(
+        recording, Params(preprocess=False)
+    )  # default: encoder_init=pretrained, encoder_init_epochs
     spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
     assert localizer.history["started_from"] == "neuropixels1"  # the test probe is Neuropixels-like
     assert 1 <= localizer.history["epochs"] <= Params.encoder_init_epochs
@@ -124,24 +162,37 @@ def test_training_starts_from_the_shipped_encoder_of_the_probe_type_and_adapts_i
     assert shipped.info["made_by"] == "scripts/pretrain_encoder.py" and shipped.info["recordings"]
     # trained on: the weights moved away from the shipped ones
     first = next(iter(shipped.net.state_dict()))
-    assert not np.allclose(localizer.net.state_dict()[first].numpy(), shipped.net.state_dict()[first].numpy())
+    assert not np.allclose(
+        localizer.net.state_dict()[first].numpy(), shipped.net.state_dict()[first].numpy()
+    )
     ours = localization_errors(spikes, true_xyz)["median_xy_um"]
     assert ours < 0.8 * localization_errors(com, true_xyz)["median_xy_um"]
-    assert ours < localization_errors(trained[1], true_xyz)["median_xy_um"] + 2.0  # about as good as from scratch
+    assert (
+        ours < localization_errors(trained[1], true_xyz)["median_xy_um"] + 2.0
+    )  # about as good as from scratch
 
 
-def test_an_encoder_to_start_from_must_fit_the_probe_and_other_probes_train_from_scratch(tmp_path, processed, trained):
+def test_an_encoder_to_start_from_must_fit_the_probe_and_other_probes_train_from_scratch(
+    tmp_path, processed, trained
+):
     from spikeinterface.core import generate_ground_truth_recording
 
     recording, peaks, _ = processed
     path = tmp_path / "encoder.safetensors"
     trained[2].save(path)
-    prep = prepare(recording, Params(preprocess=False, encoder_init=str(path), encoder_init_epochs=2))
+    prep = prepare(
+        recording, Params(preprocess=False, encoder_init=str(path), encoder_init_epochs=2)
+    )
     _, localizer = _locate(prep, peaks, "locsort", progress=False)
     assert localizer.history["started_from"] == str(path) and localizer.history["epochs"] <= 2
 
-    square, _ = generate_ground_truth_recording(durations=[10.0], num_channels=16, num_units=5, seed=0,
-                                                generate_probe_kwargs=dict(num_columns=4, xpitch=20, ypitch=20))
+    square, _ = generate_ground_truth_recording(
+        durations=[10.0],
+        num_channels=16,
+        num_units=5,
+        seed=0,
+        generate_probe_kwargs=dict(num_columns=4, xpitch=20, ypitch=20),
+    )
     with pytest.raises(UsageError, match="another probe geometry"):
         locsort.localize(square, params=Params(encoder_init=str(path)), progress=False)
     # no shipped encoder has a 20 µm square lattice: trained from scratch, up to encoder_max_epochs
@@ -151,7 +202,12 @@ def test_an_encoder_to_start_from_must_fit_the_probe_and_other_probes_train_from
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 64)
     with pytest.raises(LocsortError, match="corrupt"):
-        locsort.localize(recording, peaks=peaks, params=Params(preprocess=False, encoder_init=str(corrupt)), progress=False)
+        locsort.localize(
+            recording,
+            peaks=peaks,
+            params=Params(preprocess=False, encoder_init=str(corrupt)),
+            progress=False,
+        )
 
 
 def test_unknown_localizer_settings_are_refused():
@@ -180,12 +236,26 @@ def test_nuts_reference_agrees_with_the_amortized_posterior(trained, processed):
     recording, peaks, true_xyz = processed
     prep, spikes, localizer, _ = trained
     subset = np.arange(0, len(peaks), len(peaks) // 4)[:4]
-    obs = scan(prep.recording, lambda b: {**localizer.observe(b, prep.neighbourhood), "order": b.order}, params=prep.params,
-               neighbourhood=prep.neighbourhood, noise=prep.noise, peaks=peaks[subset],
-               amplitudes=prep.amplitudes, progress=False)
+    obs = scan(
+        prep.recording,
+        lambda b: {**localizer.observe(b, prep.neighbourhood), "order": b.order},
+        params=prep.params,
+        neighbourhood=prep.neighbourhood,
+        noise=prep.noise,
+        peaks=peaks[subset],
+        amplitudes=prep.amplitudes,
+        progress=False,
+    )
     obs.pop("order")
-    nuts = nuts_localize(obs["centres"][:, 0], obs["amplitudes"][:, 0], prep.neighbourhood, prep.noise, localizer.globals,
-                         num_samples=60, warmup_steps=60)
+    nuts = nuts_localize(
+        obs["centres"][:, 0],
+        obs["amplitudes"][:, 0],
+        prep.neighbourhood,
+        prep.noise,
+        localizer.globals,
+        num_samples=60,
+        warmup_steps=60,
+    )
     assert np.all(nuts["z"] > 0) and np.all(np.isfinite(nuts["x"])) and np.all(nuts["x_std"] > 0)
     # the amortized mean lies within the exact posterior (in units of its SD)
     gap = np.hypot(nuts["x"] - spikes["x"][subset], nuts["y"] - spikes["y"][subset])
@@ -197,21 +267,35 @@ def test_spikeinterface_localize_peaks_plugin(processed):
     from spikeinterface.sortingcomponents.peak_localization import localize_peaks
 
     recording, peaks, true_xyz = processed
-    locations = localize_peaks(recording, peaks, method="locsort", method_kwargs=dict(encoder_max_epochs=3),
-                               job_kwargs=dict(n_jobs=1, progress_bar=False))
+    locations = localize_peaks(
+        recording,
+        peaks,
+        method="locsort",
+        method_kwargs=dict(encoder_max_epochs=3),
+        job_kwargs=dict(n_jobs=1, progress_bar=False),
+    )
     assert len(locations) == len(peaks)
     assert {"x", "y", "z", "alpha", "x_std", "y_std", "z_std"} <= set(locations.dtype.names)
-    assert np.median(np.hypot(locations["x"] - true_xyz[:, 0], locations["y"] - true_xyz[:, 1])) < 30
+    assert (
+        np.median(np.hypot(locations["x"] - true_xyz[:, 0], locations["y"] - true_xyz[:, 1])) < 30
+    )
 
 
 def test_spikeinterface_spike_locations_extension(ground_truth_recording):
     from spikeinterface.core import create_sorting_analyzer
 
     recording, truth = ground_truth_recording
-    analyzer = create_sorting_analyzer(truth.sorting, preprocess(recording), sparse=False, format="memory")
+    analyzer = create_sorting_analyzer(
+        truth.sorting, preprocess(recording), sparse=False, format="memory"
+    )
     analyzer.compute(["random_spikes", "templates"], n_jobs=1, progress_bar=False)
-    analyzer.compute("spike_locations", method="locsort", method_kwargs=dict(encoder_max_epochs=2),
-                     n_jobs=1, progress_bar=False)
+    analyzer.compute(
+        "spike_locations",
+        method="locsort",
+        method_kwargs=dict(encoder_max_epochs=2),
+        n_jobs=1,
+        progress_bar=False,
+    )
     locations = analyzer.get_extension("spike_locations").get_data()
     assert len(locations) == truth.sorting.to_spike_vector().size
     assert np.all(np.isfinite(locations["x"]))
@@ -235,14 +319,27 @@ def test_the_amplitude_noise_scale_is_what_the_data_say_and_is_fitted(trained):
     truth = ModelGlobals(noise_scale=0.5)
     pyro.set_rng_seed(0)
     # the observed site sampled instead: amplitudes drawn from the model
-    trace = pyro.poutine.trace(pyro.poutine.uncondition(model)).get_trace(torch.zeros(real.shape), real, slot_xy, sigma, truth)
-    latent = {name: trace.nodes[name]["value"] for name in ("x", "y", "z", "log_alpha", "log_length")}
-    log_likelihood = {scale: float(amplitudes_given(latent, slot_xy, sigma, ModelGlobals(noise_scale=scale)).log_prob(
-        trace.nodes["amplitudes"]["value"])[real].sum()) for scale in (0.25, 0.5, 1.0, 2.0)}
+    trace = pyro.poutine.trace(pyro.poutine.uncondition(model)).get_trace(
+        torch.zeros(real.shape), real, slot_xy, sigma, truth
+    )
+    latent = {
+        name: trace.nodes[name]["value"] for name in ("x", "y", "z", "log_alpha", "log_length")
+    }
+    log_likelihood = {
+        scale: float(
+            amplitudes_given(latent, slot_xy, sigma, ModelGlobals(noise_scale=scale))
+            .log_prob(trace.nodes["amplitudes"]["value"])[real]
+            .sum()
+        )
+        for scale in (0.25, 0.5, 1.0, 2.0)
+    }
     assert max(log_likelihood, key=log_likelihood.get) == 0.5, log_likelihood
 
     _, _, localizer, _ = trained
-    assert abs(localizer.globals.noise_scale - 1.0) > 0.01 and localizer.history["globals"]["noise_scale"] == localizer.globals.noise_scale
+    assert (
+        abs(localizer.globals.noise_scale - 1.0) > 0.01
+        and localizer.history["globals"]["noise_scale"] == localizer.globals.noise_scale
+    )
 
 
 def test_the_encoders_elbo_is_pyros_trace_elbo_of_the_model():
@@ -261,8 +358,16 @@ def test_the_encoders_elbo_is_pyros_trace_elbo_of_the_model():
     g = ModelGlobals()
     amplitudes, real = torch.rand(n, k) * 80, torch.rand(n, k) > 0.2
     slot_xy, sigma = torch.randn(n, k, 2) * 20, torch.full((n, k), 6.0)
-    loc = torch.stack([torch.randn(n) * 5, torch.randn(n) * 5, torch.full((n,), 3.3), torch.full((n,), 5.0),
-                       torch.full((n,), 3.3)], 1)
+    loc = torch.stack(
+        [
+            torch.randn(n) * 5,
+            torch.randn(n) * 5,
+            torch.full((n,), 3.3),
+            torch.full((n,), 5.0),
+            torch.full((n,), 3.3),
+        ],
+        1,
+    )
     scale = torch.rand(n, 5) * 0.3 + 0.1
 
     def posterior(rows=slice(None)):
@@ -275,9 +380,18 @@ def test_the_encoders_elbo_is_pyros_trace_elbo_of_the_model():
 
     pyro.set_rng_seed(0)
     with pyro.validation_enabled(False):
-        theirs = -Trace_ELBO(num_particles=draws, vectorize_particles=True, max_plate_nesting=1).differentiable_loss(
-            model, guide, amplitudes, real, slot_xy, sigma, g)
+        theirs = -Trace_ELBO(
+            num_particles=draws, vectorize_particles=True, max_plate_nesting=1
+        ).differentiable_loss(model, guide, amplitudes, real, slot_xy, sigma, g)
     rows = torch.arange(n).repeat(draws)  # every spike drawn `draws` times
-    ours = elbo(posterior(rows), amplitudes[rows], real[rows], slot_xy[rows], sigma[rows], g).reshape(draws, n).sum(1)
+    ours = (
+        elbo(posterior(rows), amplitudes[rows], real[rows], slot_xy[rows], sigma[rows], g)
+        .reshape(draws, n)
+        .sum(1)
+    )
     standard_error = float(ours.std()) / draws**0.5
-    assert abs(float(ours.mean()) - float(theirs)) < 3 * 2**0.5 * standard_error, (float(ours.mean()), float(theirs), standard_error)
+    assert abs(float(ours.mean()) - float(theirs)) < 3 * 2**0.5 * standard_error, (
+        float(ours.mean()),
+        float(theirs),
+        standard_error,
+    )

@@ -4,8 +4,15 @@ edge as virtual, and falls back to nearest contacts on irregular layouts."""
 import numpy as np
 import probeinterface as pi
 
-from locsort.neighbourhood import (AmplitudeReader, Neighbourhood, fit_amplitude_basis, fit_amplitude_denoiser, gather_windows,
-                                   peak_amplitudes, peak_amplitudes_at)
+from locsort.neighbourhood import (
+    AmplitudeReader,
+    Neighbourhood,
+    fit_amplitude_basis,
+    fit_amplitude_denoiser,
+    gather_windows,
+    peak_amplitudes,
+    peak_amplitudes_at,
+)
 from locsort.simulate import neuropixels_like_probe
 
 
@@ -23,7 +30,9 @@ def test_square_grid_gives_a_5x5_box_with_virtual_channels_at_edges():
     assert counts[5, 5] == 25 and counts[0, 0] == 9 and counts[0, 5] == 15
     # every real slot holds the contact that sits at centre + offset
     centre, slot = np.nonzero(nb.real)
-    np.testing.assert_allclose(nb.positions[nb.index[centre, slot]], nb.positions[centre] + nb.offsets[centre, slot])
+    np.testing.assert_allclose(
+        nb.positions[nb.index[centre, slot]], nb.positions[centre] + nb.offsets[centre, slot]
+    )
 
 
 def test_staggered_neuropixels_columns_share_one_lattice():
@@ -72,8 +81,13 @@ def test_peak_amplitudes_at_equals_the_minimum_of_the_gathered_windows():
 def _two_spike_shapes() -> np.ndarray:
     """(50, 2): a sharp spike with a repolarization bump and a broad one, troughs at sample 20."""
     t = np.arange(-20, 30)
-    return np.stack([-np.exp(-0.5 * (t / 2.0) ** 2) + 0.3 * np.exp(-0.5 * ((t - 6) / 4.0) ** 2),
-                     -np.exp(-0.5 * (t / 5.0) ** 2)], axis=1)
+    return np.stack(
+        [
+            -np.exp(-0.5 * (t / 2.0) ** 2) + 0.3 * np.exp(-0.5 * ((t - 6) / 4.0) ** 2),
+            -np.exp(-0.5 * (t / 5.0) ** 2),
+        ],
+        axis=1,
+    )
 
 
 def test_amplitudes_read_through_the_spike_basis_are_closer_to_the_noise_free_ones():
@@ -89,16 +103,27 @@ def test_amplitudes_read_through_the_spike_basis_are_closer_to_the_noise_free_on
     assert basis.shape == (50, 4)
     denoised, raw = AmplitudeReader(20, 30, 3, basis), AmplitudeReader(20, 30, 3)
     truth = -clean[:, 17:24].min(axis=1)
-    assert np.abs(denoised.of_windows(snippets) - truth).mean() < 0.6 * np.abs(raw.of_windows(snippets) - truth).mean()
+    assert (
+        np.abs(denoised.of_windows(snippets) - truth).mean()
+        < 0.6 * np.abs(raw.of_windows(snippets) - truth).mean()
+    )
     # read from traces or from gathered windows: the same (up to float32 rounding: the matrix products
     # differ in shape); virtual channels read 0
     traces = rng.standard_normal((300, 8)).astype(np.float32)
     rows, where = rng.integers(25, 265, 20), rng.integers(-1, 8, (20, 5))
-    np.testing.assert_allclose(denoised.at(traces, rows, where), denoised.of_windows(gather_windows(traces, rows, where, 20, 30)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        denoised.at(traces, rows, where),
+        denoised.of_windows(gather_windows(traces, rows, where, 20, 30)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert np.all(denoised.at(traces, rows, where)[where < 0] == 0)
-    np.testing.assert_array_equal(raw.at(traces, rows, where), peak_amplitudes_at(traces, rows, where, 3))
-    assert fit_amplitude_basis(snippets[:10], half=3, before=20, num_components=4) is None  # too few spikes
+    np.testing.assert_array_equal(
+        raw.at(traces, rows, where), peak_amplitudes_at(traces, rows, where, 3)
+    )
+    assert (
+        fit_amplitude_basis(snippets[:10], half=3, before=20, num_components=4) is None
+    )  # too few spikes
 
 
 def test_the_spatio_temporal_denoiser_reads_amplitudes_closer_to_the_noise_free_ones():
@@ -108,14 +133,25 @@ def test_the_spatio_temporal_denoiser_reads_amplitudes_closer_to_the_noise_free_
     shapes = _two_spike_shapes()
     n, k = 3000, 9
     source = rng.uniform(-10, 90, n)
-    footprint = rng.uniform(4, 20, (n, 1)) * np.exp(-np.abs(np.arange(k)[None] * 10.0 - source[:, None]) / 20.0)
+    footprint = rng.uniform(4, 20, (n, 1)) * np.exp(
+        -np.abs(np.arange(k)[None] * 10.0 - source[:, None]) / 20.0
+    )
     clean = shapes[:, rng.integers(0, 2, n)].T[:, :, None] * footprint[:, None, :]  # (n, T, k)
     snippets = (clean + rng.standard_normal(clean.shape)).astype(np.float32)
     basis = fit_amplitude_basis(snippets, half=3, before=20, num_components=4)
     index, centres = np.arange(k)[None], np.zeros(n, np.int64)
-    white = (np.eye(k), np.eye(1, 51)[0])  # noise covariance across channels, autocorrelation in time
-    components, gains = fit_amplitude_denoiser(snippets, centres, basis, index, *white, min_gain=0.3)
-    assert components.shape[0] == k * 4 and 0 < len(gains) < k * 4 and np.all((gains >= 0.3) & (gains < 1))
+    white = (
+        np.eye(k),
+        np.eye(1, 51)[0],
+    )  # noise covariance across channels, autocorrelation in time
+    components, gains = fit_amplitude_denoiser(
+        snippets, centres, basis, index, *white, min_gain=0.3
+    )
+    assert (
+        components.shape[0] == k * 4
+        and 0 < len(gains) < k * 4
+        and np.all((gains >= 0.3) & (gains < 1))
+    )
     temporal = AmplitudeReader(20, 30, 3, basis)
     spatial = temporal.with_denoiser(components, gains)
     truth = -clean[:, 17:24].min(axis=1)
@@ -126,9 +162,16 @@ def test_the_spatio_temporal_denoiser_reads_amplitudes_closer_to_the_noise_free_
     rows = rng.integers(25, 265, 20)
     where = np.where(rng.random((20, k)) < 0.2, -1, rng.integers(1, 12, (20, k)))
     read = spatial.at(traces, rows, where)
-    np.testing.assert_allclose(read, spatial.of_windows(gather_windows(traces, rows, where, 20, 30)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        read, spatial.of_windows(gather_windows(traces, rows, where, 20, 30)), rtol=1e-4, atol=1e-5
+    )
     assert np.all(read[where < 0] == 0)
     traces[:, 0] = 1000.0  # what virtual slots gather
     np.testing.assert_allclose(spatial.at(traces, rows, where), read, rtol=1e-5, atol=1e-5)
-    assert fit_amplitude_denoiser(snippets[:100], centres[:100], basis, index, *white, min_gain=0.3) is None  # too few
-    assert fit_amplitude_denoiser(snippets, centres, basis, index, *white, min_gain=1.0) is None  # nothing passes
+    assert (
+        fit_amplitude_denoiser(snippets[:100], centres[:100], basis, index, *white, min_gain=0.3)
+        is None
+    )  # too few
+    assert (
+        fit_amplitude_denoiser(snippets, centres, basis, index, *white, min_gain=1.0) is None
+    )  # nothing passes

@@ -40,12 +40,20 @@ def test_peak_detection_agrees_with_spikeinterface(ground_truth_recording):
     from locsort.preprocess import noise_levels, preprocess
 
     recording, _ = ground_truth_recording
-    detected = locsort.detect(recording, params=Params(detect_method="peak", detect_threshold=5), progress=False)
+    detected = locsort.detect(
+        recording, params=Params(detect_method="peak", detect_threshold=5), progress=False
+    )
     processed = preprocess(recording)
     theirs = detect_peaks(
-        processed, method="locally_exclusive",
-        method_kwargs=dict(detect_threshold=5, peak_sign="neg", exclude_sweep_ms=0.3, radius_um=40,
-                           noise_levels=noise_levels(processed)),
+        processed,
+        method="locally_exclusive",
+        method_kwargs=dict(
+            detect_threshold=5,
+            peak_sign="neg",
+            exclude_sweep_ms=0.3,
+            radius_um=40,
+            noise_levels=noise_levels(processed),
+        ),
         job_kwargs=dict(n_jobs=1, progress_bar=False, chunk_duration="1s"),
     )
     # same threshold, sweep and radius; SpikeInterface ranks neighbouring peaks by SNR where we
@@ -81,11 +89,15 @@ def test_matched_filter_score_peaks_at_the_spike_trough():
     noise = np.array([2.0, 4.0], np.float32)
     traces = rng.normal(size=(500, 2)).astype(np.float32) * noise
     traces[:, 1] = 0.0
-    traces[300 - 8 : 300 + 13, 1] = 40 * prototype  # a noise-free spike, trough at sample 300 on channel 1
+    traces[300 - 8 : 300 + 13, 1] = (
+        40 * prototype
+    )  # a noise-free spike, trough at sample 300 on channel 1
     score = MatchedFilter(prototype, 8, np.ones(2, np.float32)).score(traces, noise).numpy()
     assert score[:, 1].argmax() == 300
     # the score is the correlation of each channel (in noise units) with the prototype
-    expected = np.correlate(traces[:, 0] / noise[0], prototype, mode="full")[len(prototype) - 1 - 8 :][:500]
+    expected = np.correlate(traces[:, 0] / noise[0], prototype, mode="full")[
+        len(prototype) - 1 - 8 :
+    ][:500]
     np.testing.assert_allclose(score[:, 0], expected, atol=1e-4)
 
 
@@ -105,7 +117,9 @@ def test_localize_honours_given_peaks_one_to_one_in_order(ground_truth_recording
     recording, truth = ground_truth_recording
     peaks, true_xyz = ground_truth_peaks(recording, truth)
     shuffled = np.random.default_rng(0).permutation(len(peaks))
-    spikes = locsort.localize(recording, peaks=peaks[shuffled], method="center_of_mass", progress=False)
+    spikes = locsort.localize(
+        recording, peaks=peaks[shuffled], method="center_of_mass", progress=False
+    )
     assert len(spikes) == len(peaks)
     np.testing.assert_array_equal(spikes["sample_index"], peaks["sample_index"][shuffled])
     np.testing.assert_array_equal(spikes["channel_index"], peaks["channel_index"][shuffled])
@@ -117,50 +131,81 @@ def test_localize_honours_given_peaks_one_to_one_in_order(ground_truth_recording
 
 
 @pytest.mark.parametrize("cache_mb, cached_chunks", [(512.0, 10), (16.0, 2), (0.0, 0)])
-def test_main_pass_takes_the_training_samples_chunks_from_the_trace_cache(ground_truth_recording, monkeypatch, cache_mb,
-                                                                          cached_chunks):
+def test_main_pass_takes_the_training_samples_chunks_from_the_trace_cache(
+    ground_truth_recording, monkeypatch, cache_mb, cached_chunks
+):
     import locsort.scan
 
     recording, _ = ground_truth_recording
     reads = []
     original = locsort.scan.read_chunk
-    monkeypatch.setattr(locsort.scan, "read_chunk", lambda *args: reads.append(args[1]) or original(*args))
-    spikes = locsort.localize(recording, method="center_of_mass", params={"trace_cache_mb": cache_mb}, progress=False)
+    monkeypatch.setattr(
+        locsort.scan, "read_chunk", lambda *args: reads.append(args[1]) or original(*args)
+    )
+    spikes = locsort.localize(
+        recording, method="center_of_mass", params={"trace_cache_mb": cache_mb}, progress=False
+    )
     # 10 chunks of 1 s, all in the training sample; 16 MB holds two of them (7.7 MB each)
     assert len(reads) == 10 + 10 - cached_chunks
     if cached_chunks:  # the same spikes and locations as when every chunk is read again
         monkeypatch.setattr(locsort.scan, "read_chunk", original)
-        again = locsort.localize(recording, method="center_of_mass", params={"trace_cache_mb": 0}, progress=False)
+        again = locsort.localize(
+            recording, method="center_of_mass", params={"trace_cache_mb": 0}, progress=False
+        )
         np.testing.assert_array_equal(spikes["sample_index"], again["sample_index"])
         np.testing.assert_array_equal(spikes["x"], again["x"])
 
 
-def test_a_sorts_training_sample_reads_only_the_chunks_its_spike_budget_needs(ground_truth_recording, monkeypatch):
+def test_a_sorts_training_sample_reads_only_the_chunks_its_spike_budget_needs(
+    ground_truth_recording, monkeypatch
+):
     import locsort.scan
     from locsort.localize.baseline import CenterOfMass
 
     recording, _ = ground_truth_recording
     reads = []
     original = locsort.scan.read_chunk
-    monkeypatch.setattr(locsort.scan, "read_chunk", lambda *args: reads.append(args[1]) or original(*args))
+    monkeypatch.setattr(
+        locsort.scan, "read_chunk", lambda *args: reads.append(args[1]) or original(*args)
+    )
 
     def sample(per_channel: int):
         reads.clear()
-        params = Params(chunk_duration=0.25, sample_chunks=30, sample_spikes_per_channel=per_channel, trace_cache_mb=0)
+        params = Params(
+            chunk_duration=0.25,
+            sample_chunks=30,
+            sample_spikes_per_channel=per_channel,
+            trace_cache_mb=0,
+        )
         prep = locsort.pipeline.prepare(recording, params)
-        drawn = locsort.pipeline._training_sample(prep, CenterOfMass(9), None, progress=False, windows=True,
-                                                  denoise_later=True)
+        drawn = locsort.pipeline._training_sample(
+            prep, CenterOfMass(9), None, progress=False, windows=True, denoise_later=True
+        )
         return drawn, sorted(chunk.start for chunk in reads)
 
-    everything, all_read = sample(0)  # 30 of the 40 quarter-second chunks, spread over the recording
-    assert len(all_read) == 30 and all_read[0] == 0 and all_read[-1] == recording.get_num_samples() - 7500
+    everything, all_read = sample(
+        0
+    )  # 30 of the 40 quarter-second chunks, spread over the recording
+    assert (
+        len(all_read) == 30
+        and all_read[0] == 0
+        and all_read[-1] == recording.get_num_samples() - 7500
+    )
     per_chunk = len(everything.peaks) / 30
-    half = int(np.ceil(15 * per_chunk / recording.get_num_channels()))  # a budget of about 15 chunks' spikes
+    half = int(
+        np.ceil(15 * per_chunk / recording.get_num_channels())
+    )  # a budget of about 15 chunks' spikes
     budgeted, some_read = sample(half)
     assert 10 < len(some_read) < 30 and len(set(some_read)) == len(some_read)
-    assert some_read[0] == 0 and some_read[-1] > 0.8 * recording.get_num_samples()  # still spread over the recording
-    assert len(budgeted.peaks) < len(everything.peaks) and len(budgeted.windows) == len(budgeted.peaks)
-    assert np.all(np.diff(budgeted.peaks["sample_index"]) >= 0)  # in time order, as one round would give
+    assert (
+        some_read[0] == 0 and some_read[-1] > 0.8 * recording.get_num_samples()
+    )  # still spread over the recording
+    assert len(budgeted.peaks) < len(everything.peaks) and len(budgeted.windows) == len(
+        budgeted.peaks
+    )
+    assert np.all(
+        np.diff(budgeted.peaks["sample_index"]) >= 0
+    )  # in time order, as one round would give
     # a budget the recording's spikes cannot meet reads every chunk, as without one
     assert sample(10 * half)[1] == all_read
 
@@ -215,7 +260,9 @@ def test_sorting_folder_is_written_without_spikeinterfaces_provenance_warning(tm
 
     from spikeinterface.core import NumpySorting, load
 
-    sorting = NumpySorting.from_samples_and_labels([np.array([5, 40, 90])], [np.array([0, 1, 0])], 30000.0)
+    sorting = NumpySorting.from_samples_and_labels(
+        [np.array([5, 40, 90])], [np.array([0, 1, 0])], 30000.0
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         locsort.pipeline.save_sorting(sorting, tmp_path / "sorting")
@@ -235,7 +282,9 @@ def damaged_recording(ground_truth_recording):
     return with_bad_channels(recording, flat=[5, 30], noisy=[17], extra_noise_uv=60.0)
 
 
-def test_flat_and_noisy_channels_are_found_and_interpolated(ground_truth_recording, damaged_recording):
+def test_flat_and_noisy_channels_are_found_and_interpolated(
+    ground_truth_recording, damaged_recording
+):
     from locsort.pipeline import prepare
 
     recording, _ = ground_truth_recording
@@ -243,18 +292,27 @@ def test_flat_and_noisy_channels_are_found_and_interpolated(ground_truth_recordi
     assert prepare(recording).bad_channels == {}
     prep = prepare(damaged_recording)
     assert set(prep.bad_channels) == {ids[5], ids[17], ids[30]}
-    assert prep.bad_channels[ids[5]].startswith("flat") and prep.bad_channels[ids[17]].startswith("noisy")
+    assert prep.bad_channels[ids[5]].startswith("flat") and prep.bad_channels[ids[17]].startswith(
+        "noisy"
+    )
     # interpolated from their neighbours: neither zeros nor 60 µV of noise (an average of neighbours is
     # a little quieter than one channel)
-    assert np.all((prep.noise > 0.3 * np.median(prep.noise)) & (prep.noise < 1.5 * np.median(prep.noise)))
+    assert np.all(
+        (prep.noise > 0.3 * np.median(prep.noise)) & (prep.noise < 1.5 * np.median(prep.noise))
+    )
     # and detection sees what it sees on the intact recording; kept as they are, the damaged channels
     # add false spikes
     clean = len(locsort.detect(recording, progress=False))
     assert abs(len(locsort.detect(damaged_recording, progress=False)) - clean) < 0.03 * clean
-    assert len(locsort.detect(damaged_recording, params=Params(bad_channels="none"), progress=False)) > 1.05 * clean
+    assert (
+        len(locsort.detect(damaged_recording, params=Params(bad_channels="none"), progress=False))
+        > 1.05 * clean
+    )
 
 
-def test_bad_channels_can_be_named_or_kept_and_unknown_names_or_hopeless_recordings_are_refused(damaged_recording):
+def test_bad_channels_can_be_named_or_kept_and_unknown_names_or_hopeless_recordings_are_refused(
+    damaged_recording,
+):
     from locsort.pipeline import prepare
     from locsort.simulate import with_bad_channels
 
@@ -270,7 +328,9 @@ def test_bad_channels_can_be_named_or_kept_and_unknown_names_or_hopeless_recordi
         prepare(with_bad_channels(damaged_recording, flat=range(len(ids))))
 
 
-def test_a_run_names_its_interpolated_channels_in_run_json_and_the_report(tmp_path, damaged_recording):
+def test_a_run_names_its_interpolated_channels_in_run_json_and_the_report(
+    tmp_path, damaged_recording
+):
     import json
 
     ids = [str(c) for c in damaged_recording.channel_ids]
@@ -279,26 +339,44 @@ def test_a_run_names_its_interpolated_channels_in_run_json_and_the_report(tmp_pa
     recorded = info["bad_channels"]
     assert set(recorded) == {ids[5], ids[17], ids[30]} and recorded[ids[17]].startswith("noisy")
     # the sort reports locations read with the amplitude denoiser, by its clustering's encoder refined on them
-    assert "spatio-temporal" in info["amplitudes"] and info["localization"]["training"]["refined_from"]["epochs"] >= 1
+    assert (
+        "spatio-temporal" in info["amplitudes"]
+        and info["localization"]["training"]["refined_from"]["epochs"] >= 1
+    )
     assert "channels interpolated from their neighbours" in result.note
-    assert "channels interpolated from their neighbours" in (tmp_path / "out" / "report.html").read_text()
+    assert (
+        "channels interpolated from their neighbours"
+        in (tmp_path / "out" / "report.html").read_text()
+    )
 
 
-def test_localizing_fits_the_amplitude_denoiser_once_and_saved_models_read_amplitudes_with_it(ground_truth_recording, tmp_path):
+def test_localizing_fits_the_amplitude_denoiser_once_and_saved_models_read_amplitudes_with_it(
+    ground_truth_recording, tmp_path
+):
     from locsort.localize.baseline import CenterOfMass
 
     recording, _ = ground_truth_recording
     params = Params(sample_chunks=4)
     prep = locsort.pipeline.prepare(recording, params)
-    assert prep.amplitudes.components is None and prep.amplitude_denoise_gain == 0.3  # localizing: on
+    assert (
+        prep.amplitudes.components is None and prep.amplitude_denoise_gain == 0.3
+    )  # localizing: on
     sample = locsort.pipeline._training_sample(prep, CenterOfMass(9), None, progress=False)
     reader = prep.amplitudes
-    assert reader.components is not None and np.all(reader.gains >= 0.3) and "spatio-temporal" in reader.description
-    assert prep.amplitude_denoise_gain == 1.0  # once per recording: a later sample reads with it, fits nothing
+    assert (
+        reader.components is not None
+        and np.all(reader.gains >= 0.3)
+        and "spatio-temporal" in reader.description
+    )
+    assert (
+        prep.amplitude_denoise_gain == 1.0
+    )  # once per recording: a later sample reads with it, fits nothing
     # the sample's own amplitudes were read again with the denoiser: as the main pass will read them
     again = locsort.pipeline._training_sample(prep, CenterOfMass(9), None, progress=False)
     assert prep.amplitudes is reader
-    np.testing.assert_allclose(again.observations["amplitudes"], sample.observations["amplitudes"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        again.observations["amplitudes"], sample.observations["amplitudes"], rtol=1e-3, atol=1e-3
+    )
     # a resumed run reads amplitudes as its models were trained on
     locsort.pipeline.Models(CenterOfMass(9), amplitudes=reader).save(tmp_path)
     fresh = locsort.pipeline.prepare(recording, params)

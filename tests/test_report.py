@@ -29,7 +29,9 @@ def data():
     spikes["channel_index"] = nearest[vector["unit_index"]]
     traces = recording.get_traces(segment_index=0)  # 5 s x 32 channels: tiny
     channels = nearest[vector["unit_index"]]
-    window = np.clip(vector["sample_index"][:, None] + np.arange(-10, 11)[None, :], 0, len(traces) - 1)
+    window = np.clip(
+        vector["sample_index"][:, None] + np.arange(-10, 11)[None, :], 0, len(traces) - 1
+    )
     spikes["amplitude"] = traces[window, channels[:, None]].min(axis=1)
     spikes["x"] = locations[vector["unit_index"], 0] + rng.normal(0, 3, len(vector))
     spikes["y"] = locations[vector["unit_index"], 1] + rng.normal(0, 3, len(vector))
@@ -46,7 +48,10 @@ def _sorting_from(spikes, num_units, fs=30000.0):
 
     keep = spikes["unit_index"] >= 0
     return NumpySorting.from_samples_and_labels(
-        [spikes["sample_index"][keep]], [spikes["unit_index"][keep].astype(int)], fs, unit_ids=np.arange(num_units)
+        [spikes["sample_index"][keep]],
+        [spikes["unit_index"][keep].astype(int)],
+        fs,
+        unit_ids=np.arange(num_units),
     )
 
 
@@ -110,7 +115,9 @@ def test_report_with_ground_truth(data, tmp_path):
     import matplotlib.pyplot as plt
 
     assert plt.get_fignums() == []
-    page = _check_report(html_path, {"locations.png", "templates.png", "activity.png", "accuracy.png", "errors.png"})
+    page = _check_report(
+        html_path, {"locations.png", "templates.png", "activity.png", "accuracy.png", "errors.png"}
+    )
     assert _cell(page, "num-spikes") == str(len(spikes))
     assert _cell(page, "num-units") == "5"
     assert _cell(page, "num-channels") == "32"
@@ -130,7 +137,9 @@ def test_report_with_ground_truth(data, tmp_path):
 def test_report_without_ground_truth(data, tmp_path):
     recording, _, spikes, _ = data
     sorting = _sorting_from(spikes, 5)
-    html_path = write_report(tmp_path, recording=recording, spikes=spikes, sorting=sorting, max_spikes_plotted=100)
+    html_path = write_report(
+        tmp_path, recording=recording, spikes=spikes, sorting=sorting, max_spikes_plotted=100
+    )
     page = _check_report(html_path, {"locations.png", "templates.png", "activity.png"})
     assert not (tmp_path / "figures" / "accuracy.png").exists()
     assert not (tmp_path / "figures" / "errors.png").exists()
@@ -142,8 +151,12 @@ def test_report_empty(data, tmp_path):
 
     recording, _, _, ground_truth = data
     spikes = np.zeros(0, dtype=SPIKE_DTYPE)
-    sorting = NumpySorting.from_samples_and_labels([np.array([], int)], [np.array([], int)], 30000.0)
-    html_path = write_report(tmp_path, recording=recording, spikes=spikes, sorting=sorting, ground_truth=ground_truth)
+    sorting = NumpySorting.from_samples_and_labels(
+        [np.array([], int)], [np.array([], int)], 30000.0
+    )
+    html_path = write_report(
+        tmp_path, recording=recording, spikes=spikes, sorting=sorting, ground_truth=ground_truth
+    )
     page = _check_report(html_path, {"locations.png"})
     assert "No spikes detected" in page or "no spikes detected" in page
     assert _cell(page, "num-spikes") == "0"
@@ -167,7 +180,9 @@ def test_report_multi_segment_multi_shank(tmp_path):
     from probeinterface import ProbeGroup, generate_linear_probe
     from spikeinterface.core import NumpySorting, generate_recording
 
-    recording = generate_recording(num_channels=16, sampling_frequency=10000.0, durations=[1.0, 0.5], seed=0)
+    recording = generate_recording(
+        num_channels=16, sampling_frequency=10000.0, durations=[1.0, 0.5], seed=0
+    )
     group = ProbeGroup()
     for shank in range(2):
         probe = generate_linear_probe(num_elec=8, ypitch=20)
@@ -179,7 +194,9 @@ def test_report_multi_segment_multi_shank(tmp_path):
     n = 120
     spikes = np.zeros(n, dtype=SPIKE_DTYPE)
     spikes["segment_index"] = rng.integers(0, 2, n)
-    spikes["sample_index"] = np.where(spikes["segment_index"] == 0, rng.integers(0, 10000, n), rng.integers(0, 5000, n))
+    spikes["sample_index"] = np.where(
+        spikes["segment_index"] == 0, rng.integers(0, 10000, n), rng.integers(0, 5000, n)
+    )
     spikes["channel_index"] = rng.integers(0, 16, n)
     spikes["amplitude"] = -rng.uniform(40, 120, n)
     spikes["x"] = rng.choice([0.0, 200.0], n) + rng.normal(0, 5, n)
@@ -190,7 +207,9 @@ def test_report_multi_segment_multi_shank(tmp_path):
     spikes = spikes[order]
     keep = spikes["unit_index"] >= 0
     samples = [spikes["sample_index"][keep & (spikes["segment_index"] == s)] for s in range(2)]
-    labels = [spikes["unit_index"][keep & (spikes["segment_index"] == s)].astype(int) for s in range(2)]
+    labels = [
+        spikes["unit_index"][keep & (spikes["segment_index"] == s)].astype(int) for s in range(2)
+    ]
     sorting = NumpySorting.from_samples_and_labels(samples, labels, 10000.0)
     html_path = write_report(tmp_path, recording=recording, spikes=spikes, sorting=sorting)
     page = _check_report(html_path, {"locations.png", "templates.png", "activity.png"})
@@ -205,13 +224,20 @@ def test_unit_templates_average_up_to_the_quota_of_spikes_of_frequent_and_rare_u
     unit (read in shared stretches) and from every spike of a rare one (read on its own)."""
     from spikeinterface.core import NumpyRecording, NumpySorting
 
-    from locsort.report import TEMPLATE_SPIKES_PER_UNIT, _compute_templates, _Context, _template_reads
+    from locsort.report import (
+        TEMPLATE_SPIKES_PER_UNIT,
+        _compute_templates,
+        _Context,
+        _template_reads,
+    )
 
     fs, num_samples = 30000.0, 300_000
     rng = np.random.default_rng(0)
     # spikes 100 samples apart or more, so that no other spike reaches a 90-sample window
     frequent = np.sort(rng.choice(np.arange(100, 200_000, 100), size=400, replace=False))
-    rare = np.array([210_000, 230_000, 250_000, 270_000, 299_990])  # the last is too close to the end for a window
+    rare = np.array(
+        [210_000, 230_000, 250_000, 270_000, 299_990]
+    )  # the last is too close to the end for a window
     shape = np.sin(np.linspace(0, 3 * np.pi, 40)) * np.hanning(40)
     traces = np.zeros((num_samples, 4), np.float32)
     for times, channel, gain in ((frequent, 1, -50.0), (rare, 3, 30.0)):
@@ -224,7 +250,9 @@ def test_unit_templates_average_up_to_the_quota_of_spikes_of_frequent_and_rare_u
     spikes["unit_index"] = np.r_[np.zeros(len(frequent)), np.ones(len(rare))]
     order = np.argsort(spikes["sample_index"])
     spikes = spikes[order]
-    sorting = NumpySorting.from_samples_and_labels([spikes["sample_index"]], [spikes["unit_index"].astype(int)], fs)
+    sorting = NumpySorting.from_samples_and_labels(
+        [spikes["sample_index"]], [spikes["unit_index"].astype(int)], fs
+    )
     ctx = _Context(recording, spikes, sorting, 1000, np.random.default_rng(0))
     mean, sd, counts, nbefore = _compute_templates(ctx, np.array([0, 1]))
     assert counts.tolist() == [TEMPLATE_SPIKES_PER_UNIT, len(rare) - 1]

@@ -26,19 +26,35 @@ def make_localizer(method: str, params: Params):
         from .model import DECAY_LAWS
 
         if params.decay_law not in DECAY_LAWS:
-            raise UsageError(f"unknown decay_law {params.decay_law!r}: use one of {', '.join(DECAY_LAWS)}")
+            raise UsageError(
+                f"unknown decay_law {params.decay_law!r}: use one of {', '.join(DECAY_LAWS)}"
+            )
 
         if params.encoder_init_epochs < 1:
-            raise UsageError(f"encoder_init_epochs must be at least 1 (got {params.encoder_init_epochs}); to use a trained "
-                             "encoder as it is, give it as encoder_path")
+            raise UsageError(
+                f"encoder_init_epochs must be at least 1 (got {params.encoder_init_epochs}); to use a trained "
+                "encoder as it is, give it as encoder_path"
+            )
         if params.encoder_path:
-            return AmortizedLocalizer.load(params.encoder_path, device=resolve_device(params.device))
+            return AmortizedLocalizer.load(
+                params.encoder_path, device=resolve_device(params.device)
+            )
         return AmortizedLocalizer(
-            decay=params.decay_law, source_offset_um=params.source_offset_um, jitter_uv=params.jitter_uv, max_centres=params.max_jitter_centres,
-            hidden=params.encoder_hidden, batch_size=params.encoder_batch_size, max_epochs=params.encoder_max_epochs,
-            patience=params.encoder_patience, lr=params.encoder_lr, max_seconds=params.encoder_max_seconds,
-            min_training_spikes=params.min_training_spikes, fallback_channels=params.com_channels,
-            device=resolve_device(params.device), seed=params.seed, init=params.encoder_init,
+            decay=params.decay_law,
+            source_offset_um=params.source_offset_um,
+            jitter_uv=params.jitter_uv,
+            max_centres=params.max_jitter_centres,
+            hidden=params.encoder_hidden,
+            batch_size=params.encoder_batch_size,
+            max_epochs=params.encoder_max_epochs,
+            patience=params.encoder_patience,
+            lr=params.encoder_lr,
+            max_seconds=params.encoder_max_seconds,
+            min_training_spikes=params.min_training_spikes,
+            fallback_channels=params.com_channels,
+            device=resolve_device(params.device),
+            seed=params.seed,
+            init=params.encoder_init,
             init_epochs=params.encoder_init_epochs,
         )
     raise UsageError(f"unknown localization method {method!r}: use one of {', '.join(METHODS)}")

@@ -44,9 +44,12 @@ class Encoder(nn.Module):
     def __init__(self, num_inputs: int, hidden: int = 256, num_outputs: int = 10):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(num_inputs, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden // 2), nn.SiLU(),
+            nn.Linear(num_inputs, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden // 2),
+            nn.SiLU(),
             nn.Linear(hidden // 2, num_outputs),
         )
 
@@ -144,7 +147,9 @@ class AmortizedLocalizer:
                     continue
                 channels = slots[rows, order[rows, j]]
                 centres[rows, j + 1] = channels
-                amplitudes[rows, j + 1] = batch.subset(rows).amplitudes_around(channels, neighbourhood)
+                amplitudes[rows, j + 1] = batch.subset(rows).amplitudes_around(
+                    channels, neighbourhood
+                )
         return {"centres": centres, "amplitudes": amplitudes}
 
     # ------------------------------------------------------------------ tensors
@@ -154,13 +159,19 @@ class AmortizedLocalizer:
         real = neighbourhood.real[centres]
         slot_xy = neighbourhood.offsets[centres]
         sigma = np.where(real, self.noise[np.maximum(neighbourhood.index[centres], 0)], 1.0)
-        t = lambda a, dtype=torch.float32: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self.device)
+        t = lambda a, dtype=torch.float32: torch.as_tensor(
+            np.ascontiguousarray(a), dtype=dtype, device=self.device
+        )
         return t(amplitudes), t(real, torch.bool), t(slot_xy), t(sigma)
 
     def _features(self, amplitudes, real, slot_xy, sigma):
         snr = torch.where(real, amplitudes / sigma, torch.zeros_like(amplitudes))
         peak_snr = snr.max(dim=1, keepdim=True).values.clamp(min=1e-3)
-        peak_uv = torch.where(real, amplitudes, torch.zeros_like(amplitudes)).max(dim=1, keepdim=True).values.clamp(min=1e-3)
+        peak_uv = (
+            torch.where(real, amplitudes, torch.zeros_like(amplitudes))
+            .max(dim=1, keepdim=True)
+            .values.clamp(min=1e-3)
+        )
         parts = [snr / peak_snr, real.float(), peak_snr.log(), peak_uv.log()]
         if not self.geometry["regular"]:
             parts.append(slot_xy.flatten(1) / self.geometry["pitch_um"])
@@ -187,7 +198,9 @@ class AmortizedLocalizer:
             columns.append(math.log(g.decay_length_um) + 2.0 * torch.tanh(out[:, 4] / 2.0))
             units.append(1.0)
         loc = torch.stack(columns, dim=1)
-        scale = (1e-3 + 4.0 * torch.sigmoid(out[:, num:] - 3.0)) * torch.tensor(units, device=out.device)
+        scale = (1e-3 + 4.0 * torch.sigmoid(out[:, num:] - 3.0)) * torch.tensor(
+            units, device=out.device
+        )
         return loc, scale
 
     def _approximation(self, amplitudes, real, slot_xy, sigma) -> dict:
@@ -200,22 +213,36 @@ class AmortizedLocalizer:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, observations: dict, neighbourhood, noise, params=None, progress: bool = False,
-            initial: "Encoder | None" = None) -> "AmortizedLocalizer":
+    def fit(
+        self,
+        observations: dict,
+        neighbourhood,
+        noise,
+        params=None,
+        progress: bool = False,
+        initial: "Encoder | None" = None,
+    ) -> "AmortizedLocalizer":
         """Train on ``observations`` by maximizing the ELBO, stopping early on a held-out 10 %: from
         ``initial``'s weights when given (``refined``; up to ``max_epochs``), else from the trained
         encoder ``init`` names (its weights and cells' globals; up to ``init_epochs``), else from scratch
         (up to ``max_epochs``)."""
         self.noise = np.asarray(noise, dtype=np.float32)
         self.geometry = _geometry_of(neighbourhood)
-        epochs, started_from = self.max_epochs, "given weights" if initial is not None else "scratch"
+        epochs, started_from = (
+            self.max_epochs,
+            "given weights" if initial is not None else "scratch",
+        )
         pretrained = self._starting_point() if initial is None else None
         if pretrained is not None:
             # the cells' globals carry over; floor and noise_scale say how this recording's amplitudes are
             # read (denoised or not) and start afresh: inherited, np128 sorted 0.940 instead of 0.967 (seed 2)
             for name in ("rel_error", "decay_length_um"):
                 setattr(self.globals, name, getattr(pretrained.globals, name))
-            initial, epochs, started_from = pretrained.net, self.init_epochs, pretrained.info.get("name", self.init)
+            initial, epochs, started_from = (
+                pretrained.net,
+                self.init_epochs,
+                pretrained.info.get("name", self.init),
+            )
         centres, amplitudes = _flatten(observations)
         num_spikes = len(observations["centres"])
         if num_spikes < self.min_training_spikes:
@@ -232,10 +259,15 @@ class AmortizedLocalizer:
         self.globals.prior_log_alpha = float(np.median(np.log(np.clip(peak, 1e-3, None)))) + 1.0
         tensors = self._inputs(centres, amplitudes, neighbourhood)
         num_inputs = self._features(*[t[:2] for t in tensors])[0].shape[1]
-        self.net = (copy.deepcopy(initial) if initial is not None
-                    else Encoder(num_inputs, self.hidden, 2 * len(latents(self.globals.decay)))).to(self.device)
+        self.net = (
+            copy.deepcopy(initial)
+            if initial is not None
+            else Encoder(num_inputs, self.hidden, 2 * len(latents(self.globals.decay)))
+        ).to(self.device)
         learned = _LearnedGlobals(self.globals).to(self.device)
-        optimizer = torch.optim.Adam(list(self.net.parameters()) + list(learned.parameters()), lr=self.lr)
+        optimizer = torch.optim.Adam(
+            list(self.net.parameters()) + list(learned.parameters()), lr=self.lr
+        )
         order = rng.permutation(len(centres))
         num_val = max(1, len(order) // 10)
         val, train = order[:num_val], order[num_val:]
@@ -245,11 +277,18 @@ class AmortizedLocalizer:
         # instead of stopping mid-stride (mean of seeds 0-1, square MEA 10 / 20 / 30 µV, np64, np128:
         # 8.98 / 10.04 / 11.96 / 6.13 / 9.71 µm at a constant rate, 8.61 / 9.56 / 10.95 / 6.10 / 9.87
         # decayed, and seeds 0 and 1 within 0.25 µm of each other instead of up to 0.7)
-        schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * math.ceil(len(train) / self.batch_size))
-                    if pretrained is not None else None)
+        schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, epochs * math.ceil(len(train) / self.batch_size)
+            )
+            if pretrained is not None
+            else None
+        )
         best, best_state, stale, history = math.inf, None, 0, []
         start = time.perf_counter()
-        bar = tqdm(range(epochs), desc="train encoder", unit="epoch", disable=not progress, leave=False)
+        bar = tqdm(
+            range(epochs), desc="train encoder", unit="epoch", disable=not progress, leave=False
+        )
         for _epoch in bar:
             self.net.train()
             rng.shuffle(train)
@@ -269,7 +308,10 @@ class AmortizedLocalizer:
             bar.set_postfix(val_loss=f"{val_loss:.2f}")
             if val_loss < best - 1e-3:
                 best, stale = val_loss, 0
-                best_state = (copy.deepcopy(self.net.state_dict()), {k: float(v.detach()) for k, v in learned.values().items()})
+                best_state = (
+                    copy.deepcopy(self.net.state_dict()),
+                    {k: float(v.detach()) for k, v in learned.values().items()},
+                )
             else:
                 stale += 1
             if stale >= self.patience or 0 < self.max_seconds < time.perf_counter() - start:
@@ -277,7 +319,9 @@ class AmortizedLocalizer:
         if best_state is None:
             self.net = None
             self.fallback = CenterOfMass(self.fallback_channels)
-            self.fallback_reason = "encoder training diverged (non-finite ELBO): centre of mass used instead"
+            self.fallback_reason = (
+                "encoder training diverged (non-finite ELBO): centre of mass used instead"
+            )
             return self
         self.net.load_state_dict(best_state[0])
         self.net.eval()
@@ -287,10 +331,15 @@ class AmortizedLocalizer:
         self.globals.noise_scale = fitted["noise_scale"]
         if self.globals.decay == "exponential":
             self.globals.decay_length_um = fitted["decay_length"]
-        self.history = {"epochs": len(history), "started_from": started_from, "val_loss_per_spike": history,
-                        "train_examples": int(len(train)),
-                        "held_out_examples": int(len(val)),
-                        "seconds": time.perf_counter() - start, "globals": self.globals.asdict()}
+        self.history = {
+            "epochs": len(history),
+            "started_from": started_from,
+            "val_loss_per_spike": history,
+            "train_examples": int(len(train)),
+            "held_out_examples": int(len(val)),
+            "seconds": time.perf_counter() - start,
+            "globals": self.globals.asdict(),
+        }
         return self
 
     def _starting_point(self) -> "AmortizedLocalizer | None":
@@ -306,12 +355,16 @@ class AmortizedLocalizer:
         start = AmortizedLocalizer.load(self.init, device=self.device)
         _check_geometry(start.geometry, self.geometry)
         if start.globals.decay != self.globals.decay or start.hidden != self.hidden:
-            raise UsageError(f"the encoder to start from ({self.init}) has the {start.globals.decay} decay law and width "
-                             f"{start.hidden}, this one {self.globals.decay} and {self.hidden}: set decay_law / "
-                             "encoder_hidden to match, or encoder_init=none")
+            raise UsageError(
+                f"the encoder to start from ({self.init}) has the {start.globals.decay} decay law and width "
+                f"{start.hidden}, this one {self.globals.decay} and {self.hidden}: set decay_law / "
+                "encoder_hidden to match, or encoder_init=none"
+            )
         return start
 
-    def refined(self, observations: dict, neighbourhood, noise, epochs: int, progress: bool = False) -> "AmortizedLocalizer":
+    def refined(
+        self, observations: dict, neighbourhood, noise, epochs: int, progress: bool = False
+    ) -> "AmortizedLocalizer":
         """A copy of this trained encoder trained up to ``epochs`` more epochs on ``observations``
         (weights and fitted globals as the start, a fresh optimizer): cheap adaptation to amplitudes
         read another way (the neural sort's denoised ones: 3 epochs cost ~0.1 of a training from
@@ -331,7 +384,9 @@ class AmortizedLocalizer:
 
     def transform(self, observations: dict, neighbourhood) -> dict:
         if self.fallback is not None:
-            return self.fallback.transform_centres(observations["centres"][:, 0], observations["amplitudes"][:, 0], neighbourhood)
+            return self.fallback.transform_centres(
+                observations["centres"][:, 0], observations["amplitudes"][:, 0], neighbourhood
+            )
         if self.net is None:
             raise LocsortError("the encoder is not trained: call fit() or load() first")
         n = len(observations["centres"])
@@ -339,7 +394,11 @@ class AmortizedLocalizer:
         loc_parts, scale_parts = [], []
         with torch.no_grad():
             for i in range(0, len(centres), INFERENCE_BATCH):
-                tensors = self._inputs(centres[i : i + INFERENCE_BATCH], amplitudes[i : i + INFERENCE_BATCH], neighbourhood)
+                tensors = self._inputs(
+                    centres[i : i + INFERENCE_BATCH],
+                    amplitudes[i : i + INFERENCE_BATCH],
+                    neighbourhood,
+                )
                 loc, scale = self._posterior(*tensors)
                 loc_parts.append(loc.cpu().numpy())
                 scale_parts.append(scale.cpu().numpy())
@@ -347,23 +406,39 @@ class AmortizedLocalizer:
         scale = np.concatenate(scale_parts) if scale_parts else np.zeros((0, 4), np.float32)
         absolute = neighbourhood.positions[centres]
         # per-centre posterior moments of x, y, z, alpha in absolute coordinates
-        mean = np.column_stack([
-            absolute[:, 0] + loc[:, 0],
-            absolute[:, 1] + loc[:, 1],
-            np.exp(loc[:, 2] + scale[:, 2] ** 2 / 2),
-            loc[:, 3],
-        ])
-        var = np.column_stack([
-            scale[:, 0] ** 2,
-            scale[:, 1] ** 2,
-            np.expm1(scale[:, 2] ** 2) * np.exp(2 * loc[:, 2] + scale[:, 2] ** 2),
-            scale[:, 3] ** 2,
-        ])
+        mean = np.column_stack(
+            [
+                absolute[:, 0] + loc[:, 0],
+                absolute[:, 1] + loc[:, 1],
+                np.exp(loc[:, 2] + scale[:, 2] ** 2 / 2),
+                loc[:, 3],
+            ]
+        )
+        var = np.column_stack(
+            [
+                scale[:, 0] ** 2,
+                scale[:, 1] ** 2,
+                np.expm1(scale[:, 2] ** 2) * np.exp(2 * loc[:, 2] + scale[:, 2] ** 2),
+                scale[:, 3] ** 2,
+            ]
+        )
         # pool the centres of each spike: mean of means, mixture variance
         count = np.bincount(spike, minlength=n).astype(np.float64)[:, None]
         count[count == 0] = 1
-        pooled = np.stack([np.bincount(spike, weights=mean[:, c], minlength=n) for c in range(4)], 1) / count
-        second = np.stack([np.bincount(spike, weights=var[:, c] + mean[:, c] ** 2, minlength=n) for c in range(4)], 1) / count
+        pooled = (
+            np.stack([np.bincount(spike, weights=mean[:, c], minlength=n) for c in range(4)], 1)
+            / count
+        )
+        second = (
+            np.stack(
+                [
+                    np.bincount(spike, weights=var[:, c] + mean[:, c] ** 2, minlength=n)
+                    for c in range(4)
+                ],
+                1,
+            )
+            / count
+        )
         var = np.clip(second - pooled**2, 0, None)
         sd = np.sqrt(var)
         sd[:, :2] = soma_sd(var[:, :2], self.globals)
@@ -384,15 +459,25 @@ class AmortizedLocalizer:
         from ..io import save_safetensors_atomic
 
         if self.net is None:
-            raise LocsortError("nothing to save: the encoder was not trained" + (f" ({self.fallback_reason})" if self.fallback_reason else ""))
+            raise LocsortError(
+                "nothing to save: the encoder was not trained"
+                + (f" ({self.fallback_reason})" if self.fallback_reason else "")
+            )
         meta = {
             "format": FORMAT,
             "version": str(FORMAT_VERSION),
             "globals": json.dumps(self.globals.asdict()),
             "geometry": json.dumps(self.geometry),
             "noise": json.dumps(self.noise.tolist()),
-            "config": json.dumps({"hidden": self.hidden, "jitter_uv": self.jitter_uv, "max_centres": self.max_centres,
-                                  "num_inputs": self.net.net[0].in_features, "num_outputs": self.net.net[-1].out_features}),
+            "config": json.dumps(
+                {
+                    "hidden": self.hidden,
+                    "jitter_uv": self.jitter_uv,
+                    "max_centres": self.max_centres,
+                    "num_inputs": self.net.net[0].in_features,
+                    "num_outputs": self.net.net[-1].out_features,
+                }
+            ),
             "info": json.dumps(info if info is not None else self.info),
         }
         save_safetensors_atomic(path, self.net.state_dict(), meta)
@@ -414,8 +499,13 @@ class AmortizedLocalizer:
                 raise ValueError("not a locsort encoder file")
             config = json.loads(meta["config"])
             globals_ = ModelGlobals(**json.loads(meta["globals"]))
-            localizer = cls(decay=globals_.decay, jitter_uv=config["jitter_uv"], max_centres=config["max_centres"],
-                            hidden=config["hidden"], device=device)
+            localizer = cls(
+                decay=globals_.decay,
+                jitter_uv=config["jitter_uv"],
+                max_centres=config["max_centres"],
+                hidden=config["hidden"],
+                device=device,
+            )
             localizer.globals = globals_
             localizer.geometry = json.loads(meta["geometry"])
             localizer.noise = np.asarray(json.loads(meta["noise"]), dtype=np.float32)
@@ -425,7 +515,9 @@ class AmortizedLocalizer:
         except UsageError:
             raise
         except Exception as exc:
-            raise LocsortError(f"cannot load encoder file {path}: it is corrupt or not a locsort encoder ({exc})") from None
+            raise LocsortError(
+                f"cannot load encoder file {path}: it is corrupt or not a locsort encoder ({exc})"
+            ) from None
         localizer.net.to(localizer.device).eval()
         return localizer
 
@@ -472,4 +564,3 @@ def _flatten(observations: dict, with_spike: bool = False):
     centres = observations["centres"][spike, j]
     amplitudes = observations["amplitudes"][spike, j]
     return (spike, centres, amplitudes) if with_spike else (centres, amplitudes)
-

@@ -20,11 +20,15 @@ class CenterOfMass:
     def observe(self, batch, neighbourhood) -> dict:
         return {"centres": batch.centre[:, None], "amplitudes": batch.amplitudes[:, None]}
 
-    def fit(self, observations, neighbourhood, noise, params=None, progress=False) -> "CenterOfMass":
+    def fit(
+        self, observations, neighbourhood, noise, params=None, progress=False
+    ) -> "CenterOfMass":
         return self
 
     def transform(self, observations, neighbourhood) -> dict:
-        return self.transform_centres(observations["centres"][:, 0], observations["amplitudes"][:, 0], neighbourhood)
+        return self.transform_centres(
+            observations["centres"][:, 0], observations["amplitudes"][:, 0], neighbourhood
+        )
 
     def transform_centres(self, centres, amplitudes, neighbourhood) -> dict:
         real = neighbourhood.real[centres]

@@ -15,8 +15,17 @@ from pyro.infer.autoguide.initialization import init_to_median
 from .model import ModelGlobals, model, soma_sd
 
 
-def nuts_localize(centres, amplitudes, neighbourhood, noise, globals_: ModelGlobals, num_samples: int = 300,
-                  warmup_steps: int = 300, seed: int = 0, progress: bool = False) -> dict:
+def nuts_localize(
+    centres,
+    amplitudes,
+    neighbourhood,
+    noise,
+    globals_: ModelGlobals,
+    num_samples: int = 300,
+    warmup_steps: int = 300,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """Posterior mean and SD of x, y, z (absolute, µm; x, y SDs of the soma, as the encoder's)
     and alpha for each spike, by NUTS.
 
@@ -35,14 +44,24 @@ def nuts_localize(centres, amplitudes, neighbourhood, noise, globals_: ModelGlob
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
     with pyro.validation_enabled(False):
-        kernel = NUTS(model, init_strategy=init_to_median, max_tree_depth=8, target_accept_prob=0.85)
-        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=not progress)
+        kernel = NUTS(
+            model, init_strategy=init_to_median, max_tree_depth=8, target_accept_prob=0.85
+        )
+        mcmc = MCMC(
+            kernel, num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=not progress
+        )
         mcmc.run(*args)
     seconds = time.perf_counter() - start
     s = {k: v.detach().numpy() for k, v in mcmc.get_samples().items()}
     base = neighbourhood.positions[centres]
     x, y = base[:, 0] + s["x"], base[:, 1] + s["y"]
     return {
-        "x": x.mean(0), "y": y.mean(0), "z": s["z"].mean(0), "alpha": np.exp(s["log_alpha"]).mean(0),
-        "x_std": soma_sd(x.var(0), globals_), "y_std": soma_sd(y.var(0), globals_), "z_std": s["z"].std(0), "seconds": seconds,
+        "x": x.mean(0),
+        "y": y.mean(0),
+        "z": s["z"].mean(0),
+        "alpha": np.exp(s["log_alpha"]).mean(0),
+        "x_std": soma_sd(x.var(0), globals_),
+        "y_std": soma_sd(y.var(0), globals_),
+        "z_std": s["z"].std(0),
+        "seconds": seconds,
     }

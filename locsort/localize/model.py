@@ -58,10 +58,14 @@ class ModelGlobals:
     """Recording-level constants of the model (fitted once, then fixed)."""
 
     decay: str = "exponential"
-    decay_length_um: float = 28.6  # exponential law, median over cells; the paper fixed beta = -0.035 /µm (28.6 µm)
+    decay_length_um: float = (
+        28.6  # exponential law, median over cells; the paper fixed beta = -0.035 /µm (28.6 µm)
+    )
     decay_length_sd: float = 0.35  # log-space SD of the per-cell decay length
     floor: float = 1.0  # silent-channel reading, in noise SDs
-    noise_scale: float = 1.0  # SD of an amplitude reading's noise, in trace noise SDs (denoised readings: < 1)
+    noise_scale: float = (
+        1.0  # SD of an amplitude reading's noise, in trace noise SDs (denoised readings: < 1)
+    )
     rel_error: float = 0.15  # multiplicative model error of the point-source law
     prior_xy_um: float = 40.0  # SD of x, y around the centre channel
     prior_z_um: float = 30.0  # median distance from the probe plane
@@ -122,14 +126,23 @@ def priors(g: ModelGlobals, learned: dict | None = None) -> dict:
 def mean_field(loc, scale, decay: str) -> dict:
     """A posterior of independent latents in the priors' families (name -> distribution) from
     per-latent (n, L) location and scale columns in ``latents`` order."""
-    return {name: (dist.LogNormal if name == "z" else dist.Normal)(loc[:, i], scale[:, i])
-            for i, name in enumerate(latents(decay))}
+    return {
+        name: (dist.LogNormal if name == "z" else dist.Normal)(loc[:, i], scale[:, i])
+        for i, name in enumerate(latents(decay))
+    }
 
 
 def amplitudes_given(values: dict, slot_xy, sigma, g: ModelGlobals, learned: dict | None = None):
     """The distribution of the K slot amplitudes given the latents' ``values`` (name -> (n,))."""
-    expected = expected_amplitude(values["x"], values["y"], values["z"], values["log_alpha"], values.get("log_length"),
-                                  slot_xy, g)
+    expected = expected_amplitude(
+        values["x"],
+        values["y"],
+        values["z"],
+        values["log_alpha"],
+        values.get("log_length"),
+        slot_xy,
+        g,
+    )
     return likelihood(expected, sigma, g, learned)
 
 
@@ -149,7 +162,9 @@ def model(amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | Non
         pyro.sample("amplitudes", obs, obs=amplitudes)
 
 
-def elbo(posterior: dict, amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | None = None):
+def elbo(
+    posterior: dict, amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | None = None
+):
     """Per-spike evidence lower bound of ``model`` under a mean-field ``posterior`` (name ->
     distribution of the same family as the prior): the expected log-likelihood, estimated from
     one reparameterized draw, minus the KL divergence to the prior, in closed form.
@@ -159,6 +174,11 @@ def elbo(posterior: dict, amplitudes, real, slot_xy, sigma, g: ModelGlobals, lea
     also removes the prior terms' sampling noise from the gradients.
     """
     draw = {name: q.rsample() for name, q in posterior.items()}
-    log_likelihood = amplitudes_given(draw, slot_xy, sigma, g, learned).log_prob(amplitudes).masked_fill(~real, 0.0).sum(-1)
+    log_likelihood = (
+        amplitudes_given(draw, slot_xy, sigma, g, learned)
+        .log_prob(amplitudes)
+        .masked_fill(~real, 0.0)
+        .sum(-1)
+    )
     kl = sum(kl_divergence(posterior[name], prior) for name, prior in priors(g, learned).items())
     return log_likelihood - kl

@@ -41,12 +41,16 @@ def cluster(features: np.ndarray, params: Params) -> np.ndarray:
     rng = np.random.default_rng(params.seed)
     sample = np.sort(rng.choice(index, size=min(len(index), params.cluster_sample), replace=False))
     min_size = max(5, int(round(params.cluster_min_size * len(sample) / max(len(index), 1))))
-    sample_labels = HDBSCAN(min_cluster_size=min_size, min_samples=5, copy=True).fit_predict(features[sample])
+    sample_labels = HDBSCAN(min_cluster_size=min_size, min_samples=5, copy=True).fit_predict(
+        features[sample]
+    )
     labels[sample] = sample_labels
     rest = np.setdiff1d(index, sample)
     kept = sample_labels >= 0
     if len(rest) and kept.any():
-        knn = KNeighborsClassifier(n_neighbors=min(5, int(kept.sum()))).fit(features[sample][kept], sample_labels[kept])
+        knn = KNeighborsClassifier(n_neighbors=min(5, int(kept.sum()))).fit(
+            features[sample][kept], sample_labels[kept]
+        )
         labels[rest] = knn.predict(features[rest])
     return renumber(labels)
 

@@ -15,7 +15,9 @@ import numpy as np
 from .cluster import renumber
 
 
-def unit_templates(labels: np.ndarray, windows, num_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unit_templates(
+    labels: np.ndarray, windows, num_units: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(U, P, T) mean waveforms on the P contact positions the windows cover, (U, P) the number
     of spikes that contributed to each (0: the unit never reaches that contact), and (P, 2)
     those positions (µm)."""
@@ -23,24 +25,41 @@ def unit_templates(labels: np.ndarray, windows, num_units: int) -> tuple[np.ndar
 
     keep = labels >= 0
     real = windows.real[keep]
-    absolute = windows.centre_xy[keep][:, None, :] + windows.slot_xy[keep]  # (n, K, 2) µm on the probe
+    absolute = (
+        windows.centre_xy[keep][:, None, :] + windows.slot_xy[keep]
+    )  # (n, K, 2) µm on the probe
     # contacts by position to 0.1 µm; one integer key per position (np.unique over rows is 10x slower)
     tenths = np.round(absolute[real].astype(np.float64) * 10).astype(np.int64)
-    keys, contact = np.unique(tenths[:, 0] * (1 << 32) + (tenths[:, 1] + (1 << 31)), return_inverse=True)
+    keys, contact = np.unique(
+        tenths[:, 0] * (1 << 32) + (tenths[:, 1] + (1 << 31)), return_inverse=True
+    )
     positions = np.column_stack([keys // (1 << 32), keys % (1 << 32) - (1 << 31)]) / 10.0
     unit = np.repeat(labels[keep][:, None], real.shape[1], axis=1)[real]
     num_contacts = len(positions)
     flat = unit * num_contacts + contact.ravel()
     samples = windows.waveforms[keep].transpose(0, 2, 1)[real].astype(np.float64)  # (pairs, T)
     # sum per (unit, contact) as one sparse product (torch's index_add_ took half of split_units)
-    onehot = csr_matrix((np.ones(len(flat)), (flat, np.arange(len(flat)))), shape=(num_units * num_contacts, len(flat)))
+    onehot = csr_matrix(
+        (np.ones(len(flat)), (flat, np.arange(len(flat)))),
+        shape=(num_units * num_contacts, len(flat)),
+    )
     counts = np.bincount(flat, minlength=num_units * num_contacts).astype(np.float64)
     templates = (onehot @ samples) / np.maximum(counts, 1)[:, None]
-    return templates.reshape(num_units, num_contacts, -1), counts.reshape(num_units, num_contacts), positions
+    return (
+        templates.reshape(num_units, num_contacts, -1),
+        counts.reshape(num_units, num_contacts),
+        positions,
+    )
 
 
-def merge_similar_units(labels: np.ndarray, windows, min_similarity: float = 0.95, max_amplitude_ratio: float = 1.5,
-                        min_coverage: int = 5, max_distance_um: float = 60.0) -> tuple[np.ndarray, int]:
+def merge_similar_units(
+    labels: np.ndarray,
+    windows,
+    min_similarity: float = 0.95,
+    max_amplitude_ratio: float = 1.5,
+    min_coverage: int = 5,
+    max_distance_um: float = 60.0,
+) -> tuple[np.ndarray, int]:
     """Labels with over-split units merged (renumbered 0..U'-1, -1 kept) and the number of
     merges. Only units whose largest contacts are within ``max_distance_um`` are compared;
     ``min_coverage``: spikes a contact needs in both units to be compared there."""
@@ -52,8 +71,10 @@ def merge_similar_units(labels: np.ndarray, windows, min_similarity: float = 0.9
     energy = (templates**2).sum(axis=2)  # (U, P)
     peak = positions[np.argmax(energy, axis=1)]
     near = np.linalg.norm(peak[:, None] - peak[None], axis=-1) <= max_distance_um
-    pairs = {(a, b): _similarity(templates, counts, a, b, min_coverage, max_amplitude_ratio)
-             for a, b in zip(*np.nonzero(np.triu(near, 1)))}
+    pairs = {
+        (a, b): _similarity(templates, counts, a, b, min_coverage, max_amplitude_ratio)
+        for a, b in zip(*np.nonzero(np.triu(near, 1)))
+    }
     alive = np.ones(num_units, bool)
     merges = 0
     while pairs:
@@ -62,7 +83,9 @@ def merge_similar_units(labels: np.ndarray, windows, min_similarity: float = 0.9
             break
         # b joins a: spike-weighted templates, per contact; a's similarities are computed again
         total = counts[a] + counts[b]
-        templates[a] = (templates[a] * counts[a][:, None] + templates[b] * counts[b][:, None]) / np.maximum(total, 1)[:, None]
+        templates[a] = (
+            templates[a] * counts[a][:, None] + templates[b] * counts[b][:, None]
+        ) / np.maximum(total, 1)[:, None]
         counts[a] = total
         alive[b] = False
         labels[labels == b] = a
@@ -71,11 +94,15 @@ def merge_similar_units(labels: np.ndarray, windows, min_similarity: float = 0.9
         pairs = {pair: value for pair, value in pairs.items() if a not in pair and b not in pair}
         for u in partners:
             if alive[u]:
-                pairs[(min(a, u), max(a, u))] = _similarity(templates, counts, a, u, min_coverage, max_amplitude_ratio)
+                pairs[(min(a, u), max(a, u))] = _similarity(
+                    templates, counts, a, u, min_coverage, max_amplitude_ratio
+                )
     return renumber(labels), merges
 
 
-def _similarity(templates, counts, a: int, b: int, min_coverage: int, max_amplitude_ratio: float) -> float:
+def _similarity(
+    templates, counts, a: int, b: int, min_coverage: int, max_amplitude_ratio: float
+) -> float:
     """Cosine similarity of two templates over the contacts both cover, or -1 when they are not
     comparable: sizes differ by more than ``max_amplitude_ratio``, or the shared contacts hold
     less than half of either unit's energy (units far apart share little)."""
@@ -83,7 +110,10 @@ def _similarity(templates, counts, a: int, b: int, min_coverage: int, max_amplit
     both = covered_a & covered_b
     ta, tb = templates[a][both], templates[b][both]
     norm_a, norm_b = float((ta**2).sum()), float((tb**2).sum())
-    own_a, own_b = float((templates[a][covered_a] ** 2).sum()), float((templates[b][covered_b] ** 2).sum())
+    own_a, own_b = (
+        float((templates[a][covered_a] ** 2).sum()),
+        float((templates[b][covered_b] ** 2).sum()),
+    )
     if min(norm_a, norm_b) <= 0 or min(norm_a / own_a, norm_b / own_b) <= 0.5:
         return -1.0
     if np.sqrt(max(norm_a, norm_b) / min(norm_a, norm_b)) > max_amplitude_ratio:
@@ -91,8 +121,14 @@ def _similarity(templates, counts, a: int, b: int, min_coverage: int, max_amplit
     return float((ta * tb).sum() / np.sqrt(norm_a * norm_b))
 
 
-def merge_shifted_units(labels: np.ndarray, templates, num_channels: int, min_similarity: float = 0.95,
-                        max_lag: int = 8, max_amplitude_ratio: float = 1.5) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def merge_shifted_units(
+    labels: np.ndarray,
+    templates,
+    num_channels: int,
+    min_similarity: float = 0.95,
+    max_lag: int = 8,
+    max_amplitude_ratio: float = 1.5,
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Labels with units merged whose peeling templates (sort/peel.Templates) agree once one is
     shifted by up to ``max_lag`` samples, and the merged pairs (unit kept, unit merged into it);
     labels are not renumbered.
@@ -142,7 +178,10 @@ def _shifted_cosine(ta: np.ndarray, tb: np.ndarray, max_lag: int) -> float:
     num_samples = len(ta)
     best = -1.0
     for lag in range(-max_lag, max_lag + 1):
-        x, y = ta[max(0, lag):num_samples + min(0, lag)], tb[max(0, -lag):num_samples - max(0, lag)]
+        x, y = (
+            ta[max(0, lag) : num_samples + min(0, lag)],
+            tb[max(0, -lag) : num_samples - max(0, lag)],
+        )
         norm = np.sqrt((x**2).sum() * (y**2).sum())
         if norm > 0:
             best = max(best, float((x * y).sum() / norm))

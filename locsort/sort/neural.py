@@ -52,8 +52,14 @@ FORMAT = "locsort-neural-sorter"
 FORMAT_VERSION = 2  # 2: prototype head (version 1 files had an MLP head)
 NUM_TIME_POINTS = 40  # snippet samples after resampling to a rate-independent grid
 EMBEDDING = 128  # backbone output width
-MAX_SHIFT = 1  # training augmentation: snippets move by up to this many points (candidate times wander)
-SLOT_SCALES_UM = (15.0, 30.0, 60.0)  # Fourier features of slot offsets: near neighbours to neighbourhood edge
+MAX_SHIFT = (
+    1  # training augmentation: snippets move by up to this many points (candidate times wander)
+)
+SLOT_SCALES_UM = (
+    15.0,
+    30.0,
+    60.0,
+)  # Fourier features of slot offsets: near neighbours to neighbourhood edge
 # windows per forward pass without gradients: the per-slot activations of larger batches leave
 # the CPU caches, and 8,192 ran 2-4x slower per window than 1,024 (NOTES.md, session 19)
 INFERENCE_BATCH = 1024
@@ -85,15 +91,26 @@ class Windows:
         real = index >= 0
         scale = np.where(real, 1.0 / noise[np.maximum(index, 0)], 0.0).astype(np.float32)
         waveforms = batch.waveforms * scale[:, None, :]
-        return cls(resample(waveforms), real, neighbourhood.offsets[batch.centre],
-                   neighbourhood.positions[batch.centre].astype(np.float32))
+        return cls(
+            resample(waveforms),
+            real,
+            neighbourhood.offsets[batch.centre],
+            neighbourhood.positions[batch.centre].astype(np.float32),
+        )
 
     @classmethod
     def concatenate(cls, parts: list["Windows"]) -> "Windows":
-        return cls(*[np.concatenate([getattr(p, name) for p in parts]) for name in ("waveforms", "real", "slot_xy", "centre_xy")])
+        return cls(
+            *[
+                np.concatenate([getattr(p, name) for p in parts])
+                for name in ("waveforms", "real", "slot_xy", "centre_xy")
+            ]
+        )
 
     def subset(self, rows) -> "Windows":
-        return Windows(self.waveforms[rows], self.real[rows], self.slot_xy[rows], self.centre_xy[rows])
+        return Windows(
+            self.waveforms[rows], self.real[rows], self.slot_xy[rows], self.centre_xy[rows]
+        )
 
 
 def resample(waveforms: np.ndarray) -> np.ndarray:
@@ -120,17 +137,27 @@ class Backbone(nn.Module):
 
     def __init__(self, temporal: int = 16, slot_hidden: int = 64):
         super().__init__()
-        self.temporal = nn.Sequential(nn.Linear(NUM_TIME_POINTS, 32), nn.ReLU(), nn.Linear(32, temporal))
+        self.temporal = nn.Sequential(
+            nn.Linear(NUM_TIME_POINTS, 32), nn.ReLU(), nn.Linear(32, temporal)
+        )
         position_features = 3 + 2 * 2 * len(SLOT_SCALES_UM)
-        self.slot = nn.Sequential(nn.Linear(temporal + position_features, slot_hidden), nn.ReLU(),
-                                  nn.Linear(slot_hidden, slot_hidden), nn.ReLU())
-        self.spatial = nn.Sequential(nn.Linear(2 * slot_hidden, EMBEDDING), nn.ReLU(), nn.LayerNorm(EMBEDDING))
+        self.slot = nn.Sequential(
+            nn.Linear(temporal + position_features, slot_hidden),
+            nn.ReLU(),
+            nn.Linear(slot_hidden, slot_hidden),
+            nn.ReLU(),
+        )
+        self.spatial = nn.Sequential(
+            nn.Linear(2 * slot_hidden, EMBEDDING), nn.ReLU(), nn.LayerNorm(EMBEDDING)
+        )
 
     def forward(self, waveforms, real, slot_xy):
         """waveforms (n, T, K), real (n, K), slot_xy (n, K, 2) -> (n, EMBEDDING)."""
         per_slot = self.temporal(waveforms.transpose(1, 2))  # (n, K, temporal)
         distance = slot_xy.norm(dim=-1, keepdim=True)
-        position = torch.cat([slot_xy / 50.0, distance / 50.0, _fourier(slot_xy, SLOT_SCALES_UM)], dim=-1)
+        position = torch.cat(
+            [slot_xy / 50.0, distance / 50.0, _fourier(slot_xy, SLOT_SCALES_UM)], dim=-1
+        )
         h = self.slot(torch.cat([per_slot, position], dim=-1))  # (n, K, slot_hidden)
         mask = real.unsqueeze(-1).to(h.dtype)
         mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -155,7 +182,13 @@ class Head(nn.Module):
     and then trained; scale, per-unit bias and sigma (µm) are trained from their defaults (a
     logit of 0 at cosine 0.6 on the unit's position, a 15 µm spatial width)."""
 
-    def __init__(self, num_units: int, scale: float = 10.0, threshold_cosine: float = 0.6, sigma_um: float = 15.0):
+    def __init__(
+        self,
+        num_units: int,
+        scale: float = 10.0,
+        threshold_cosine: float = 0.6,
+        sigma_um: float = 15.0,
+    ):
         super().__init__()
         self.num_units = num_units
         self.prototype = nn.Parameter(F.normalize(torch.randn(num_units, EMBEDDING), dim=-1))
@@ -167,7 +200,9 @@ class Head(nn.Module):
     def forward(self, embedding, position):
         cosine = F.normalize(embedding, dim=-1) @ F.normalize(self.prototype, dim=-1).T
         distance2 = ((position[:, None, :] - self.position[None]) ** 2).sum(-1)
-        return self.log_scale.exp() * cosine + self.bias - distance2 / (2 * self.log_sigma.exp() ** 2)
+        return (
+            self.log_scale.exp() * cosine + self.bias - distance2 / (2 * self.log_sigma.exp() ** 2)
+        )
 
     @torch.no_grad()
     def imprint(self, embedding, position, targets, mask) -> None:
@@ -187,13 +222,20 @@ class SpikeNet(nn.Module):
         self.head = Head(num_units)
 
     def forward(self, waveforms, real, slot_xy, centre_xy):
-        return self.head(self.backbone(waveforms, real, slot_xy), spike_position(waveforms, real, slot_xy, centre_xy))
+        return self.head(
+            self.backbone(waveforms, real, slot_xy),
+            spike_position(waveforms, real, slot_xy, centre_xy),
+        )
 
     @torch.no_grad()
     def imprint(self, tensors, targets, mask, batch_size: int = INFERENCE_BATCH) -> None:
         """Imprint the head from labelled spikes (tensors: waveforms, real, slot_xy, centre_xy)."""
-        embedding = torch.cat([self.backbone(*(t[i : i + batch_size] for t in tensors[:3]))
-                               for i in range(0, len(tensors[0]), batch_size)])
+        embedding = torch.cat(
+            [
+                self.backbone(*(t[i : i + batch_size] for t in tensors[:3]))
+                for i in range(0, len(tensors[0]), batch_size)
+            ]
+        )
         self.head.imprint(embedding, spike_position(*tensors), targets, mask)
 
     @property
@@ -212,7 +254,9 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, waveforms, real, slot_xy, centre_xy):
-        probability = torch.stack([torch.sigmoid(net(waveforms, real, slot_xy, centre_xy)) for net in self.members]).mean(0)
+        probability = torch.stack(
+            [torch.sigmoid(net(waveforms, real, slot_xy, centre_xy)) for net in self.members]
+        ).mean(0)
         return torch.logit(probability, eps=1e-6)
 
     @property
@@ -225,7 +269,9 @@ def _shift(waveforms: torch.Tensor, max_shift: int, generator: torch.Generator) 
     candidate times wander by a sample or two around the true spike time."""
     if max_shift <= 0:
         return waveforms
-    shift = torch.randint(-max_shift, max_shift + 1, (len(waveforms),), generator=generator).to(waveforms.device)
+    shift = torch.randint(-max_shift, max_shift + 1, (len(waveforms),), generator=generator).to(
+        waveforms.device
+    )
     return _move(waveforms, shift)
 
 
@@ -250,14 +296,23 @@ def _with_synthetic_positives(tensors, targets, mask, rows, per_positive: int, g
     single = known.sum(1) == 1
     rows, owner = rows[single], known[single].argmax(1)
     _, centre = torch.unique(centre_xy[rows], dim=0, return_inverse=True)
-    _, group, count = torch.unique(owner * (len(centre_xy) + 1) + centre, return_inverse=True, return_counts=True)
-    mean = torch.zeros((len(count),) + wave.shape[1:], device=wave.device).index_add_(0, group, wave[rows]) / count[:, None, None]
+    _, group, count = torch.unique(
+        owner * (len(centre_xy) + 1) + centre, return_inverse=True, return_counts=True
+    )
+    mean = (
+        torch.zeros((len(count),) + wave.shape[1:], device=wave.device).index_add_(
+            0, group, wave[rows]
+        )
+        / count[:, None, None]
+    )
     keep = count[group] >= 2  # a lone spike's residual from its own mean is zero
     rows, group = rows[keep], group[keep]
     if len(rows) == 0:
         return np.zeros(0, np.int64), tensors, targets, mask
     n = count[group].float()[:, None, None]
-    residual = (wave[rows] - mean[group]) * torch.sqrt(n / (n - 1))  # the mean took 1/n of each spike's own noise
+    residual = (wave[rows] - mean[group]) * torch.sqrt(
+        n / (n - 1)
+    )  # the mean took 1/n of each spike's own noise
     # partners: spikes whose centres have the same real slots (any unit, any such centre: noise is
     # close to stationary across the probe), drawn uniformly within each pattern's block; a partner
     # from a centre with other virtual slots would bring zeros where the source has contacts
@@ -271,8 +326,12 @@ def _with_synthetic_positives(tensors, targets, mask, rows, per_positive: int, g
     src = rows[source]
     synthetic = (mean[group[source]] + residual[partner]).to(wave.dtype)
     new_rows = np.arange(len(wave), len(wave) + len(src))
-    tensors = (torch.cat([wave, synthetic]), torch.cat([real, real[src]]), torch.cat([slot_xy, slot_xy[src]]),
-               torch.cat([centre_xy, centre_xy[src]]))
+    tensors = (
+        torch.cat([wave, synthetic]),
+        torch.cat([real, real[src]]),
+        torch.cat([slot_xy, slot_xy[src]]),
+        torch.cat([centre_xy, centre_xy[src]]),
+    )
     return new_rows, tensors, torch.cat([targets, targets[src]]), torch.cat([mask, mask[src]])
 
 
@@ -293,9 +352,20 @@ class NeuralSorter:
     synthetic_positives : training rows added per labelled spike (``_with_synthetic_positives``)
     """
 
-    def __init__(self, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256, max_seconds: float = 0.0,
-                 patience: int = 5, device: str = "cpu", seed: int = 0, backbone_lr_scale: float = 0.3,
-                 frozen_epochs: int = 0, ensemble: int = 1, synthetic_positives: int = 0):
+    def __init__(
+        self,
+        epochs: int = 30,
+        lr: float = 3e-3,
+        batch_size: int = 256,
+        max_seconds: float = 0.0,
+        patience: int = 5,
+        device: str = "cpu",
+        seed: int = 0,
+        backbone_lr_scale: float = 0.3,
+        frozen_epochs: int = 0,
+        ensemble: int = 1,
+        synthetic_positives: int = 0,
+    ):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -313,37 +383,65 @@ class NeuralSorter:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, windows: Windows, targets: np.ndarray, mask: np.ndarray | None = None,
-            backbone: Backbone | None = None, progress: bool = False) -> "NeuralSorter":
+    def fit(
+        self,
+        windows: Windows,
+        targets: np.ndarray,
+        mask: np.ndarray | None = None,
+        backbone: Backbone | None = None,
+        progress: bool = False,
+    ) -> "NeuralSorter":
         """Train ``ensemble`` networks (one: a SpikeNet; more: an Ensemble of them)."""
         targets = np.asarray(targets, dtype=np.float32)
         if targets.shape[1] == 0:
-            raise LocsortError("no units to train the neural sorter on: the labels have no unit with a labelled spike")
+            raise LocsortError(
+                "no units to train the neural sorter on: the labels have no unit with a labelled spike"
+            )
         mask = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         members, histories = [], []
         for j in range(self.ensemble):
             # members differ in seed (head start, held-out split, batch order); seeds 1000
             # apart, so that runs with neighbouring seeds share no member
-            members.append(self._fit_member(windows, targets, mask, backbone, progress, self.seed + 1000 * j))
+            members.append(
+                self._fit_member(windows, targets, mask, backbone, progress, self.seed + 1000 * j)
+            )
             histories.append(self.history)
         self.net = members[0] if len(members) == 1 else Ensemble(members).eval()
-        self.history = {**histories[0], "members": len(members), "seconds": sum(h["seconds"] for h in histories)}
+        self.history = {
+            **histories[0],
+            "members": len(members),
+            "seconds": sum(h["seconds"] for h in histories),
+        }
         return self
 
-    def _fit_member(self, windows: Windows, targets: np.ndarray, mask: np.ndarray, backbone: Backbone | None,
-                    progress: bool, seed: int) -> SpikeNet:
+    def _fit_member(
+        self,
+        windows: Windows,
+        targets: np.ndarray,
+        mask: np.ndarray,
+        backbone: Backbone | None,
+        progress: bool,
+        seed: int,
+    ) -> SpikeNet:
         """One SpikeNet trained from ``seed`` (also left in ``self.net`` and ``self.history``)."""
         num_units = targets.shape[1]
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)
         self.pretrained = backbone is not None
-        self.net = SpikeNet(num_units, copy.deepcopy(backbone) if backbone is not None else None).to(self.device)
+        self.net = SpikeNet(
+            num_units, copy.deepcopy(backbone) if backbone is not None else None
+        ).to(self.device)
         tensors = self._tensors(windows)
         y = torch.as_tensor(targets, device=self.device)
         m = torch.as_tensor(mask, dtype=torch.float32, device=self.device)
-        groups = [{"params": self.net.head.parameters(), "lr": self.lr},
-                  {"params": self.net.backbone.parameters(), "lr": self.lr * (self.backbone_lr_scale if self.pretrained else 1.0)}]
+        groups = [
+            {"params": self.net.head.parameters(), "lr": self.lr},
+            {
+                "params": self.net.backbone.parameters(),
+                "lr": self.lr * (self.backbone_lr_scale if self.pretrained else 1.0),
+            },
+        ]
         optimizer = torch.optim.Adam(groups)
         order = rng.permutation(len(windows))
         num_val = max(1, len(order) // 10) if len(order) >= 50 else 0
@@ -352,8 +450,14 @@ class NeuralSorter:
             raise LocsortError("too few labelled candidate spikes to train the neural sorter")
         if self.synthetic_positives:
             # synthetic rows join the training rows only: the held-out loss stays on real spikes
-            extra, tensors, y, m = _with_synthetic_positives(tensors, y, m, torch.as_tensor(train, device=self.device),
-                                                             self.synthetic_positives, generator)
+            extra, tensors, y, m = _with_synthetic_positives(
+                tensors,
+                y,
+                m,
+                torch.as_tensor(train, device=self.device),
+                self.synthetic_positives,
+                generator,
+            )
             train = np.concatenate([train, extra])
         train_rows = torch.as_tensor(train, device=self.device)
         self.net.eval()
@@ -361,11 +465,20 @@ class NeuralSorter:
 
         def loss_of(rows, augment, frozen):
             rows = torch.as_tensor(rows, device=self.device)
-            if frozen:  # the head reads the backbone's outputs computed once (same shift augmentation)
-                shift = (torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (len(rows),), generator=generator).to(self.device)
-                         if augment else torch.zeros(len(rows), dtype=torch.long, device=self.device))
+            if (
+                frozen
+            ):  # the head reads the backbone's outputs computed once (same shift augmentation)
+                shift = (
+                    torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (len(rows),), generator=generator).to(
+                        self.device
+                    )
+                    if augment
+                    else torch.zeros(len(rows), dtype=torch.long, device=self.device)
+                )
                 embedding, position = frozen_features
-                logits = self.net.head(embedding[shift + MAX_SHIFT, rows], position[shift + MAX_SHIFT, rows])
+                logits = self.net.head(
+                    embedding[shift + MAX_SHIFT, rows], position[shift + MAX_SHIFT, rows]
+                )
                 return _masked_bce(logits, y[rows], m[rows])
             wave, real, slot_xy, centre_xy = (t[rows] for t in tensors)
             if augment:
@@ -375,7 +488,13 @@ class NeuralSorter:
         best, best_state, stale, history = math.inf, None, 0, []
         frozen_features = None
         start = time.perf_counter()
-        bar = tqdm(range(self.epochs), desc="train neural sorter", unit="epoch", disable=not progress, leave=False)
+        bar = tqdm(
+            range(self.epochs),
+            desc="train neural sorter",
+            unit="epoch",
+            disable=not progress,
+            leave=False,
+        )
         for epoch in bar:
             # a pretrained backbone stays frozen while the new head learns to read it (linear
             # probing, then fine-tuning): gradients through a random head would first scramble its features
@@ -402,15 +521,22 @@ class NeuralSorter:
                 best, stale, best_state = val_loss, 0, copy.deepcopy(self.net.state_dict())
             else:
                 stale += 1
-            if (stale >= self.patience and not frozen) or 0 < self.max_seconds < time.perf_counter() - start:
+            if (
+                stale >= self.patience and not frozen
+            ) or 0 < self.max_seconds < time.perf_counter() - start:
                 break
         if best_state is None or not math.isfinite(best):
             raise LocsortError("neural sorter training diverged (non-finite loss)")
         self.net.load_state_dict(best_state)
         self.net.eval()
-        self.history = {"epochs": len(history), "val_loss": history, "train_windows": int(len(train)),
-                        "units": int(num_units), "pretrained_backbone": self.pretrained,
-                        "seconds": time.perf_counter() - start}
+        self.history = {
+            "epochs": len(history),
+            "val_loss": history,
+            "train_windows": int(len(train)),
+            "units": int(num_units),
+            "pretrained_backbone": self.pretrained,
+            "seconds": time.perf_counter() - start,
+        }
         return self.net
 
     @torch.no_grad()
@@ -421,15 +547,29 @@ class NeuralSorter:
         wave, real, slot_xy, centre_xy = tensors
         embeddings, positions = [], []
         for shift in range(-MAX_SHIFT, MAX_SHIFT + 1):
-            parts = [(_move(wave[i : i + batch_size], shift), real[i : i + batch_size], slot_xy[i : i + batch_size],
-                      centre_xy[i : i + batch_size]) for i in range(0, len(wave), batch_size)]
+            parts = [
+                (
+                    _move(wave[i : i + batch_size], shift),
+                    real[i : i + batch_size],
+                    slot_xy[i : i + batch_size],
+                    centre_xy[i : i + batch_size],
+                )
+                for i in range(0, len(wave), batch_size)
+            ]
             embeddings.append(torch.cat([self.net.backbone(*part[:3]) for part in parts]))
             positions.append(torch.cat([spike_position(*part) for part in parts]))
         return torch.stack(embeddings), torch.stack(positions)
 
     def _tensors(self, windows: Windows):
-        t = lambda a, dtype=torch.float32: torch.as_tensor(np.ascontiguousarray(a), device=self.device).to(dtype)
-        return t(windows.waveforms), t(windows.real, torch.bool), t(windows.slot_xy), t(windows.centre_xy)
+        t = lambda a, dtype=torch.float32: torch.as_tensor(
+            np.ascontiguousarray(a), device=self.device
+        ).to(dtype)
+        return (
+            t(windows.waveforms),
+            t(windows.real, torch.bool),
+            t(windows.slot_xy),
+            t(windows.centre_xy),
+        )
 
     # ------------------------------------------------------------------ predict
 
@@ -460,19 +600,31 @@ class NeuralSorter:
             raise LocsortError("an ensemble of networks has no single backbone to save")
         module = self.net.backbone if backbone_only else self.net
         members = len(self.net.members) if isinstance(self.net, Ensemble) else 1
-        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "kind": "backbone" if backbone_only else "sorter",
-                "num_units": str(self.num_units), "members": str(members), "num_time_points": str(NUM_TIME_POINTS),
-                "info": json.dumps(info or {})}
+        meta = {
+            "format": FORMAT,
+            "version": str(FORMAT_VERSION),
+            "kind": "backbone" if backbone_only else "sorter",
+            "num_units": str(self.num_units),
+            "members": str(members),
+            "num_time_points": str(NUM_TIME_POINTS),
+            "info": json.dumps(info or {}),
+        }
         save_safetensors_atomic(path, module.state_dict(), meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", **kwargs) -> "NeuralSorter":
         kind, state, meta = _read(path)
         if kind != "sorter":
-            raise UsageError(f"{path} holds a backbone only (load it with load_backbone and fine-tune a head)")
+            raise UsageError(
+                f"{path} holds a backbone only (load it with load_backbone and fine-tune a head)"
+            )
         sorter = cls(device=device, **kwargs)
         num_units, members = int(meta["num_units"]), int(meta.get("members", 1))
-        sorter.net = SpikeNet(num_units) if members == 1 else Ensemble([SpikeNet(num_units) for _ in range(members)])
+        sorter.net = (
+            SpikeNet(num_units)
+            if members == 1
+            else Ensemble([SpikeNet(num_units) for _ in range(members)])
+        )
         _load_state(sorter.net, state, path)
         sorter.net.to(sorter.device).eval()
         return sorter
@@ -482,7 +634,7 @@ def load_backbone(path: str | Path) -> Backbone:
     """A backbone from a file written by ``save(backbone_only=True)`` or a full sorter file."""
     kind, state, _ = _read(path)
     if kind == "sorter":
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     backbone = Backbone()
     _load_state(backbone, state, path)
     return backbone.eval()
@@ -503,14 +655,20 @@ def _read(path):
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise LocsortError(f"cannot read neural sorter file {path}: it is corrupt or not a safetensors file ({exc})") from None
+        raise LocsortError(
+            f"cannot read neural sorter file {path}: it is corrupt or not a safetensors file ({exc})"
+        ) from None
     if meta.get("format") != FORMAT:
         raise LocsortError(f"{path} is not a locsort neural sorter file")
     if meta.get("version") != str(FORMAT_VERSION):
-        raise LocsortError(f"{path} was written by another locsort (neural sorter format {meta.get('version')}, this one "
-                           f"reads {FORMAT_VERSION}): train it again")
+        raise LocsortError(
+            f"{path} was written by another locsort (neural sorter format {meta.get('version')}, this one "
+            f"reads {FORMAT_VERSION}): train it again"
+        )
     if int(meta.get("num_time_points", -1)) != NUM_TIME_POINTS:
-        raise LocsortError(f"{path} was made for {meta.get('num_time_points')} time points, this locsort uses {NUM_TIME_POINTS}")
+        raise LocsortError(
+            f"{path} was made for {meta.get('num_time_points')} time points, this locsort uses {NUM_TIME_POINTS}"
+        )
     return meta.get("kind"), state, meta
 
 
@@ -518,11 +676,20 @@ def _load_state(module: nn.Module, state: dict, path) -> None:
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise LocsortError(f"{path} does not match this locsort's network ({str(exc).splitlines()[0]})") from None
+        raise LocsortError(
+            f"{path} does not match this locsort's network ({str(exc).splitlines()[0]})"
+        ) from None
 
 
-def pretrain_backbone(datasets: list[tuple[Windows, np.ndarray, np.ndarray]], epochs: int = 20, lr: float = 3e-3,
-                      batch_size: int = 256, seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[Backbone, dict]:
+def pretrain_backbone(
+    datasets: list[tuple[Windows, np.ndarray, np.ndarray]],
+    epochs: int = 20,
+    lr: float = 3e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[Backbone, dict]:
     """A backbone trained on several labelled recordings at once, one head per recording
     (each recording has its own units): batches alternate between recordings, so the backbone
     learns what separates units on any of them. Returns the backbone and a training summary."""
@@ -533,24 +700,47 @@ def pretrain_backbone(datasets: list[tuple[Windows, np.ndarray, np.ndarray]], ep
     backbone = Backbone().to(device)
     nets, staged = [], []  # one head per recording on the shared backbone
     for windows, targets, mask in datasets:
-        t = lambda a, dtype=torch.float32: torch.as_tensor(np.ascontiguousarray(a), device=device).to(dtype)
-        inputs = (t(windows.waveforms), t(windows.real, torch.bool), t(windows.slot_xy), t(windows.centre_xy))
+        t = lambda a, dtype=torch.float32: torch.as_tensor(
+            np.ascontiguousarray(a), device=device
+        ).to(dtype)
+        inputs = (
+            t(windows.waveforms),
+            t(windows.real, torch.bool),
+            t(windows.slot_xy),
+            t(windows.centre_xy),
+        )
         net = SpikeNet(targets.shape[1], backbone).to(device)
         net.imprint(inputs, t(targets), t(mask))
         nets.append(net)
         staged.append((inputs, t(targets), t(mask)))
-    optimizer = torch.optim.Adam(list(backbone.parameters()) + [p for net in nets for p in net.head.parameters()], lr=lr)
+    optimizer = torch.optim.Adam(
+        list(backbone.parameters()) + [p for net in nets for p in net.head.parameters()], lr=lr
+    )
     losses = []
     for _ in tqdm(range(epochs), desc="pretrain backbone", unit="epoch", disable=not progress):
-        steps = [(d, rows) for d, (inputs, *_rest) in enumerate(staged)
-                 for rows in np.array_split(rng.permutation(len(inputs[0])), max(1, len(inputs[0]) // batch_size))]
+        steps = [
+            (d, rows)
+            for d, (inputs, *_rest) in enumerate(staged)
+            for rows in np.array_split(
+                rng.permutation(len(inputs[0])), max(1, len(inputs[0]) // batch_size)
+            )
+        ]
         rng.shuffle(steps)
         total = 0.0
         backbone.train()
         for d, rows in steps:
             (wave, real, slot_xy, centre_xy), y, m = staged[d]
             rows = torch.as_tensor(rows, device=device)
-            loss = _masked_bce(nets[d](_shift(wave[rows], MAX_SHIFT, generator), real[rows], slot_xy[rows], centre_xy[rows]), y[rows], m[rows])
+            loss = _masked_bce(
+                nets[d](
+                    _shift(wave[rows], MAX_SHIFT, generator),
+                    real[rows],
+                    slot_xy[rows],
+                    centre_xy[rows],
+                ),
+                y[rows],
+                m[rows],
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -32,7 +32,10 @@ import numpy as np
 
 MIN_SPIKES = 5  # fewer labelled spikes on the unit's usual centre: no template, nothing subtracted
 SHIFTS = (-1, 0, 1)  # samples the template may move from the candidate's time
-SCALE_RANGE = (0.5, 2.0)  # per-spike template scale: least squares, clipped (a collision must not inflate it)
+SCALE_RANGE = (
+    0.5,
+    2.0,
+)  # per-spike template scale: least squares, clipped (a collision must not inflate it)
 
 
 @dataclass
@@ -50,8 +53,14 @@ class Templates:
         return (self.channels >= 0).any(axis=1)
 
     @classmethod
-    def fit(cls, waveforms: np.ndarray, centres: np.ndarray, units: np.ndarray, num_units: int,
-            footprints: np.ndarray) -> "Templates":
+    def fit(
+        cls,
+        waveforms: np.ndarray,
+        centres: np.ndarray,
+        units: np.ndarray,
+        num_units: int,
+        footprints: np.ndarray,
+    ) -> "Templates":
         """From (n, T, M) µV snippets of labelled spikes on their centre's footprint, their centre
         channels and units (-1: none); ``footprints``: (C, M) each centre's channels, -1 padded."""
         out = np.zeros((num_units,) + waveforms.shape[1:], np.float32)
@@ -85,7 +94,9 @@ class Placed:
     energy: np.ndarray
 
 
-def place(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, before: int) -> Placed:
+def place(
+    traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, before: int
+) -> Placed:
     """The templates of ``units`` (all with a template) fitted to the spikes at ``rows``."""
     channels = templates.channels[units]  # (n, M)
     real = channels >= 0
@@ -97,7 +108,9 @@ def place(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Te
     # candidate (detection times are on one channel's trough, templates are averages)
     best_gain, best_scale, best_times = np.full(len(rows), -np.inf), np.ones(len(rows)), None
     for shift in SHIFTS:
-        times = rows[:, None] + shift + np.arange(-before, shape.shape[1] - before)[None, :]  # (n, T)
+        times = (
+            rows[:, None] + shift + np.arange(-before, shape.shape[1] - before)[None, :]
+        )  # (n, T)
         times = np.clip(times, 0, len(traces) - 1)
         snippet = traces[np.broadcast_to(times[:, :, None], shape.shape), c_idx]
         projection = np.einsum("ntk,ntk->n", snippet, shape)
@@ -133,41 +146,69 @@ class Significance:
     null_sd: np.ndarray
 
     @classmethod
-    def fit(cls, templates: Templates, covariance: np.ndarray, autocorrelation: np.ndarray) -> "Significance":
+    def fit(
+        cls, templates: Templates, covariance: np.ndarray, autocorrelation: np.ndarray
+    ) -> "Significance":
         filters = np.zeros_like(templates.waveforms, dtype=np.float64)
         null_sd = np.full(len(filters), np.inf)
         span = templates.waveforms.shape[1]
         lags = np.abs(np.arange(span)[:, None] - np.arange(span)[None, :])
-        rho = np.where(lags < len(autocorrelation), autocorrelation[np.minimum(lags, len(autocorrelation) - 1)], 0.0)
-        rho_reg = rho + 1e-2 * np.eye(span)  # ridge: the band-passed noise's autocorrelation matrix is near-singular
+        rho = np.where(
+            lags < len(autocorrelation),
+            autocorrelation[np.minimum(lags, len(autocorrelation) - 1)],
+            0.0,
+        )
+        rho_reg = rho + 1e-2 * np.eye(
+            span
+        )  # ridge: the band-passed noise's autocorrelation matrix is near-singular
         for unit in np.flatnonzero(templates.defined):
             real = templates.channels[unit] >= 0
             channels = templates.channels[unit][real]
             local = covariance[np.ix_(channels, channels)]
-            local = local + 1e-3 * np.trace(local) / len(local) * np.eye(len(local))  # ridge: near-singular after CMR
+            local = local + 1e-3 * np.trace(local) / len(local) * np.eye(
+                len(local)
+            )  # ridge: near-singular after CMR
             wave = templates.waveforms[unit][:, real].astype(np.float64)
-            whitened = np.linalg.solve(rho_reg, np.linalg.solve(local, wave.T).T)  # (T, m): (rho x covariance)^-1 wave
+            whitened = np.linalg.solve(
+                rho_reg, np.linalg.solve(local, wave.T).T
+            )  # (T, m): (rho x covariance)^-1 wave
             filters[unit][:, real] = whitened
             # var(<noise, filter>) = filter . (rho x covariance) filter = filter . wave
             null_sd[unit] = np.sqrt(max(float((whitened * wave).sum()), 1e-12))
         return cls(filters.astype(np.float32), null_sd)
 
-    def z(self, traces: np.ndarray, rows: np.ndarray, units: np.ndarray, channels: np.ndarray, before: int,
-          max_shift: int = max(SHIFTS)) -> np.ndarray:
+    def z(
+        self,
+        traces: np.ndarray,
+        rows: np.ndarray,
+        units: np.ndarray,
+        channels: np.ndarray,
+        before: int,
+        max_shift: int = max(SHIFTS),
+    ) -> np.ndarray:
         """(n,) match of each spike at ``rows`` with its unit's filter, the best within
         ``max_shift`` samples of it, in noise SDs; ``channels``: (U, M) the templates' channels."""
         if len(rows) == 0:
             return np.full(0, -np.inf)
         filters = self.filters[units]  # (n, T, M)
         span = filters.shape[1]
-        times = np.clip(rows[:, None] + np.arange(-before - max_shift, span - before + max_shift)[None, :], 0, len(traces) - 1)
-        window = traces[times[:, :, None], np.maximum(channels[units], 0)[:, None, :]]  # (n, T + 2 max_shift, M)
-        shifted = np.lib.stride_tricks.sliding_window_view(window, span, axis=1)  # (n, shifts, M, T), a view
+        times = np.clip(
+            rows[:, None] + np.arange(-before - max_shift, span - before + max_shift)[None, :],
+            0,
+            len(traces) - 1,
+        )
+        window = traces[
+            times[:, :, None], np.maximum(channels[units], 0)[:, None, :]
+        ]  # (n, T + 2 max_shift, M)
+        shifted = np.lib.stride_tricks.sliding_window_view(
+            window, span, axis=1
+        )  # (n, shifts, M, T), a view
         return np.einsum("nsmt,ntm->ns", shifted, filters).max(axis=1) / self.null_sd[units]
 
 
-def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates,
-             before: int) -> tuple[np.ndarray, np.ndarray]:
+def subtract(
+    traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, before: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(residual traces, (T, C) bool: where something was subtracted) after removing, for every
     spike at ``rows`` of ``units``, its unit's template scaled by least squares to the spike."""
     residual = traces.copy()
@@ -182,14 +223,22 @@ def subtract(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates:
     # overlapping templates add up: bincount sums repeated (time, channel) positions (np.subtract.at
     # does too but took 15 % of the main pass)
     flat = (t_idx * traces.shape[1] + c_idx)[keep]
-    removed = np.bincount(flat, weights=(p.scale[:, None, None] * p.shape)[keep], minlength=traces.size)
+    removed = np.bincount(
+        flat, weights=(p.scale[:, None, None] * p.shape)[keep], minlength=traces.size
+    )
     residual -= removed.reshape(traces.shape).astype(traces.dtype)
     changed.flat[flat] = True
     return residual, changed
 
 
-def unfitted(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates: Templates, before: int,
-             min_fit: float) -> np.ndarray:
+def unfitted(
+    traces: np.ndarray,
+    rows: np.ndarray,
+    units: np.ndarray,
+    templates: Templates,
+    before: int,
+    min_fit: float,
+) -> np.ndarray:
     """``units`` with -1 where the unit's template, scaled by least squares within SCALE_RANGE,
     removes less than ``min_fit`` of its own energy from ``traces`` at the spike: what is left of
     an imperfectly subtracted spike is detected on the residual too and can look like a
@@ -204,8 +253,18 @@ def unfitted(traces: np.ndarray, rows: np.ndarray, units: np.ndarray, templates:
     return units
 
 
-def rescue(traces: np.ndarray, rows: np.ndarray, proba: np.ndarray, units: np.ndarray, templates: Templates,
-           before: int, min_probability: float, min_fit: float, span: int, shortlist: int = 3) -> np.ndarray:
+def rescue(
+    traces: np.ndarray,
+    rows: np.ndarray,
+    proba: np.ndarray,
+    units: np.ndarray,
+    templates: Templates,
+    before: int,
+    min_probability: float,
+    min_fit: float,
+    span: int,
+    shortlist: int = 3,
+) -> np.ndarray:
     """``units`` with the candidates the network left unassigned (-1) given, where one fits, to
     the unit whose template removes the most energy at the spike among the candidate's
     ``shortlist`` most probable units (``proba``: (n, U), each at least ``min_probability``); it
@@ -223,7 +282,9 @@ def rescue(traces: np.ndarray, rows: np.ndarray, proba: np.ndarray, units: np.nd
     best_gain, best_unit = np.full(len(open_rows), -np.inf), np.full(len(open_rows), -1)
     for rank in range(ranked.shape[1]):
         unit = ranked[:, rank]
-        tried = np.flatnonzero((chances[np.arange(len(unit)), unit] >= min_probability) & templates.defined[unit])
+        tried = np.flatnonzero(
+            (chances[np.arange(len(unit)), unit] >= min_probability) & templates.defined[unit]
+        )
         if len(tried) == 0:
             continue
         placed = place(traces, rows[open_rows[tried]], unit[tried], templates, before)
@@ -236,8 +297,18 @@ def rescue(traces: np.ndarray, rows: np.ndarray, proba: np.ndarray, units: np.nd
     return units
 
 
-def adopt(snippets: np.ndarray, channels: np.ndarray, units: np.ndarray, open_rows: np.ndarray, templates: Templates,
-          min_fit: float, noise: np.ndarray, max_residual: float, min_coverage: float = 0.7, max_shift: int = 2) -> np.ndarray:
+def adopt(
+    snippets: np.ndarray,
+    channels: np.ndarray,
+    units: np.ndarray,
+    open_rows: np.ndarray,
+    templates: Templates,
+    min_fit: float,
+    noise: np.ndarray,
+    max_residual: float,
+    min_coverage: float = 0.7,
+    max_shift: int = 2,
+) -> np.ndarray:
     """``units`` with the spikes at ``open_rows`` given to the unit whose template removes the
     most energy from their snippet, where it removes at least ``min_fit`` of its own energy and
     leaves at most ``max_residual`` times the energy that noise alone (``noise``: (C,) SD per
@@ -259,39 +330,53 @@ def adopt(snippets: np.ndarray, channels: np.ndarray, units: np.ndarray, open_ro
     if len(open_rows) == 0 or not templates.defined.any():
         return units
     span = snippets.shape[1] - 2 * max_shift
-    x = snippets[open_rows, max_shift: max_shift + span].astype(np.float32)  # (r, S, M)
+    x = snippets[open_rows, max_shift : max_shift + span].astype(np.float32)  # (r, S, M)
     best_gain, best_unit = np.full(len(open_rows), -np.inf), np.full(len(open_rows), -1)
     footprint = channels[open_rows]  # (r, M)
     for unit in np.flatnonzero(templates.defined):
         real = templates.channels[unit] >= 0
         slot = np.full(int(max(templates.channels[unit].max(), channels.max())) + 2, -1)
         slot[templates.channels[unit][real]] = np.flatnonzero(real)
-        where = np.where(footprint >= 0, slot[footprint], -1)  # (r, M) the template's slot for each footprint channel, -1: none
+        where = np.where(
+            footprint >= 0, slot[footprint], -1
+        )  # (r, M) the template's slot for each footprint channel, -1: none
         wave = templates.waveforms[unit]
         per_channel = np.append((wave**2).sum(axis=0), 0.0)  # slot -1 reads the appended 0
-        rows = np.flatnonzero(per_channel[where].sum(axis=1) >= 0.9 * min_coverage * per_channel.sum())  # worth the exact test
+        rows = np.flatnonzero(
+            per_channel[where].sum(axis=1) >= 0.9 * min_coverage * per_channel.sum()
+        )  # worth the exact test
         if len(rows) == 0:
             continue
         where, spikes = where[rows], x[rows]
         covered = where >= 0
         for shift in range(-max_shift, max_shift + 1):
-            part = wave[max_shift + shift: max_shift + shift + span]  # (S, M_u)
+            part = wave[max_shift + shift : max_shift + shift + span]  # (S, M_u)
             total = float((part**2).sum())
-            shape = np.where(covered[:, None, :], part[:, np.maximum(where, 0)].transpose(1, 0, 2), 0.0)  # (r, S, M)
+            shape = np.where(
+                covered[:, None, :], part[:, np.maximum(where, 0)].transpose(1, 0, 2), 0.0
+            )  # (r, S, M)
             energy = np.einsum("rsm,rsm->r", shape, shape)
             projection = np.einsum("rsm,rsm->r", spikes, shape)
             scale = np.clip(projection / np.maximum(energy, 1e-9), *SCALE_RANGE)
             gain = 2 * scale * projection - scale**2 * energy
-            fits = (energy >= min_coverage * total) & (gain >= min_fit * energy) & (gain > best_gain[rows])
+            fits = (
+                (energy >= min_coverage * total)
+                & (gain >= min_fit * energy)
+                & (gain > best_gain[rows])
+            )
             best_gain[rows[fits]], best_unit[rows[fits]] = gain[fits], unit
-    expected = span * np.where(channels[open_rows] >= 0, noise[np.maximum(channels[open_rows], 0)] ** 2, 0).sum(axis=1)
+    expected = span * np.where(
+        channels[open_rows] >= 0, noise[np.maximum(channels[open_rows], 0)] ** 2, 0
+    ).sum(axis=1)
     residual = (x.astype(np.float64) ** 2).sum(axis=(1, 2)) - best_gain
     explained = (best_unit >= 0) & (residual <= max_residual * expected)
     units[open_rows] = np.where(explained, best_unit, units[open_rows])
     return units
 
 
-def _best_within(samples: np.ndarray, units: np.ndarray, strength: np.ndarray, span: int) -> np.ndarray:
+def _best_within(
+    samples: np.ndarray, units: np.ndarray, strength: np.ndarray, span: int
+) -> np.ndarray:
     """``units`` with -1 where a stronger candidate of the same unit lies within ``span`` samples."""
     units = units.copy()
     order = np.flatnonzero(units >= 0)
@@ -307,7 +392,9 @@ def _best_within(samples: np.ndarray, units: np.ndarray, strength: np.ndarray, s
     return units
 
 
-def unclaimed(shape: tuple, rows: np.ndarray, channels: np.ndarray, neighbours: np.ndarray, sweep: int) -> np.ndarray:
+def unclaimed(
+    shape: tuple, rows: np.ndarray, channels: np.ndarray, neighbours: np.ndarray, sweep: int
+) -> np.ndarray:
     """(T, C) bool: where the first pass's detection found no candidate, i.e. farther than
     ``sweep`` samples or than the detection radius (``neighbours``, (C, M) -1 padded) from every
     candidate at ``rows``, ``channels``. A residual candidate there is new even though nothing
@@ -315,7 +402,9 @@ def unclaimed(shape: tuple, rows: np.ndarray, channels: np.ndarray, neighbours: 
     free = np.ones(shape, bool)
     if len(rows) == 0:
         return free
-    times = np.clip(rows[:, None] + np.arange(-sweep, sweep + 1)[None, :], 0, shape[0] - 1)  # (n, W)
+    times = np.clip(
+        rows[:, None] + np.arange(-sweep, sweep + 1)[None, :], 0, shape[0] - 1
+    )  # (n, W)
     near = neighbours[channels]  # (n, M)
     t_idx = np.broadcast_to(times[:, :, None], times.shape + near.shape[1:])
     c_idx = np.broadcast_to(near[:, None, :], t_idx.shape)
@@ -324,8 +413,13 @@ def unclaimed(shape: tuple, rows: np.ndarray, channels: np.ndarray, neighbours: 
     return free
 
 
-def unexplained(samples: np.ndarray, units: np.ndarray, first_samples: np.ndarray, first_units: np.ndarray,
-                span: int) -> np.ndarray:
+def unexplained(
+    samples: np.ndarray,
+    units: np.ndarray,
+    first_samples: np.ndarray,
+    first_units: np.ndarray,
+    span: int,
+) -> np.ndarray:
     """``units`` of the candidates found on the residual, with -1 where the same unit already
     has a spike within ``span`` samples: what is left of an imperfectly subtracted spike looks
     like its own unit, and a unit does not fire twice within one snippet."""
@@ -336,6 +430,8 @@ def unexplained(samples: np.ndarray, units: np.ndarray, first_samples: np.ndarra
     stride = int(max(samples.max(initial=0), first_samples.max()) + 2 * span + 1)
     keys = np.sort(first_units.astype(np.int64) * stride + first_samples)
     query = units.astype(np.int64) * stride + samples
-    near = np.searchsorted(keys, query + span, side="right") - np.searchsorted(keys, query - span, side="left")
+    near = np.searchsorted(keys, query + span, side="right") - np.searchsorted(
+        keys, query - span, side="left"
+    )
     units[(units >= 0) & (near > 0)] = -1
     return units

@@ -19,7 +19,9 @@ from torch.nn import functional as F
 _MAX_GRID = 64_000_000  # units x samples per grid; larger spans are cut in time pieces
 
 
-def assign_units(samples: np.ndarray, proba: torch.Tensor, threshold: float, refractory: int) -> tuple[np.ndarray, np.ndarray]:
+def assign_units(
+    samples: np.ndarray, proba: torch.Tensor, threshold: float, refractory: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(unit per candidate, -1 when rejected; its probability) for candidates at ``samples``
     (n,) of one segment with probabilities ``proba`` (n, U).
 
@@ -42,7 +44,12 @@ def assign_units(samples: np.ndarray, proba: torch.Tensor, threshold: float, ref
         units, scores = np.full(n, -1, np.int64), np.zeros(n, np.float32)
         for rows in pieces:
             if len(rows):
-                units[rows], scores[rows] = assign_units(samples[rows], proba[torch.as_tensor(rows, device=proba.device)], threshold, refractory)
+                units[rows], scores[rows] = assign_units(
+                    samples[rows],
+                    proba[torch.as_tensor(rows, device=proba.device)],
+                    threshold,
+                    refractory,
+                )
         return units, scores
     # ties between equal probabilities go to the earlier candidate
     tie_break = torch.arange(n, device=proba.device, dtype=proba.dtype) * 1e-7 / max(n, 1)
@@ -50,14 +57,18 @@ def assign_units(samples: np.ndarray, proba: torch.Tensor, threshold: float, ref
     grid = torch.zeros(num_units, span, device=proba.device, dtype=proba.dtype)
     flat = unit * span + (times - t0)
     grid.view(-1).scatter_reduce_(0, flat, value, reduce="amax")
-    pooled = F.max_pool1d(grid[None], kernel_size=2 * refractory + 1, stride=1, padding=refractory)[0]
+    pooled = F.max_pool1d(grid[None], kernel_size=2 * refractory + 1, stride=1, padding=refractory)[
+        0
+    ]
     local_max = pooled.view(-1)[flat] <= value
     chosen = keep & local_max
     units = torch.where(chosen, unit, torch.full_like(unit, -1))
     return units.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
 
 
-def drop_border_duplicates(segment: np.ndarray, samples: np.ndarray, units: np.ndarray, refractory: int) -> np.ndarray:
+def drop_border_duplicates(
+    segment: np.ndarray, samples: np.ndarray, units: np.ndarray, refractory: int
+) -> np.ndarray:
     """Units with repeats of one unit closer than ``refractory`` samples removed (set to -1),
     keeping the first: what the per-chunk local maximum cannot see across a chunk border."""
     units = units.copy()
@@ -85,13 +96,24 @@ def duplicate_units(sorting, min_shared: float, max_lag_ms: float) -> list:
     # SpikeInterface only examines pairs whose agreement (coincidences / union) reaches 0.2 by
     # default; a small copy of a large unit stays below that (np128: 29 of a 31-spike cluster's
     # spikes repeat a 183-spike one, agreement 0.16), so every pair with a coincidence is examined
-    kept = remove_redundant_units(sorting, align=False, remove_strategy="max_spikes", duplicate_threshold=min_shared,
-                                  delta_time=max_lag_ms, agreement_threshold=1e-9)
+    kept = remove_redundant_units(
+        sorting,
+        align=False,
+        remove_strategy="max_spikes",
+        duplicate_threshold=min_shared,
+        delta_time=max_lag_ms,
+        agreement_threshold=1e-9,
+    )
     return sorted(set(sorting.unit_ids.tolist()) - set(kept.unit_ids.tolist()))
 
 
-def repeated_unit_spikes(times: np.ndarray, units: np.ndarray, sampling_frequency: float, min_shared: float,
-                         max_lag_ms: float) -> np.ndarray:
+def repeated_unit_spikes(
+    times: np.ndarray,
+    units: np.ndarray,
+    sampling_frequency: float,
+    min_shared: float,
+    max_lag_ms: float,
+) -> np.ndarray:
     """(n,) bool: the spikes of units that repeat another (``duplicate_units``), for clusters of
     spikes at ``times`` (samples, one time axis) with ``units`` (-1: none)."""
     from spikeinterface.core import NumpySorting
@@ -100,7 +122,9 @@ def repeated_unit_spikes(times: np.ndarray, units: np.ndarray, sampling_frequenc
     if len(keep) == 0:
         return np.zeros(len(units), bool)
     order = keep[np.argsort(times[keep], kind="stable")]
-    sorting = NumpySorting.from_samples_and_labels([times[order]], [units[order]], sampling_frequency)
+    sorting = NumpySorting.from_samples_and_labels(
+        [times[order]], [units[order]], sampling_frequency
+    )
     return np.isin(units, duplicate_units(sorting, min_shared, max_lag_ms))
 
 
@@ -109,8 +133,16 @@ COPY_MIN_COUNT = 10  # fewer lagged coincidences than this are never called copi
 COPY_MIN_Z = 5.0  # ... nor are counts within this many Poisson SDs of what independent units give
 
 
-def lagged_copy_spikes(segments: np.ndarray, samples: np.ndarray, units: np.ndarray, amplitudes: np.ndarray,
-                       sampling_frequency: float, num_samples: int, max_lag_ms: float, min_share: float) -> np.ndarray:
+def lagged_copy_spikes(
+    segments: np.ndarray,
+    samples: np.ndarray,
+    units: np.ndarray,
+    amplitudes: np.ndarray,
+    sampling_frequency: float,
+    num_samples: int,
+    max_lag_ms: float,
+    min_share: float,
+) -> np.ndarray:
     """(n,) bool: spikes that are another unit's spike detected again, to be removed.
 
     A large spike crosses the threshold again on far channels a little later (or earlier), and
@@ -140,18 +172,25 @@ def lagged_copy_spikes(segments: np.ndarray, samples: np.ndarray, units: np.ndar
     for segment in range(int(segments.max()) + 1):
         rows = assigned[segments[assigned] == segment]
         by_segment.append(rows[np.argsort(samples[rows], kind="stable")])
-    sorting = NumpySorting.from_samples_and_labels([samples[r] for r in by_segment], [units[r] for r in by_segment],
-                                                   sampling_frequency, unit_ids=np.arange(num_units))
+    sorting = NumpySorting.from_samples_and_labels(
+        [samples[r] for r in by_segment],
+        [units[r] for r in by_segment],
+        sampling_frequency,
+        unit_ids=np.arange(num_units),
+    )
     # one bin per sample; SpikeInterface's correlogram[j, i, half + lag] counts spikes of j at lag
     # samples after one of i: transposed, [source, copy, half + lag]. The numpy method counts the
     # same as the numba one and needs no compilation, which cost every new process 1.3-1.7 s
     # (numpy: 0.01 s on 60 s of np64, 0.3 s on an hour; NOTES.md session 29)
     bin_ms = 1000.0 / sampling_frequency
-    correlogram = compute_correlograms(sorting, window_ms=2 * half * bin_ms, bin_ms=bin_ms,
-                                       method="numpy")[0].transpose(1, 0, 2)
+    correlogram = compute_correlograms(
+        sorting, window_ms=2 * half * bin_ms, bin_ms=bin_ms, method="numpy"
+    )[0].transpose(1, 0, 2)
     half = correlogram.shape[2] // 2
     width = 2 * COPY_JITTER + 1
-    window = correlogram[:, :, : correlogram.shape[2] - width + 1].copy()  # counts within +/- COPY_JITTER of each lag
+    window = correlogram[
+        :, :, : correlogram.shape[2] - width + 1
+    ].copy()  # counts within +/- COPY_JITTER of each lag
     for shift in range(1, width):
         window += correlogram[:, :, shift : correlogram.shape[2] - width + 1 + shift]
     peak = window.max(axis=2)
@@ -159,13 +198,21 @@ def lagged_copy_spikes(segments: np.ndarray, samples: np.ndarray, units: np.ndar
     count = np.bincount(units[assigned], minlength=num_units).astype(float)
     by_unit = assigned[np.argsort(units[assigned], kind="stable")]
     median = np.zeros(num_units)
-    for unit, rows in zip(np.unique(units[by_unit]), np.split(by_unit, np.cumsum(count[count > 0]).astype(int)[:-1])):
+    for unit, rows in zip(
+        np.unique(units[by_unit]), np.split(by_unit, np.cumsum(count[count > 0]).astype(int)[:-1])
+    ):
         median[unit] = np.median(np.abs(amplitudes[rows]))
     chance = count[:, None] * count[None, :] * width / max(num_samples, 1)
     # i is the source, j the copy: the copy is the weaker unit (ties: the one with fewer spikes)
-    weaker = (median[None, :] < median[:, None]) | ((median[None, :] == median[:, None]) & (count[None, :] < count[:, None]))
-    copies = (weaker & (peak >= COPY_MIN_COUNT) & (peak >= min_share * count[None, :])
-              & (peak > chance + COPY_MIN_Z * np.sqrt(np.maximum(chance, 1.0))))
+    weaker = (median[None, :] < median[:, None]) | (
+        (median[None, :] == median[:, None]) & (count[None, :] < count[:, None])
+    )
+    copies = (
+        weaker
+        & (peak >= COPY_MIN_COUNT)
+        & (peak >= min_share * count[None, :])
+        & (peak > chance + COPY_MIN_Z * np.sqrt(np.maximum(chance, 1.0)))
+    )
     for source, copy in zip(*np.nonzero(copies)):
         for segment_rows in by_segment:
             source_times = samples[segment_rows[units[segment_rows] == source]]

@@ -20,8 +20,15 @@ from .merge import unit_templates
 _SAME_CONTACT_UM = 1.0
 
 
-def split_units(labels: np.ndarray, windows, min_size: int, num_contacts: int = 8, num_pcs: int = 6,
-                max_rounds: int = 3, seed: int = 0) -> tuple[np.ndarray, int]:
+def split_units(
+    labels: np.ndarray,
+    windows,
+    min_size: int,
+    num_contacts: int = 8,
+    num_pcs: int = 6,
+    max_rounds: int = 3,
+    seed: int = 0,
+) -> tuple[np.ndarray, int]:
     """Labels with under-split units divided (renumbered 0..U'-1, -1 kept) and the number of
     splits. ``min_size``: spikes a piece needs to be a unit; ``num_contacts``: contacts (largest
     template energy first) whose waveforms describe a unit's spikes; ``num_pcs``: PCA components
@@ -63,13 +70,19 @@ def _split_one(windows, min_size: int, num_contacts: int, num_pcs: int, rng) -> 
     energy = np.where(covered, (templates[0] ** 2).sum(axis=1), -1.0)
     contacts = np.argsort(-energy)[: min(num_contacts, int(covered.sum()))]
     features = _waveforms_on(windows, positions[contacts], templates[0][contacts])
-    features = PCA(n_components=min(num_pcs, features.shape[1], n - 1), svd_solver="covariance_eigh",
-                   random_state=0).fit_transform(features)  # n >> features: eigh of the covariance, not a full SVD
+    features = PCA(
+        n_components=min(num_pcs, features.shape[1], n - 1),
+        svd_solver="covariance_eigh",
+        random_state=0,
+    ).fit_transform(features)  # n >> features: eigh of the covariance, not a full SVD
     # HDBSCAN's cost grows fast with n: find the groups on a bounded subset, then assign the rest
     fitted = features[np.sort(rng.choice(n, size=min(n, 4000), replace=False))]
     scale = len(fitted) / n
-    groups = HDBSCAN(min_cluster_size=max(5, int(round(max(min_size, n // 20) * scale))), min_samples=5,
-                     copy=True).fit_predict(fitted)
+    groups = HDBSCAN(
+        min_cluster_size=max(5, int(round(max(min_size, n // 20) * scale))),
+        min_samples=5,
+        copy=True,
+    ).fit_predict(fitted)
     found = np.unique(groups[groups >= 0])
     if len(found) < 2:
         return None
@@ -93,6 +106,8 @@ def _waveforms_on(windows, contact_xy: np.ndarray, template: np.ndarray) -> np.n
     gap = np.where(windows.real[:, :, None], gap, np.inf)
     slot = np.argmin(gap, axis=1)  # (n, M)
     hit = np.take_along_axis(gap, slot[:, None, :], axis=1)[:, 0] <= _SAME_CONTACT_UM
-    waves = np.take_along_axis(windows.waveforms, slot[:, None, :], axis=2).astype(np.float32)  # (n, T, M)
+    waves = np.take_along_axis(windows.waveforms, slot[:, None, :], axis=2).astype(
+        np.float32
+    )  # (n, T, M)
     waves = np.where(hit[:, None, :], waves, template.T[None].astype(np.float32))
     return waves.transpose(0, 2, 1).reshape(len(waves), -1)

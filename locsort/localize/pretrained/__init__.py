@@ -11,8 +11,12 @@ from ...errors import LocsortError
 
 # name -> file; each was trained on SpikeInterface-generated recordings of that probe type
 ENCODER_PATHS = {
-    "neuropixels1": Path(__file__).with_name("encoder_neuropixels1.safetensors"),  # staggered columns, 16 / 20 µm
-    "square_mea_15um": Path(__file__).with_name("encoder_square_mea_15um.safetensors"),  # 15 µm square lattice
+    "neuropixels1": Path(__file__).with_name(
+        "encoder_neuropixels1.safetensors"
+    ),  # staggered columns, 16 / 20 µm
+    "square_mea_15um": Path(__file__).with_name(
+        "encoder_square_mea_15um.safetensors"
+    ),  # 15 µm square lattice
 }
 
 
@@ -23,10 +27,16 @@ def matching_encoder(geometry: dict, decay: str, hidden: int, device="cpu"):
 
     for name, path in ENCODER_PATHS.items():
         if not path.exists():
-            raise LocsortError(f"the pretrained encoder {path.name} is missing from the package; re-install locsort, "
-                               "run scripts/pretrain_encoder.py, or set encoder_init=none")
+            raise LocsortError(
+                f"the pretrained encoder {path.name} is missing from the package; re-install locsort, "
+                "run scripts/pretrain_encoder.py, or set encoder_init=none"
+            )
         encoder = AmortizedLocalizer.load(path, device=device)
-        if same_geometry(encoder.geometry, geometry) and encoder.globals.decay == decay and encoder.hidden == hidden:
+        if (
+            same_geometry(encoder.geometry, geometry)
+            and encoder.globals.decay == decay
+            and encoder.hidden == hidden
+        ):
             encoder.info.setdefault("name", name)
             return encoder
     return None
