@@ -7,26 +7,30 @@ on stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 from .errors import LocsortError, UsageError
-from .params import Params
+from .params import Params, param_type, public_fields
 
 
 def _param_overrides(pairs: list[str]) -> dict:
-    """--param name=value, typed by the Params field's type."""
-    types = {f.name: f.type for f in dataclasses.fields(Params)}
-    defaults = Params().asdict()
+    """--param name=value, typed by the parameter's type ("none" for None)."""
+    by_name = {f.name: f for f in public_fields()}
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise UsageError(f"--param takes name=value, got {pair!r}")
         name, value = pair.split("=", 1)
-        if name not in types:
-            raise UsageError(f"unknown parameter {name!r}; see locsort.params.Params for the list")
-        kind = type(defaults[name])
+        if name not in by_name:
+            raise UsageError(
+                f"unknown parameter {name!r}; the parameters are "
+                f"{', '.join(by_name)} (docs/parameters.md)"
+            )
+        kind = param_type(by_name[name])
+        if value.strip().lower() == "none":
+            out[name] = None
+            continue
         try:
             if kind is bool:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -51,13 +55,10 @@ def _common(parser: argparse.ArgumentParser, default_out: str | None) -> None:
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where torch runs"
     )
     parser.add_argument(
-        "--method", default=None, help="localization method (default: Params.localization_method)"
-    )
-    parser.add_argument(
-        "--sorter",
-        default=None,
-        choices=["neural", "cluster"],
-        help="sorting path (default: neural)",
+        "--n-jobs",
+        type=int,
+        metavar="N",
+        help="cores to use (default: all available to this process)",
     )
     parser.add_argument(
         "--workers",
@@ -82,7 +83,8 @@ def _common(parser: argparse.ArgumentParser, default_out: str | None) -> None:
         "--param",
         action="append",
         metavar="NAME=VALUE",
-        help="override any locsort.params.Params field",
+        help="set a parameter (docs/parameters.md; 'none' for None): "
+        + ", ".join(f.name for f in public_fields()),
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -152,15 +154,13 @@ def _version() -> str:
 def _params(args) -> Params:
     overrides = _param_overrides(args.param)
     overrides["device"] = args.device
-    if args.method:
-        overrides["localization_method"] = args.method
-    if args.sorter:
-        overrides["sorter"] = args.sorter
+    if args.n_jobs is not None:
+        overrides["n_jobs"] = args.n_jobs
     if getattr(args, "labels_k", None) is not None:
         if args.labels_k < 1:
             raise UsageError("--labels-k must be at least 1")
         overrides["label_max_spikes_per_unit"] = args.labels_k
-    return Params.from_dict({**Params().asdict(), **overrides})
+    return Params().replace(**overrides)
 
 
 def _print_summary(result, title: str) -> None:
@@ -223,7 +223,7 @@ def _demo(args) -> int:
 
 
 def _run(args) -> int:
-    from .distribute import open_runner
+    from .runners import open_runner
 
     params = _params(args)
     if args.labels_k is not None and not args.labels:
@@ -233,7 +233,7 @@ def _run(args) -> int:
         raise UsageError(
             "--labels belong to one recording: sort several recordings without --labels"
         )
-    with open_runner(args.workers, args.scheduler, args.connect_timeout) as runner:
+    with open_runner(args.workers, args.scheduler, args.connect_timeout, params) as runner:
         if not several:
             result = _run_one(args, params, paths[0], Path(args.out), runner)
             _print_summary(result, f"locsort run: {paths[0]}")

@@ -11,9 +11,9 @@ Two signals can be thresholded (``Params.detect_method``):
 - "matched" (default): each channel's correlation with a spike prototype (the mean shape of
   the recording's own large spikes), in noise SDs of that correlation. A spike spans ~1 ms
   while band-passed noise decorrelates within a few samples, so the matched filter lifts a
-  small spike far above the noise: on the MEArec Neuropixels recording, units of template
-  SNR 3.4-4.4 cross 5 SDs with 8-30 % of their spikes as peaks and 95-99 % after the filter
-  (NOTES.md, session 6). SpyKING CIRCUS 2 detects the same way.
+  small spike far above the noise: low-SNR units that cross the threshold with only a minority
+  of their spikes as peaks cross it with nearly all of them after the filter
+  (docs/design-decisions.md, § Detection). SpyKING CIRCUS 2 detects the same way.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class MatchedFilter:
     def score(self, traces, noise: np.ndarray) -> torch.Tensor:
         """(T, C) score of ``traces`` (T, C) µV: positive where a spike-like trough is (zero
         beyond the traces' ends). By FFT, channel by channel along time (scipy's FFT in one
-        thread: chunks already run in parallel), ~6 x faster than a direct convolution."""
+        thread: chunks already run in parallel), much faster than a direct convolution."""
         from scipy import fft
 
         x = np.ascontiguousarray(
@@ -110,7 +110,8 @@ class MatchedFilter:
         full = fft.irfft(
             fft.rfft(x, n=size, axis=1, workers=1) * kernel[None, :], n=size, axis=1, workers=1
         )
-        # full[i] correlates the prototype with x[i - taps + 1 : i + 1]: its trough meets t at i = t + taps - 1 - trough
+        # full[i] correlates the prototype with x[i - taps + 1 : i + 1]: its trough meets t at
+        # i = t + taps - 1 - trough
         first = taps - 1 - self.trough
         score = full[:, first : first + length] / self.score_sd[:, None]
         return torch.from_numpy(np.ascontiguousarray(score.T, dtype=np.float32))
@@ -125,9 +126,9 @@ def peaks_in_slices(
     before: int,
     after: int,
 ):
-    """(traces, rows, channels) per slice (T, C) µV: its locally exclusive peaks beyond ``threshold``
-    noise SDs, at least ``before`` / ``after`` samples from its ends: clear spikes to learn
-    shapes from (slices too short are skipped)."""
+    """(traces, rows, channels) per slice (T, C) µV: its locally exclusive peaks beyond
+    ``threshold`` noise SDs, at least ``before`` / ``after`` samples from its ends: clear spikes
+    to learn shapes from (slices too short are skipped)."""
     for traces in slices:
         if len(traces) <= 2 * (before + after + sweep):
             continue
@@ -150,7 +151,8 @@ def fit_matched_filter(
     """A MatchedFilter from random slices (T, C) µV of the preprocessed recording: the prototype
     is the mean trough-normalized waveform of the peaks beyond ``threshold`` noise SDs on their
     own channel (``before``/``after`` samples around the trough). None with fewer than
-    ``min_spikes`` such peaks: too little to learn a shape from (the caller detects peaks instead)."""
+    ``min_spikes`` such peaks: too little to learn a shape from (the caller detects peaks
+    instead)."""
     shapes = []
     for traces, rows, channels in peaks_in_slices(
         slices, noise, neighbours, threshold, sweep, before, after

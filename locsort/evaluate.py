@@ -13,7 +13,7 @@ def unit_peak_channels(
     """The largest (most negative) channel of each true unit's waveform: the per-channel median,
     over up to ``spikes_per_unit`` of its spikes, of the minimum within +/- 0.5 ms (a median so
     that overlapping spikes of other units do not decide it; bounded reads)."""
-    from .parallel import make_chunks, read_chunk
+    from .chunks import make_chunks, read_chunk
 
     fs = recording.get_sampling_frequency()
     half = int(round(fs / 2000))  # +/- 0.5 ms

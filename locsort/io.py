@@ -2,17 +2,17 @@
 
 Formats and how a path is recognised when ``format`` is not given:
 
-=========== ============================================================ ============================
-format      path                                                         reader
-=========== ============================================================ ============================
-spikeglx    folder holding ``*.ap.meta``, or a ``*.ap.bin``/``.meta``    ``read_spikeglx``
-openephys   folder holding ``structure.oebin`` or ``settings.xml``       ``read_openephys``
-nwb         ``*.nwb``                                                    ``read_nwb_recording``
-mearec      ``*.h5``/``*.hdf5`` (MEArec file)                            ``read_mearec``
-si          folder saved by SpikeInterface (``si_folder.json``)          ``spikeinterface.load``
-binary      ``*.bin``/``*.dat``/``*.raw`` + sampling rate, channels,     ``read_binary`` + probe file
+=========== ========================================================== ============================
+format      path                                                       reader
+=========== ========================================================== ============================
+spikeglx    folder holding ``*.ap.meta``, or a ``*.ap.bin``/``.meta``  ``read_spikeglx``
+openephys   folder holding ``structure.oebin`` or ``settings.xml``     ``read_openephys``
+nwb         ``*.nwb``                                                  ``read_nwb_recording``
+mearec      ``*.h5``/``*.hdf5`` (MEArec file)                          ``read_mearec``
+si          folder saved by SpikeInterface (``si_folder.json``)        ``spikeinterface.load``
+binary      ``*.bin``/``*.dat``/``*.raw`` + sampling rate, channels,   ``read_binary`` + probe file
             dtype and a probe file
-=========== ============================================================ ============================
+=========== ========================================================== ============================
 """
 
 from __future__ import annotations
@@ -140,13 +140,15 @@ def _attach_probe(recording, probe, probe_path):
     if num_contacts != recording.get_num_channels():
         raise UsageError(
             f"the probe in {probe_path} has {num_contacts} contacts but the recording has "
-            f"{recording.get_num_channels()} channels; use the probe file that matches this recording"
+            f"{recording.get_num_channels()} channels; "
+            "use the probe file that matches this recording"
         )
     for p in probes:
         if p.device_channel_indices is None:
             if len(probes) > 1:
                 raise UsageError(
-                    f"probe file {probe_path} has several probes but no channel wiring (device_channel_indices)"
+                    f"probe file {probe_path} has several probes but no channel wiring "
+                    "(device_channel_indices)"
                 )
             p.set_device_channel_indices(np.arange(num_contacts))
     recording = recording.clone()  # the reader's recording stays as it was
@@ -182,8 +184,8 @@ def _read_binary(path, sampling_frequency, num_channels, dtype, probe):
     size = path.stat().st_size
     if size % frame_bytes:
         raise UsageError(
-            f"{path} is {size} bytes, not a multiple of {num_channels} channels x {dtype.itemsize} bytes "
-            f"({dtype}): check --num-channels and --dtype"
+            f"{path} is {size} bytes, not a multiple of {num_channels} channels "
+            f"x {dtype.itemsize} bytes ({dtype}): check --num-channels and --dtype"
         )
     recording = read_binary(
         path, sampling_frequency=sampling_frequency, dtype=dtype, num_channels=num_channels
@@ -263,7 +265,8 @@ def open_labels(path: str | Path):
             sorting = load(path)
     except Exception as exc:
         raise UsageError(
-            f"cannot read labels from {path}: not a SpikeInterface sorting folder or .npz file ({exc})"
+            f"cannot read labels from {path}: "
+            f"not a SpikeInterface sorting folder or .npz file ({exc})"
         ) from None
     if not hasattr(sorting, "get_unit_spike_train"):
         raise UsageError(f"{path} holds a {type(sorting).__name__}, not a sorting")
@@ -360,8 +363,8 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in NO_SPACE:
             raise LocsortError(
-                f"no space left to write {out} ({exc.strerror}); nothing was written there. Free some "
-                "space and run the same command again: the finished work is kept"
+                f"no space left to write {out} ({exc.strerror}); nothing was written there. "
+                "Free some space and run the same command again: the finished work is kept"
             ) from exc
         raise
     except BaseException:

@@ -34,7 +34,8 @@ class Neighbourhood:
 
     Attributes
     ----------
-    index : (C, K) int64, channel at each position, -1 where virtual; column 0 is the channel itself.
+    index : (C, K) int64, channel at each position, -1 where virtual; column 0 is the channel
+        itself.
     offsets : (C, K, 2) float32, position of each neighbourhood slot relative to the centre (µm),
         the same for every channel when ``regular``.
     regular : bool, True when the probe is a lattice (offsets shared by all channels).
@@ -164,7 +165,7 @@ def gather_windows(
 
 def _channel_snippets(traces, rows, channels, before, after) -> np.ndarray:
     """(n, M, before+after) snippets, channel-major, read from a strided view of every window of
-    ``traces`` (no (n, M, T) index array: ~2x faster in one thread than indexing time and channel); virtual
+    ``traces`` (no (n, M, T) index array, so faster than indexing time and channel); virtual
     slots (-1) read channel 0."""
     if len(rows) == 0:  # traces may then be shorter than a window
         return np.zeros((0, channels.shape[1], before + after), traces.dtype)
@@ -184,7 +185,7 @@ def peak_amplitudes_at(
 ) -> np.ndarray:
     """``peak_amplitudes`` of the windows ``rows`` +- ``half`` on ``channels`` (n, M), without
     building them: a running minimum over the window's 2 half + 1 time offsets, each one
-    gather of (n, M) samples (~4x faster than the (n, 2 half + 1, M) fancy index).
+    gather of (n, M) samples (much faster than the (n, 2 half + 1, M) fancy index).
     Virtual channels (-1) read 0."""
     virtual = channels < 0
     num_channels = traces.shape[1]
@@ -226,12 +227,15 @@ class AmplitudeReader:
         where = f"minimum within +/- {self.half} samples of the spike"
         if self.basis is None:
             return where + " on the traces"
-        where += f" on each snippet projected on {self.basis.shape[1]} temporal principal components of the recording's spikes"
+        where += (
+            f" on each snippet projected on {self.basis.shape[1]} temporal principal components "
+            "of the recording's spikes"
+        )
         if self.components is None:
             return where
         return where + (
-            f", the neighbourhood's coefficients denoised on {self.components.shape[1]} spatio-temporal "
-            "components of the recording's spikes (Wiener gains)"
+            f", the neighbourhood's coefficients denoised on {self.components.shape[1]} "
+            "spatio-temporal components of the recording's spikes (Wiener gains)"
         )
 
     def with_denoiser(self, components: np.ndarray, gains: np.ndarray) -> "AmplitudeReader":
@@ -246,8 +250,8 @@ class AmplitudeReader:
 
     @cached_property
     def _filters(self) -> np.ndarray:
-        """(T, 2 half + 1): a snippet times this is its projection on the basis, read at the samples
-        near the spike (one matrix product for projection and reconstruction)."""
+        """(T, 2 half + 1): a snippet times this is its projection on the basis, read at the
+        samples near the spike (one matrix product for projection and reconstruction)."""
         return np.ascontiguousarray(self.basis @ self._near.T)
 
     @cached_property
@@ -258,7 +262,8 @@ class AmplitudeReader:
         )
 
     def _denoised(self, coefficients: np.ndarray) -> np.ndarray:
-        """(n, K, 2 half + 1) near the spike, from (n, K, P) temporal coefficients (virtual slots 0)."""
+        """(n, K, 2 half + 1) near the spike, from (n, K, P) temporal coefficients (virtual
+        slots 0)."""
         n, k, p = coefficients.shape
         flat = coefficients.reshape(n, k * p)
         flat = ((flat @ self.components) * self.gains) @ self.components.T
@@ -276,7 +281,8 @@ class AmplitudeReader:
             windows.transpose(0, 2, 1).astype(np.float32, copy=False), self.basis
         )
         amplitudes = -self._denoised(coefficients).min(axis=2)
-        amplitudes[~windows.any(axis=1)] = 0.0  # virtual slots (zero windows): as ``at`` reads them
+        # virtual slots (zero windows): as ``at`` reads them
+        amplitudes[~windows.any(axis=1)] = 0.0
         return amplitudes
 
     def at(self, traces: np.ndarray, rows: np.ndarray, channels: np.ndarray) -> np.ndarray:
@@ -290,7 +296,7 @@ class AmplitudeReader:
         )
         if self.components is None:
             # made (2 half + 1, n * M) so that the minimum runs across rows: a minimum along each
-            # row of 2 half + 1 values took twice as long as the product itself
+            # row of 2 half + 1 values cost more than the product itself
             amplitudes = -(self._filters.T @ snippets.T).min(axis=0).reshape(channels.shape)
         else:
             coefficients = (snippets @ self.basis).reshape(*channels.shape, -1)
@@ -348,7 +354,8 @@ def fit_amplitude_denoiser(
     if n < 4 * k * p:  # a (K P)-dimensional second moment needs several spikes per dimension
         return None
     pick = np.sort(np.random.default_rng(seed).permutation(n)[:max_spikes])
-    # float64 products in blocks of 1,000 spikes: a float64 copy of all 20,000 snippets would take ~200 MB
+    # float64 products in blocks of 1,000 spikes: a float64 copy of all 20,000 snippets would
+    # take ~200 MB
     coefficients = np.concatenate(
         [
             (windows[block].astype(np.float64).transpose(0, 2, 1) @ basis).reshape(
@@ -359,7 +366,8 @@ def fit_amplitude_denoiser(
     )
     total, vectors = np.linalg.eigh(coefficients.T @ coefficients / len(pick))
     total, vectors = total[::-1], vectors[:, ::-1]
-    # the noise model in the coefficients: channels (K, K) averaged over the spikes' neighbourhoods, time (P, P)
+    # the noise model in the coefficients: channels (K, K) averaged over the spikes'
+    # neighbourhoods, time (P, P)
     used, counts = np.unique(centres[pick], return_counts=True)
     slots = index[used]
     real = slots >= 0

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .constants import Constants
+from .localize import make_localizer
+from .output import save_sorting
 from .params import Params
+from .pipeline import fit_models, sort
+from .prepare import prepare
+from .scan import _features
+from .spikes import check_peaks
 
 LOCATION_DTYPE = [(name, "float32") for name in ("x", "y", "z", "alpha", "x_std", "y_std", "z_std")]
 
@@ -28,55 +35,49 @@ def _localize_node_class():
     class LocalizeLocsort(LocalizeBase):
         """locsort's amortized Bayesian localization (see locsort.localize.amortized).
 
-        Any locsort.params.Params field can be given in method_kwargs (e.g. decay_law,
-        jitter_uv, encoder_path, device, max_training_spikes)."""
+        method_kwargs: any locsort.params.Params field, and any locsort.constants.Constants
+        field of the localizer (e.g. decay_law, jitter_uv, max_training_spikes)."""
 
         name = "locsort"
         params_doc = """
         params: dict
-            Any locsort.params.Params field, e.g. decay_law ("exponential" | "monopole"), jitter_uv,
-            encoder_path (a saved encoder to reuse), encoder_init ("pretrained" | "none" | a saved encoder
-            to start training from), device ("auto" | "cpu" | "cuda"), max_training_spikes.
+            Any locsort.params.Params field, e.g. encoder_path (a saved encoder to reuse),
+            encoder_init ("pretrained" | None | a saved encoder to start training from), device
+            ("auto" | "cpu" | "cuda"); and the localizer's constants (locsort.constants), e.g.
+            decay_law ("exponential" | "monopole"), jitter_uv, max_training_spikes.
         """
 
         def __init__(self, recording, parents, return_output=True, radius_um=75.0, **params):
-            from .localize import make_localizer
-            from .pipeline import _training_sample, fit_localizer, prepare
-            from .spikes import check_peaks
-
             LocalizeBase.__init__(
                 self, recording, return_output=return_output, parents=parents, radius_um=radius_um
             )
             self._dtype = np.dtype(LOCATION_DTYPE)
             self._kwargs.update(params)
-            values = {"preprocess": False, **params, "localization_method": "locsort"}
-            self.prep = prepare(recording, Params.from_dict(values))
+            self.prep = prepare(recording, _node_params(params))
             self.localizer = make_localizer("locsort", self.prep.params)
             peaks = check_peaks(
                 _source_peaks(parents[0]),
                 recording.get_num_channels(),
                 recording.get_num_segments(),
             )
-            sample = _training_sample(self.prep, self.localizer, peaks, progress=False)
-            fit_localizer(self.prep, self.localizer, sample, progress=False)
+            models = fit_models(self.prep, peaks, progress=False, localizer=self.localizer)
+            self.localizer, self.amplitudes = models.localizer, models.amplitudes
 
         def get_trace_margin(self):
             return 0
 
         def compute(self, traces, peaks, waveforms):
-            from .scan import _features
-
-            geo = self.prep.geometry
+            counts = self.prep.counts
             out = np.zeros(len(peaks), dtype=self._dtype)
             if len(peaks) == 0:
                 return out
             # our windows may reach further than SpikeInterface's margin: pad with zeros
             padded = np.pad(
-                np.asarray(traces, dtype=np.float32), ((geo.margin, geo.margin), (0, 0))
+                np.asarray(traces, dtype=np.float32), ((counts.margin, counts.margin), (0, 0))
             )
-            rows = peaks["sample_index"].astype(np.int64) + geo.margin
+            rows = peaks["sample_index"].astype(np.int64) + counts.margin
             batch = _features(
-                padded, rows, peaks, None, self.prep.neighbourhood, geo, self.prep.amplitudes
+                padded, rows, peaks, None, self.prep.neighbourhood, counts, self.amplitudes
             )
             location = self.localizer.transform(
                 self.localizer.observe(batch, self.prep.neighbourhood), self.prep.neighbourhood
@@ -101,7 +102,7 @@ def _sorter_class():
         requires_locations = False
         handle_multi_segment = True
         compatible_with_parallel = {"loky": True, "multiprocessing": True, "threading": False}
-        _default_params = Params().asdict()
+        _default_params = Params().public()
         _params_description = Params.descriptions()
         sorter_description = __doc__
         installation_mesg = "pip install locsort"
@@ -112,8 +113,6 @@ def _sorter_class():
 
         @classmethod
         def _run_from_folder(cls, sorter_output_folder, params, verbose):
-            from .pipeline import save_sorting, sort
-
             recording = cls.load_recording_from_folder(
                 sorter_output_folder.parent, with_warnings=False
             )
@@ -121,6 +120,18 @@ def _sorter_class():
             save_sorting(sorting, sorter_output_folder / "sorting")
 
     return LocsortSorter
+
+
+def _node_params(values: dict) -> Params:
+    """Params of the localization node: already preprocessed, localized by locsort, with any
+    constant of the localizer given by name."""
+    constant_names = set(Constants().asdict())
+    constants = {k: v for k, v in values.items() if k in constant_names}
+    public = {k: v for k, v in values.items() if k not in constant_names}
+    constants["localization_method"] = "locsort"
+    return Params.from_dict(
+        {**public, "preprocess": False, "constants": Constants.from_dict(constants)}
+    )
 
 
 def _source_peaks(source) -> np.ndarray:

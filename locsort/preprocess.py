@@ -27,7 +27,6 @@ def band_pass(recording, params: Params | None = None):
             freq_min=params.freq_min,
             freq_max=freq_max,
             dtype="float32",
-            direction=params.filter_direction,
         )
     return recording
 
@@ -35,15 +34,16 @@ def band_pass(recording, params: Params | None = None):
 def find_bad_channels(
     filtered, params: Params | None = None, slices: list[np.ndarray] | None = None
 ) -> dict:
-    """Channels to interpolate from their neighbours, channel id -> why: those ``params.bad_channels``
-    names, or with "auto" the flat and the very noisy ones. A channel's noise level is read on the
-    band-passed traces ``filtered`` (band_pass; or on their noise ``slices``), before the common
-    reference, which would give a flat channel the others' common signal."""
+    """Channels to interpolate from their neighbours, channel id -> why: those
+    ``params.bad_channels`` names, or with "auto" the flat and the very noisy ones. A channel's
+    noise level is read on the band-passed traces ``filtered`` (band_pass; or on their noise
+    ``slices``), before the common reference, which would give a flat channel the others' common
+    signal."""
     params = params or Params()
     ids = list(filtered.channel_ids)
-    setting = params.bad_channels.strip()
-    if setting == "none":
+    if params.bad_channels is None:
         return {}
+    setting = params.bad_channels.strip()
     if setting != "auto":
         given = [c.strip() for c in setting.split(",") if c.strip()]
         by_name = {str(c): c for c in ids}
@@ -51,25 +51,27 @@ def find_bad_channels(
         if unknown:
             raise UsageError(
                 f"bad_channels names channels the recording does not have: {', '.join(unknown)} "
-                f"(its channel ids: {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''})"
+                f"(its channel ids: {', '.join(map(str, ids[:8]))}"
+                f"{' ...' if len(ids) > 8 else ''})"
             )
         return {by_name[c]: "named in bad_channels" for c in given}
     if len(ids) < 4:  # too few channels for a median to say what a normal channel is
         return {}
-    # a handful of slices tells flat and noisy channels apart (healthy ones sit within 0.85-1.25 of the
-    # median on the benchmark recordings) at a quarter of the cost of all
+    # a handful of slices tells flat and noisy channels apart (healthy channels' levels stay
+    # close to the median) at a quarter of the cost of all (docs/design-decisions.md,
+    # § Preprocessing)
     levels = noise_levels(filtered, params, slices[:5] if slices is not None else None)
     if not np.any(levels > 0):
         raise LocsortError(
-            "every channel is flat: the recording holds no signal (check the file, its data offset, "
-            "dtype and channel count)"
+            "every channel is flat: the recording holds no signal "
+            "(check the file, its data offset, dtype and channel count)"
         )
     typical = float(np.median(levels))
     bad = {}
     for channel, level in zip(ids, levels / max(typical, 1e-12)):
-        if level < params.bad_channel_flat:
+        if level < params.constants.bad_channel_flat:
             bad[channel] = f"flat, noise {level:.2f} x the median channel's"
-        elif level > params.bad_channel_noisy:
+        elif level > params.constants.bad_channel_noisy:
             bad[channel] = f"noisy, noise {level:.1f} x the median channel's"
     return bad
 
@@ -87,7 +89,8 @@ def preprocess(recording, params: Params | None = None, bad_channels=None):
 
 
 def referenced(filtered, params: Params, bad_channels):
-    """The band-passed recording with ``bad_channels`` interpolated and the common reference removed (lazy)."""
+    """The band-passed recording with ``bad_channels`` interpolated and the common reference
+    removed (lazy)."""
     import spikeinterface.preprocessing as spre
 
     recording = filtered
@@ -95,13 +98,14 @@ def referenced(filtered, params: Params, bad_channels):
         if len(bad_channels) > recording.get_num_channels() // 2:
             raise LocsortError(
                 f"{len(bad_channels)} of {recording.get_num_channels()} channels are flat or noisy "
-                f"({', '.join(map(str, list(bad_channels)[:8]))} ...): too few good ones to interpolate them from; "
+                f"({', '.join(map(str, list(bad_channels)[:8]))} ...): "
+                "too few good ones to interpolate them from; "
                 "check the recording and its probe file, or set bad_channels"
             )
-        # kriging from the neighbouring channels (SpikeInterface's, as in the IBL pipeline): the channel
-        # count and indices stay, so outputs refer to the recording's own channels
+        # kriging from the neighbouring channels (SpikeInterface's, as in the IBL pipeline): the
+        # channel count and indices stay, so outputs refer to the recording's own channels
         recording = spre.interpolate_bad_channels(recording, bad_channel_ids=list(bad_channels))
-    if params.preprocess and params.common_reference != "none":
+    if params.preprocess and params.common_reference is not None:
         recording = spre.common_reference(
             recording, reference="global", operator=params.common_reference
         )
@@ -112,10 +116,11 @@ def referenced_slices(
     slices: list[np.ndarray], filtered, params: Params, bad_channels
 ) -> list[np.ndarray]:
     """``referenced`` applied to noise slices already read from ``filtered``: the processed
-    recording's own noise slices (both steps act sample by sample), without band-passing them twice."""
+    recording's own noise slices (both steps act sample by sample), without band-passing them
+    twice."""
     from spikeinterface.core import NumpyRecording
 
-    if not len(bad_channels) and not (params.preprocess and params.common_reference != "none"):
+    if not len(bad_channels) and not (params.preprocess and params.common_reference is not None):
         return slices
     pieces = NumpyRecording(
         slices,
@@ -135,7 +140,7 @@ def noise_slices(recording, params: Params | None = None) -> list[np.ndarray]:
     params = params or Params()
     shortest = min(recording.get_num_samples(s) for s in range(recording.get_num_segments()))
     chunk = int(min(10_000, shortest))  # SpikeInterface's default slice length
-    num_chunks = max(1, min(params.noise_chunks, shortest // max(chunk, 1)))
+    num_chunks = max(1, min(params.constants.noise_chunks, shortest // max(chunk, 1)))
     slices = get_random_sample_slices(
         recording, num_chunks_per_segment=num_chunks, chunk_size=chunk, seed=params.seed
     )
@@ -149,8 +154,8 @@ def noise_slices(recording, params: Params | None = None) -> list[np.ndarray]:
 
 def _in_threads(function, items: list) -> list:
     """[function(item) for item in items], items spread over one thread per core (filtering and
-    medians release the GIL: prepare on np128 1.8 -> 1.2 s)."""
-    from .distribute import LocalRunner
+    medians release the GIL, so the threads run in parallel)."""
+    from .runners import LocalRunner
 
     done = dict(LocalRunner().map(function, items, list(range(len(items))), progress=False))
     return [done[i] for i in range(len(items))]
@@ -176,7 +181,7 @@ def noise_levels(
 
 def _mad(rows: np.ndarray) -> np.ndarray:
     """Median absolute deviation of each row: channels as rows keep the medians' partitions in
-    contiguous memory (128 channels: 27 against 35 ms a slice read as time x channels; same values)."""
+    contiguous memory (faster than a slice read as time x channels; same values)."""
     return np.median(np.abs(rows - np.median(rows, axis=1)[:, None]), axis=1)
 
 
@@ -185,15 +190,15 @@ def noise_correlations(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(C, C) covariance (µV²) across channels and (max_lag + 1,) autocorrelation in time of the
     noise, from the noise slices clipped at 4 SDs (spikes in the slices would otherwise count as
-    noise). Noise on dense probes is spatially correlated (MEArec's distance-correlated noise,
-    residual common noise on real probes), so a template's match with noise alone is much
-    wider than per-channel noise levels say; sort/peel.Significance needs both."""
+    noise). Noise on dense probes is spatially correlated (distance-correlated noise in
+    simulators, residual common noise on real probes), so a template's match with noise alone is
+    much wider than per-channel noise levels say; sort/peel.Significance needs both."""
     parts, taken = [], 0
     for traces in slices:
         if taken >= max_samples:
             break
-        # C order: the lagged row slices below are then views (SpikeInterface may return Fortran-ordered
-        # traces, whose row slices ravel into copies: 0.9 of 1.1 s on 128 channels)
+        # C order: the lagged row slices below are then views (SpikeInterface may return
+        # Fortran-ordered traces, whose row slices ravel into copies, which cost most of the time)
         part = np.clip(
             np.ascontiguousarray(traces[: max_samples - taken], dtype=np.float64),
             -4 * noise,
@@ -206,7 +211,7 @@ def noise_correlations(
     covariance = sum(p.T @ p for p in parts) / taken
     white = [p / np.sqrt(np.maximum(np.diag(covariance), 1e-12)) for p in parts]
     # lagged products summed over time and channels: one BLAS dot per lag on contiguous views
-    # (elementwise products per lag took 1.2 s on 384 channels, this 0.2 s)
+    # (several times faster than elementwise products per lag)
     sums = np.array(
         [
             sum(np.vdot(w[: len(w) - lag].ravel(), w[lag:].ravel()) for w in white)

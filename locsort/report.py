@@ -65,7 +65,8 @@ def write_report(
     seed: int = 0,
     run_notes: list[str] | None = None,
 ) -> Path:
-    """Write ``folder/report.html`` and its figures (``folder/figures/*.png``); return the html path.
+    """Write ``folder/report.html`` and its figures (``folder/figures/*.png``); return the html
+    path.
 
     ``spikes`` is a locsort spike array (``locsort.spikes.SPIKE_DTYPE``), possibly empty;
     ``sorting`` the sorting built from its assigned spikes (unit ids 0..U-1), possibly with no
@@ -130,7 +131,8 @@ def write_report(
         attempt(
             "activity.png",
             _figure_activity,
-            "Activity over time: detection rate, firing rate of each unit (units sorted by mean y, top = largest y) "
+            "Activity over time: detection rate, firing rate of each unit "
+            "(units sorted by mean y, top = largest y) "
             "and spike |amplitude| coloured by unit (subsampled).",
             "firing rates and amplitudes over time",
         )
@@ -140,7 +142,8 @@ def write_report(
             attempt(
                 "accuracy.png",
                 _figure_accuracy,
-                f"Sorting accuracy of each ground-truth unit, sorted; dashed line at {ACCURACY_THRESHOLD:g}.",
+                "Sorting accuracy of each ground-truth unit, sorted; "
+                f"dashed line at {ACCURACY_THRESHOLD:g}.",
                 "accuracy per ground-truth unit",
                 accuracy,
                 ground_truth,
@@ -150,7 +153,8 @@ def write_report(
                 "errors.png",
                 _figure_errors,
                 "Localization error: 2-D distance between the true unit position and the closest "
-                f"detected spike location within ±{GT_TOLERANCE_MS:g} ms of each ground-truth spike.",
+                f"detected spike location within ±{GT_TOLERANCE_MS:g} ms "
+                "of each ground-truth spike.",
                 "histogram of localization errors",
                 ground_truth,
                 evaluation,
@@ -533,7 +537,10 @@ def _figure_locations(path: Path, ctx: _Context, ground_truth) -> bool:
                 | (ctx.y[sub] > y_hi)
             )
         )
-    head = f"{len(ctx.spikes):,} spikes, {ctx.num_sorting_units} units; {shown:,} located spikes plotted"
+    head = (
+        f"{len(ctx.spikes):,} spikes, {ctx.num_sorting_units} units; "
+        f"{shown:,} located spikes plotted"
+    )
     if outside:
         head += f" ({outside:,} outside the frame)"
     fig.text(0.5, 1 - 0.25 / fig_h, head, ha="center", va="top", fontsize=9)
@@ -617,8 +624,8 @@ def _template_reads(
     A read costs about as much as ~0.25 s of traces (filtering margins, generated noise), so
     reads first go to random ``TEMPLATE_READ_S`` stretches, each giving every unit still short
     of spikes all it has there; units still short after half the reads (rare ones) get reads
-    around their own spikes. The demo (46 units, 60 s): 10 spikes per unit from 376 sparse
-    reads before, 100 per unit from ~70 reads now (NOTES.md session 29)."""
+    around their own spikes. Against one short read per spike, this gives every unit many more
+    spikes from far fewer reads."""
     spikes, fs = ctx.spikes, ctx.fs
     slot_of_unit = np.full(
         ctx.num_units + 1, -1, np.int64
@@ -636,7 +643,8 @@ def _template_reads(
     reads = []
 
     def take(candidates: np.ndarray) -> np.ndarray:
-        """The candidates (positions in ``rows``, time order) that units short of spikes still need."""
+        """The candidates (positions in ``rows``, time order) that units short of spikes still
+        need."""
         order = np.argsort(slots[candidates], kind="stable")
         by_slot = candidates[order]
         first = np.r_[0, np.flatnonzero(np.diff(slots[by_slot])) + 1]
@@ -707,7 +715,7 @@ def _compute_templates(ctx: _Context, units: np.ndarray):
             kw["return_in_uV"] = True
     except Exception:
         pass
-    from .distribute import LocalRunner
+    from .runners import LocalRunner
 
     def windows_of(read):  # (spikes, width, channels) µV of one read's spikes
         segment, first, end, rows, _ = read
@@ -720,8 +728,8 @@ def _compute_templates(ctx: _Context, units: np.ndarray):
 
     t0 = time.perf_counter()
     reads = _template_reads(ctx, units, nbefore, width)
-    # reads in one thread per core (filtering releases the GIL: the demo's 70 reads 3.5 -> 2 s), added
-    # in read order so that the sums do not depend on which thread finished first
+    # reads in one thread per core (filtering releases the GIL, so reads overlap), added in read
+    # order so that the sums do not depend on which thread finished first
     arrived, added = {}, 0
     for n_read, windows in LocalRunner().map(
         windows_of, reads, list(range(len(reads))), progress=False
@@ -818,7 +826,8 @@ def _figure_templates(path: Path, ctx: _Context):
         )
         ax.margins(x=0.05, y=0.05)
     note = (
-        f"{n} of {int(np.sum(ctx.unit_counts > 0))} units shown (largest median |amplitude| first); "
+        f"{n} of {int(np.sum(ctx.unit_counts > 0))} units shown "
+        "(largest median |amplitude| first); "
         f"up to {int(counts.max())} spikes averaged per unit"
     )
     if ctx.notes_templates:
@@ -842,7 +851,8 @@ def _figure_templates(path: Path, ctx: _Context):
 
 
 def _time_bin(duration: float, typical_count: float) -> float:
-    """A round bin width giving at most 200 bins and, if possible, ~5 spikes of a typical unit per bin."""
+    """A round bin width giving at most 200 bins and, if possible, ~5 spikes of a typical unit
+    per bin."""
     n_bins = float(np.clip(typical_count / 5.0, 10, 200)) if typical_count > 0 else 100.0
     for b in (
         0.01,
@@ -1066,7 +1076,8 @@ def _figure_accuracy(path: Path, ctx: _Context, accuracy: np.ndarray, ground_tru
     ax.set_ylabel("accuracy")
     well = int(np.sum(acc >= ACCURACY_THRESHOLD))
     ax.set_title(
-        f"{well} of {n} ground-truth units with accuracy ≥ {ACCURACY_THRESHOLD:g}; mean {np.mean(acc):.3f}",
+        f"{well} of {n} ground-truth units with accuracy ≥ {ACCURACY_THRESHOLD:g}; "
+        f"mean {np.mean(acc):.3f}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -1163,7 +1174,8 @@ def _figure_errors(path: Path, ctx: _Context, ground_truth, evaluation):
 # --------------------------------------------------------------------------------------------
 
 _CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; \
+max-width: 1400px;
        padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; }
 h2 { font-size: 1.25em; margin-top: 1.6em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
@@ -1173,7 +1185,8 @@ table { border-collapse: collapse; margin: 0.5em 0 1em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.7em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.note { background: #fff6e0; border-left: 4px solid #f0b400; padding: 0.4em 0.8em; margin: 0.4em 0; }
+.note { background: #fff6e0; border-left: 4px solid #f0b400; padding: 0.4em 0.8em; \
+margin: 0.4em 0; }
 figure { margin: 1em 0 2em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.92em; margin-top: 0.3em; }
@@ -1345,7 +1358,8 @@ def _render_html(
         f"<style>{_CSS}</style>",
         "</head><body>",
         f"<h1>{e(str(title))}</h1>",
-        f'<p class="meta">locsort report, written {e(datetime.datetime.now().isoformat(timespec="seconds"))}'
+        '<p class="meta">locsort report, written '
+        f'{e(datetime.datetime.now().isoformat(timespec="seconds"))}'
         + (" · with ground truth" if has_ground_truth else "")
         + "</p>",
     ]

@@ -14,7 +14,7 @@ from .detect import MatchedFilter, detect_chunk
 from .errors import LocsortError
 from .io import describe_files
 from .neighbourhood import AmplitudeReader, Neighbourhood, gather_windows
-from .parallel import Chunk, make_chunks, read_chunk
+from .chunks import Chunk, make_chunks, read_chunk
 from .params import Params
 from .spikes import PEAK_DTYPE
 
@@ -64,8 +64,8 @@ class SpikeBatch:
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """Sample counts derived from Params at a given sampling rate."""
+class SampleCounts:
+    """Durations of the parameters and constants as sample counts at a sampling rate."""
 
     before: int
     after: int
@@ -82,21 +82,21 @@ class Geometry:
     prototype_after: int  # ... and after
 
     @classmethod
-    def from_params(cls, params: Params, fs: float) -> "Geometry":
+    def from_params(cls, params: Params, fs: float) -> "SampleCounts":
         ms = fs / 1000.0
-        before = max(1, int(round(params.snippet_ms_before * ms)))
-        after = max(1, int(round(params.snippet_ms_after * ms)))
-        amp_half = max(1, int(round(params.amplitude_window_ms * ms)))
-        sweep = max(1, int(round(params.detect_sweep_ms * ms)))
-        proto_before = max(1, int(round(params.matched_filter_ms_before * ms)))
-        proto_after = max(1, int(round(params.matched_filter_ms_after * ms)))
+        before = max(1, int(round(params.constants.snippet_ms_before * ms)))
+        after = max(1, int(round(params.constants.snippet_ms_after * ms)))
+        amp_half = max(1, int(round(params.constants.amplitude_window_ms * ms)))
+        sweep = max(1, int(round(params.constants.detect_sweep_ms * ms)))
+        proto_before = max(1, int(round(params.constants.matched_filter_ms_before * ms)))
+        proto_after = max(1, int(round(params.constants.matched_filter_ms_after * ms)))
         # the detection signal must be whole within +/- sweep of every sample of the chunk
         margin = max(
             before,
             after,
             amp_half,
             sweep + max(proto_before, proto_after) + 1,
-            int(round(params.chunk_margin_ms * ms)),
+            int(round(params.constants.chunk_margin_ms * ms)),
         )
         return cls(
             before,
@@ -105,9 +105,9 @@ class Geometry:
             sweep,
             margin,
             max(1, int(round(params.chunk_duration * fs))),
-            int(round(params.neural_refractory_ms * ms)),
-            int(round(params.neural_min_z_shift_ms * ms)),
-            int(round(params.label_tolerance_ms * ms)),
+            int(round(params.constants.neural_refractory_ms * ms)),
+            int(round(params.constants.neural_min_z_shift_ms * ms)),
+            int(round(params.constants.label_tolerance_ms * ms)),
             proto_before,
             proto_after,
         )
@@ -186,18 +186,18 @@ class Scanner:
     )
 
     def __post_init__(self):
-        self.geometry = geo = Geometry.from_params(
+        self.counts = counts = SampleCounts.from_params(
             self.params, self.recording.get_sampling_frequency()
         )
         if self.amplitudes is None:
-            self.amplitudes = AmplitudeReader(geo.before, geo.after, geo.amp_half)
+            self.amplitudes = AmplitudeReader(counts.before, counts.after, counts.amp_half)
         if self.matched_filter is not None:  # the score is already in noise SDs
             self.thresholds = np.full(len(self.noise), self.params.detect_threshold, np.float32)
         else:
             self.thresholds = (self.params.detect_threshold * np.asarray(self.noise)).astype(
                 np.float32
             )
-        self.detect_neighbours = self.neighbourhood.channels_within(self.params.detect_radius_um)
+        self.detect_neighbours = self.neighbourhood.channels_within(self.params.constants.detect_radius_um)
         if self.peaks is not None:
             self.sort = np.lexsort((self.peaks["sample_index"], self.peaks["segment_index"]))
             self.sorted_peaks = self.peaks[self.sort]
@@ -233,7 +233,7 @@ class Scanner:
         return self.recording
 
     def chunks(self) -> list[Chunk]:
-        return make_chunks(self.recording, self.geometry.chunk_size)
+        return make_chunks(self.recording, self.counts.chunk_size)
 
     def batch(self, chunk: Chunk, features: bool = True, waveforms: bool = True) -> SpikeBatch:
         """The spikes of ``chunk`` (only those whose peak lies inside it: chunks never share a spike).
@@ -247,7 +247,7 @@ class Scanner:
 
     def _read(self, chunk: Chunk) -> tuple[np.ndarray, int]:
         """``chunk``'s traces with the geometry's margin on both sides, and their first sample."""
-        margin = self.geometry.margin
+        margin = self.counts.margin
         traces, first = read_chunk(self._open(), chunk, margin)
         # pad the recording's own edges with zeros so that every window fits
         pad_left = margin - (chunk.start - first)
@@ -271,7 +271,7 @@ class Scanner:
         hold ``chunk`` with the geometry's margin on both sides (e.g. a chunk with spikes peeled off).
         ``threshold``: detect at this many noise levels instead of ``params.detect_threshold``;
         ``detected``: the peaks an earlier pass detected on these traces (no detection again)."""
-        geo = self.geometry
+        counts = self.counts
         lo, hi = chunk.start - first, chunk.end - first
         order = None
         if self.peaks is None and detected is not None:
@@ -289,7 +289,7 @@ class Scanner:
                 else self.thresholds * np.float32(threshold / self.params.detect_threshold)
             )
             rows, channels = detect_chunk(
-                signal, thresholds, self.detect_neighbours, geo.sweep, lo, hi
+                signal, thresholds, self.detect_neighbours, counts.sweep, lo, hi
             )
             batch_peaks = np.zeros(len(rows), PEAK_DTYPE)
             batch_peaks["sample_index"] = rows + first
@@ -314,7 +314,7 @@ class Scanner:
                 batch_peaks,
                 order,
                 self.neighbourhood,
-                geo,
+                counts,
                 self.amplitudes,
                 waveforms,
                 first,
@@ -346,7 +346,7 @@ def scan(
     With ``concatenate=False`` the list of what ``consume`` returned, chunk by chunk (chunks
     without spikes left out).
     """
-    from .distribute import LocalRunner
+    from .runners import LocalRunner
 
     scanner = Scanner(recording, params, neighbourhood, noise, peaks, matched_filter, amplitudes)
     chunks = chunks if chunks is not None else scanner.chunks()
@@ -369,7 +369,7 @@ def _features(
     peaks,
     order,
     neighbourhood,
-    geo,
+    counts,
     reader: AmplitudeReader,
     with_waveforms: bool = True,
     first: int = 0,
@@ -379,7 +379,7 @@ def _features(
     channel (honoured one to one)."""
     centre = peaks["channel_index"].astype(np.int64)
     if with_waveforms:
-        waveforms = gather_windows(traces, rows, neighbourhood.index[centre], geo.before, geo.after)
+        waveforms = gather_windows(traces, rows, neighbourhood.index[centre], counts.before, counts.after)
         amplitudes = reader.of_windows(waveforms)
     else:
         waveforms = None

@@ -25,7 +25,7 @@ class GroundTruth:
 
 def neuropixels_like_probe(num_channels: int = 64):
     """A Neuropixels-1.0-like probe: 4 columns 16 µm apart, 40 µm row pitch, alternate columns
-    shifted by 20 µm (research.md §3), 12 µm square contacts, wired in contact order."""
+    shifted by 20 µm, 12 µm square contacts, wired in contact order."""
     import probeinterface as pi
 
     if num_channels % 4:
@@ -71,7 +71,7 @@ def generate_recording(
 ):
     """A seeded ground-truth recording (SpikeInterface's generator) and its GroundTruth.
 
-    Defaults reproduce research.md §3: 64-channel Neuropixels-like probe, 50 units, noise 5 µV.
+    Defaults: 64-channel Neuropixels-like probe, 50 units, noise 5 µV.
     """
     from spikeinterface.core import generate_ground_truth_recording
 
@@ -89,8 +89,9 @@ def generate_recording(
 
 
 def with_bad_channels(recording, flat=(), noisy=(), extra_noise_uv: float = 60.0, seed: int = 0):
-    """An in-memory copy of ``recording`` in µV with the channels at indices ``flat`` zeroed (broken
-    contacts) and those at ``noisy`` given ``extra_noise_uv`` of extra white noise, as real probes have."""
+    """An in-memory copy of ``recording`` in µV with the channels at indices ``flat`` zeroed
+    (broken contacts) and those at ``noisy`` given ``extra_noise_uv`` of extra white noise, as
+    real probes have."""
     from spikeinterface.core import NumpyRecording
 
     traces = recording.get_traces(return_in_uV=recording.has_scaleable_traces()).astype(np.float32)

@@ -115,7 +115,8 @@ class WorkArea:
         except OSError:
             self._lock.close()
             raise LocsortError(
-                f"another locsort run is writing {self.path.parent}; wait for it or choose another --out"
+                f"another locsort run is writing {self.path.parent}; "
+                "wait for it or choose another --out"
             ) from None
         manifest = {
             "format": FORMAT,

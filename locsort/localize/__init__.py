@@ -20,19 +20,21 @@ def make_localizer(method: str, params: Params):
     from ..params import resolve_device
 
     if method == "center_of_mass":
-        return CenterOfMass(params.com_channels)
+        return CenterOfMass(params.constants.com_channels)
     if method == "locsort":
         from .amortized import AmortizedLocalizer
         from .model import DECAY_LAWS
 
-        if params.decay_law not in DECAY_LAWS:
+        if params.constants.decay_law not in DECAY_LAWS:
             raise UsageError(
-                f"unknown decay_law {params.decay_law!r}: use one of {', '.join(DECAY_LAWS)}"
+                f"unknown decay_law {params.constants.decay_law!r}: "
+                f"use one of {', '.join(DECAY_LAWS)}"
             )
 
-        if params.encoder_init_epochs < 1:
+        if params.constants.encoder_init_epochs < 1:
             raise UsageError(
-                f"encoder_init_epochs must be at least 1 (got {params.encoder_init_epochs}); to use a trained "
+                "encoder_init_epochs must be at least 1 "
+                f"(got {params.constants.encoder_init_epochs}); to use a trained "
                 "encoder as it is, give it as encoder_path"
             )
         if params.encoder_path:
@@ -40,21 +42,20 @@ def make_localizer(method: str, params: Params):
                 params.encoder_path, device=resolve_device(params.device)
             )
         return AmortizedLocalizer(
-            decay=params.decay_law,
-            source_offset_um=params.source_offset_um,
-            jitter_uv=params.jitter_uv,
-            max_centres=params.max_jitter_centres,
-            hidden=params.encoder_hidden,
-            batch_size=params.encoder_batch_size,
-            max_epochs=params.encoder_max_epochs,
-            patience=params.encoder_patience,
-            lr=params.encoder_lr,
-            max_seconds=params.encoder_max_seconds,
-            min_training_spikes=params.min_training_spikes,
-            fallback_channels=params.com_channels,
+            decay=params.constants.decay_law,
+            source_offset_um=params.constants.source_offset_um,
+            jitter_uv=params.constants.jitter_uv,
+            max_centres=params.constants.max_jitter_centres,
+            hidden=params.constants.encoder_hidden,
+            batch_size=params.constants.encoder_batch_size,
+            max_epochs=params.constants.encoder_max_epochs,
+            patience=params.constants.encoder_patience,
+            lr=params.constants.encoder_lr,
+            min_training_spikes=params.constants.min_training_spikes,
+            fallback_channels=params.constants.com_channels,
             device=resolve_device(params.device),
             seed=params.seed,
             init=params.encoder_init,
-            init_epochs=params.encoder_init_epochs,
+            init_epochs=params.constants.encoder_init_epochs,
         )
     raise UsageError(f"unknown localization method {method!r}: use one of {', '.join(METHODS)}")

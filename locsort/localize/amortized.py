@@ -11,7 +11,8 @@ not a lattice). Output: a diagonal Gaussian over x, y and log alpha and a log-no
 Amplitude jitter (the paper's): every real slot whose amplitude is within ``jitter_uv`` of
 the largest also serves as centre channel; each gives a training example, and at inference
 the posteriors of one spike's centres are pooled (mean of means, mixture SD). Off by default
-(Params.jitter_uv): measured, it did not lower the error on our benchmark recordings.
+(Params.jitter_uv): the extra centres did not make the positions more accurate
+(docs/design-decisions.md, § Localization).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .model import ModelGlobals, elbo, latents, mean_field, soma_sd
 
 FORMAT = "locsort-encoder"
 FORMAT_VERSION = 1
-# spikes per forward pass at inference: larger batches' activations leave the CPU caches
-# (65,536 ran 4x slower per spike than 2,048; NOTES.md, session 19)
+# spikes per forward pass at inference: the activations of larger batches leave the CPU caches
+# and every spike costs more (docs/design-decisions.md, § Execution)
 INFERENCE_BATCH = 2048
 
 
@@ -59,8 +60,8 @@ class Encoder(nn.Module):
 
 class _LearnedGlobals(nn.Module):
     """Log-parameters of the globals fitted with the encoder (empirical Bayes). The z prior
-    stays fixed: fitted jointly with per-spike decay lengths it collapsed (median 7 µm, log-SD
-    0.16 on MEArec, whose somas lie 11-76 µm from the probe)."""
+    stays fixed: fitted jointly with per-spike decay lengths it collapses onto a narrow band
+    closer to the probe than the somas are (docs/design-decisions.md, § Localization)."""
 
     def __init__(self, g: ModelGlobals):
         super().__init__()
@@ -94,12 +95,11 @@ class AmortizedLocalizer:
         max_epochs: int = 30,
         patience: int = 8,
         lr: float = 2e-3,
-        max_seconds: float = 0.0,  # wall-time budget, 0: none
         min_training_spikes: int = 300,
         fallback_channels: int = 9,
         device: str = "cpu",
         seed: int = 0,
-        init: str = "none",  # Params.encoder_init (the pipeline's default: "pretrained")
+        init: str | None = None,  # Params.encoder_init (the pipeline's default: "pretrained")
         init_epochs: int = 10,
     ):
         self.globals = ModelGlobals(decay=decay, source_offset_um=source_offset_um)
@@ -110,13 +110,14 @@ class AmortizedLocalizer:
         self.max_epochs = max_epochs
         self.patience = patience
         self.lr = lr
-        self.max_seconds = max_seconds
         self.min_training_spikes = min_training_spikes
         self.device = torch.device(device)
         self.seed = seed
-        self.init = init  # where training starts: "none" (from scratch), "pretrained" (shipped) or an encoder file
+        # where training starts: None (from scratch), "pretrained" (shipped) or an encoder file
+        self.init = init
         self.init_epochs = init_epochs  # training epochs from a trained start
-        self.info: dict = {}  # how a saved encoder was made (pretrained encoders: their script and data)
+        # how a saved encoder was made (pretrained encoders: their script and data)
+        self.info: dict = {}
         self.net: Encoder | None = None
         self.fallback: CenterOfMass | None = None
         self.fallback_reason = ""
@@ -222,10 +223,10 @@ class AmortizedLocalizer:
         progress: bool = False,
         initial: "Encoder | None" = None,
     ) -> "AmortizedLocalizer":
-        """Train on ``observations`` by maximizing the ELBO, stopping early on a held-out 10 %: from
-        ``initial``'s weights when given (``refined``; up to ``max_epochs``), else from the trained
-        encoder ``init`` names (its weights and cells' globals; up to ``init_epochs``), else from scratch
-        (up to ``max_epochs``)."""
+        """Train on ``observations`` by maximizing the ELBO, stopping early on a held-out 10 %:
+        from ``initial``'s weights when given (``refined``; up to ``max_epochs``), else from the
+        trained encoder ``init`` names (its weights and cells' globals; up to ``init_epochs``),
+        else from scratch (up to ``max_epochs``)."""
         self.noise = np.asarray(noise, dtype=np.float32)
         self.geometry = _geometry_of(neighbourhood)
         epochs, started_from = (
@@ -234,8 +235,10 @@ class AmortizedLocalizer:
         )
         pretrained = self._starting_point() if initial is None else None
         if pretrained is not None:
-            # the cells' globals carry over; floor and noise_scale say how this recording's amplitudes are
-            # read (denoised or not) and start afresh: inherited, np128 sorted 0.940 instead of 0.967 (seed 2)
+            # the cells' globals carry over; floor and noise_scale say how this recording's
+            # amplitudes are read (denoised or not), so they start afresh rather than keep the
+            # pretraining data's values, which worsened sorting (docs/design-decisions.md,
+            # § Localization)
             for name in ("rel_error", "decay_length_um"):
                 setattr(self.globals, name, getattr(pretrained.globals, name))
             initial, epochs, started_from = (
@@ -248,7 +251,8 @@ class AmortizedLocalizer:
         if num_spikes < self.min_training_spikes:
             self.fallback = CenterOfMass(self.fallback_channels)
             self.fallback_reason = (
-                f"only {num_spikes} spikes to train the encoder on (at least {self.min_training_spikes} needed): "
+                f"only {num_spikes} spikes to train the encoder on "
+                f"(at least {self.min_training_spikes} needed): "
                 f"centre of mass over {self.fallback_channels} channels used instead"
             )
             return self
@@ -273,10 +277,10 @@ class AmortizedLocalizer:
         val, train = order[:num_val], order[num_val:]
         pick = lambda idx: [t[torch.as_tensor(idx, device=self.device)] for t in tensors]
         val_batch = pick(val)
-        # from a pretrained start the learning rate falls to 0 along a cosine: the last steps settle
-        # instead of stopping mid-stride (mean of seeds 0-1, square MEA 10 / 20 / 30 µV, np64, np128:
-        # 8.98 / 10.04 / 11.96 / 6.13 / 9.71 µm at a constant rate, 8.61 / 9.56 / 10.95 / 6.10 / 9.87
-        # decayed, and seeds 0 and 1 within 0.25 µm of each other instead of up to 0.7)
+        # from a pretrained start the learning rate falls to 0 along a cosine: the last steps
+        # settle instead of stopping mid-stride, which mostly lowers the localization error and
+        # makes runs with different seeds agree more closely (docs/design-decisions.md,
+        # § Localization)
         schedule = (
             torch.optim.lr_scheduler.CosineAnnealingLR(
                 optimizer, epochs * math.ceil(len(train) / self.batch_size)
@@ -314,7 +318,7 @@ class AmortizedLocalizer:
                 )
             else:
                 stale += 1
-            if stale >= self.patience or 0 < self.max_seconds < time.perf_counter() - start:
+            if stale >= self.patience:
                 break
         if best_state is None:
             self.net = None
@@ -344,9 +348,10 @@ class AmortizedLocalizer:
 
     def _starting_point(self) -> "AmortizedLocalizer | None":
         """The trained encoder that ``init`` names for this probe (``geometry``), or None: from
-        scratch. A shipped encoder is used only where its neighbourhood layout, decay law and width
-        are this one's (pretrained.matching_encoder); a file the user names must fit or is refused."""
-        if self.init in ("", "none"):
+        scratch. A shipped encoder is used only where its neighbourhood layout, decay law and
+        width are this one's (pretrained.matching_encoder); a file the user names must fit or is
+        refused."""
+        if self.init is None:
             return None
         if self.init == "pretrained":
             from .pretrained import matching_encoder
@@ -356,9 +361,10 @@ class AmortizedLocalizer:
         _check_geometry(start.geometry, self.geometry)
         if start.globals.decay != self.globals.decay or start.hidden != self.hidden:
             raise UsageError(
-                f"the encoder to start from ({self.init}) has the {start.globals.decay} decay law and width "
-                f"{start.hidden}, this one {self.globals.decay} and {self.hidden}: set decay_law / "
-                "encoder_hidden to match, or encoder_init=none"
+                f"the encoder to start from ({self.init}) has the {start.globals.decay} "
+                f"decay law and width {start.hidden}, "
+                f"this one {self.globals.decay} and {self.hidden}: set decay_law / "
+                "encoder_hidden to match, or encoder_init=None"
             )
         return start
 
@@ -367,9 +373,9 @@ class AmortizedLocalizer:
     ) -> "AmortizedLocalizer":
         """A copy of this trained encoder trained up to ``epochs`` more epochs on ``observations``
         (weights and fitted globals as the start, a fresh optimizer): cheap adaptation to amplitudes
-        read another way (the neural sort's denoised ones: 3 epochs cost ~0.1 of a training from
-        scratch, NOTES.md session 32). This encoder when it has none to refine or the refinement
-        diverged."""
+        read another way (the neural sort's denoised ones), a few epochs instead of a training from
+        scratch (docs/design-decisions.md, § Neural sorter). This encoder when it has none to
+        refine or the refinement diverged."""
         if self.net is None or self.fallback is not None:
             return self
         other = copy.deepcopy(self)
@@ -455,7 +461,8 @@ class AmortizedLocalizer:
     # ------------------------------------------------------------------ save / load
 
     def save(self, path: str | Path, info: dict | None = None) -> None:
-        """Weights + model globals + geometry (+ ``info``: how it was made) in one safetensors file (no pickle)."""
+        """Weights + model globals + geometry (+ ``info``: how it was made) in one safetensors
+        file (no pickle)."""
         from ..io import save_safetensors_atomic
 
         if self.net is None:
@@ -542,7 +549,8 @@ def _geometry_of(neighbourhood) -> dict:
 
 
 def same_geometry(saved: dict, current: dict) -> bool:
-    """True when an encoder made for the probe geometry ``saved`` (``_geometry_of``) reads ``current``'s spikes alike."""
+    """True when an encoder made for the probe geometry ``saved`` (``_geometry_of``) reads
+    ``current``'s spikes alike."""
     same = saved["regular"] == current["regular"] and saved["num_slots"] == current["num_slots"]
     if same and saved["regular"]:
         same = np.allclose(np.asarray(saved["offsets"]), np.asarray(current["offsets"]), atol=1.0)
@@ -552,8 +560,9 @@ def same_geometry(saved: dict, current: dict) -> bool:
 def _check_geometry(saved: dict, current: dict) -> None:
     if not same_geometry(saved, current):
         raise UsageError(
-            "the saved encoder was trained for another probe geometry (its neighbourhood slots differ from this "
-            "probe's); train a new one on this recording (omit the encoder file)"
+            "the saved encoder was trained for another probe geometry "
+            "(its neighbourhood slots differ from this probe's); "
+            "train a new one on this recording (omit the encoder file)"
         )
 
 

@@ -5,13 +5,18 @@ that trains the encoder of amortized variational inference (amortized.py).
 
 Per spike, relative to its centre channel (µm, SpikeInterface frame):
 
-    x, y       ~ Normal(0, prior_xy)                 position in the probe plane
-    z          ~ LogNormal(log prior_z, prior_z_sd)  distance from the probe plane: z > 0 by construction
-    log_alpha  ~ Normal(prior_log_alpha, prior_log_alpha_sd)   source amplitude (a posterior, not a point estimate)
-    log_length ~ Normal(log decay_length, decay_length_sd)     exponential law only: each cell's own decay length
-    d_k        = |(x, y, z) - (u_k, v_k, 0)|         distance to neighbourhood slot k
-    s_k        = decay(d_k, alpha)                   exponential: alpha * exp(-d / length); monopole: alpha / d
-    a_k        ~ Normal(sqrt(s_k^2 + (floor * sigma_k)^2), sqrt((noise_scale * sigma_k)^2 + (rel_error * s_k)^2))   real slots only
+    x, y       ~ Normal(0, prior_xy)                          position in the probe plane
+    z          ~ LogNormal(log prior_z, prior_z_sd)           distance from the probe plane
+    log_alpha  ~ Normal(prior_log_alpha, prior_log_alpha_sd)  source amplitude
+    log_length ~ Normal(log decay_length, decay_length_sd)    the cell's own decay length
+    d_k        = |(x, y, z) - (u_k, v_k, 0)|                  distance to neighbourhood slot k
+    s_k        = decay(d_k, alpha)                            noise-free amplitude on slot k
+    a_k        ~ Normal(sqrt(s_k^2 + (floor * sigma_k)^2),    observed amplitude, real slots only
+                        sqrt((noise_scale * sigma_k)^2 + (rel_error * s_k)^2))
+
+where decay(d, alpha) is alpha * exp(-d / length) (exponential law; log_length exists only
+under it) or alpha / d (monopole). z > 0 by construction, and alpha gets a posterior, not a
+point estimate.
 
 ``a_k`` is the observed negative-peak size on slot k (minus the minimum within a few samples
 of the centre's peak). ``sigma_k`` is that channel's noise level measured on the recording,
@@ -26,15 +31,16 @@ The point source is where the cell's current *appears* to come from; the soma is
 there (dendrites and axon pull the electrical centre away from it). The model therefore says
 soma = source + offset, offset ~ Normal(0, source_offset_um) per axis in the probe plane. The
 offset does not touch the amplitudes, so the soma's posterior is the source posterior widened
-by source_offset_um in quadrature (``soma_sd``). Its value, 8 µm, is the residual of the best
-noise-free point-source fit of MEArec's biophysical square-MEA templates (10.2 µm mean 2-D
-error = 8.1 µm per axis for a 2-D Gaussian): a property of real cells, not of noise, which is
-why posterior widths without it covered the true soma far too rarely (NOTES.md).
+by source_offset_um in quadrature (``soma_sd``). Its value, 8 µm, is the residual that remains
+when a point source is fitted to noise-free templates of biophysical cells: a property of real
+cells, not of noise, which is why posterior widths without it covered the true soma far too
+rarely (docs/design-decisions.md, § Localization).
 
-Real cells do not share one decay length (MEArec's biophysical cells: 14-32 µm interquartile),
+Real cells do not share one decay length (biophysical cell models spread it over a wide range),
 hence a per-spike length around a recording-wide median. The global quantities (median decay
-length, floor, noise_scale, rel_error) are fitted to the recording (empirical Bayes: learned with the
-encoder by maximizing the ELBO) and then held fixed, e.g. for MCMC; the priors are fixed.
+length, floor, noise_scale, rel_error) are fitted to the recording (empirical Bayes: learned
+with the encoder by maximizing the ELBO) and then held fixed, e.g. for MCMC; the priors are
+fixed.
 """
 
 from __future__ import annotations
@@ -85,7 +91,8 @@ def soma_sd(source_var, g: ModelGlobals):
 
 
 def expected_amplitude(x, y, z, log_alpha, log_length, slot_xy, g: ModelGlobals):
-    """Noise-free amplitude on each slot: (..., K) from per-spike (...,) latents and (..., K, 2) slots."""
+    """Noise-free amplitude on each slot: (..., K) from per-spike (...,) latents and
+    (..., K, 2) slots."""
     dx = slot_xy[..., 0] - x[..., None]
     dy = slot_xy[..., 1] - y[..., None]
     d = torch.sqrt(dx * dx + dy * dy + z[..., None] ** 2 + g.min_distance_um**2)
@@ -153,8 +160,8 @@ def model(amplitudes, real, slot_xy, sigma, g: ModelGlobals, learned: dict | Non
     real : (n, K) bool, slot holds a real channel (virtual slots are masked out)
     slot_xy : (n, K, 2) slot positions relative to the centre channel (µm)
     sigma : (n, K) noise SD of each slot's channel (µV; any positive value for virtual slots)
-    learned : tensors replacing the fixed globals (decay_length, z prior, floor, noise_scale, rel_error)
-        while they are fitted
+    learned : tensors replacing the fixed globals (decay_length, z prior, floor, noise_scale,
+        rel_error) while they are fitted
     """
     with pyro.plate("spikes", amplitudes.shape[0]):
         values = {name: pyro.sample(name, prior) for name, prior in priors(g, learned).items()}

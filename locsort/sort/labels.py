@@ -50,11 +50,13 @@ def labels_from_sorting(sorting, recording, max_spikes_per_unit: int = 0) -> Lab
     fs_rec, fs_lab = recording.get_sampling_frequency(), sorting.get_sampling_frequency()
     if abs(fs_rec - fs_lab) > 1e-6 * fs_rec:
         raise UsageError(
-            f"the labels' sampling frequency ({fs_lab:g} Hz) differs from the recording's ({fs_rec:g} Hz)"
+            f"the labels' sampling frequency ({fs_lab:g} Hz) differs from the recording's "
+            f"({fs_rec:g} Hz)"
         )
     if sorting.get_num_segments() != recording.get_num_segments():
         raise UsageError(
-            f"the labels have {sorting.get_num_segments()} segment(s), the recording {recording.get_num_segments()}"
+            f"the labels have {sorting.get_num_segments()} segment(s), "
+            f"the recording {recording.get_num_segments()}"
         )
     offsets = segment_offsets(recording)
     times, units, notes, kept_ids = [], [], [], []
@@ -67,8 +69,9 @@ def labels_from_sorting(sorting, recording, max_spikes_per_unit: int = 0) -> Lab
             n = recording.get_num_samples(segment)
             if len(train) and (train.min() < 0 or train.max() >= n):
                 raise UsageError(
-                    f"unit {unit_id} of the labels has spikes outside the recording (segment {segment} has "
-                    f"{n} samples): the labels belong to another or a longer recording"
+                    f"unit {unit_id} of the labels has spikes outside the recording "
+                    f"(segment {segment} has {n} samples): "
+                    "the labels belong to another or a longer recording"
                 )
             parts.append(np.sort(train) + offsets[segment])
         train = np.concatenate(parts)
@@ -77,7 +80,8 @@ def labels_from_sorting(sorting, recording, max_spikes_per_unit: int = 0) -> Lab
             continue
         if max_spikes_per_unit and len(train) < max_spikes_per_unit:
             notes.append(
-                f"label unit {unit_id} has only {len(train)} spikes (fewer than K = {max_spikes_per_unit}): all are used"
+                f"label unit {unit_id} has only {len(train)} spikes "
+                f"(fewer than K = {max_spikes_per_unit}): all are used"
             )
         if max_spikes_per_unit:
             train = train[:max_spikes_per_unit]

@@ -28,7 +28,8 @@ def unit_templates(
     absolute = (
         windows.centre_xy[keep][:, None, :] + windows.slot_xy[keep]
     )  # (n, K, 2) µm on the probe
-    # contacts by position to 0.1 µm; one integer key per position (np.unique over rows is 10x slower)
+    # contacts by position to 0.1 µm; one integer key per position (np.unique over rows is far
+    # slower)
     tenths = np.round(absolute[real].astype(np.float64) * 10).astype(np.int64)
     keys, contact = np.unique(
         tenths[:, 0] * (1 << 32) + (tenths[:, 1] + (1 << 31)), return_inverse=True
@@ -38,7 +39,7 @@ def unit_templates(
     num_contacts = len(positions)
     flat = unit * num_contacts + contact.ravel()
     samples = windows.waveforms[keep].transpose(0, 2, 1)[real].astype(np.float64)  # (pairs, T)
-    # sum per (unit, contact) as one sparse product (torch's index_add_ took half of split_units)
+    # sum per (unit, contact) as one sparse product (torch's index_add_ dominated split_units)
     onehot = csr_matrix(
         (np.ones(len(flat)), (flat, np.arange(len(flat)))),
         shape=(num_units * num_contacts, len(flat)),
@@ -135,12 +136,12 @@ def merge_shifted_units(
 
     ``merge_similar_units`` compares templates at lag 0. One neuron whose spike reaches its
     channels at different times is detected on one channel for some spikes and on another a few
-    samples later for others, and becomes two clusters whose mean waveforms are shifted copies
-    (on the 128-channel MEArec recording, ground-truth unit #47: cosine 0.26 at lag 0, 0.98 at
-    lag 7). Templates are compared on the probe channels both cover (of ``num_channels``); pairs
-    whose shared channels hold less than half of either template's energy, or whose sizes differ
-    by more than ``max_amplitude_ratio``, are not compared. Pairs at ``min_similarity`` or above
-    are merged transitively."""
+    samples later for others, and becomes two clusters whose mean waveforms are shifted copies:
+    dissimilar at lag 0, nearly identical once aligned (docs/design-decisions.md, § Clustering).
+    Templates are compared on the probe channels both cover (of ``num_channels``); pairs whose
+    shared channels hold less than half of either template's energy, or whose sizes differ by
+    more than ``max_amplitude_ratio``, are not compared. Pairs at ``min_similarity`` or above are
+    merged transitively."""
     labels = np.asarray(labels).copy()
     waveforms = templates.waveforms
     num_units, num_samples, _ = waveforms.shape

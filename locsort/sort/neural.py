@@ -2,7 +2,7 @@
 spike probabilities, trained from labels (locsort's own clustering, ground truth or another
 sorter), with a backbone that can be pretrained once and fine-tuned with few labels.
 
-Differences from the published design (research.md §2), and why:
+Differences from the published design (E-Sort), and why:
 
 - **Any probe.** E-Sort flattens 384 channels into its spatial layer. Here a spike is seen on
   the fixed-shape neighbourhood of its centre channel (neighbourhood.py) and the spatial
@@ -61,7 +61,7 @@ SLOT_SCALES_UM = (
     60.0,
 )  # Fourier features of slot offsets: near neighbours to neighbourhood edge
 # windows per forward pass without gradients: the per-slot activations of larger batches leave
-# the CPU caches, and 8,192 ran 2-4x slower per window than 1,024 (NOTES.md, session 19)
+# the CPU caches and every window costs more (docs/design-decisions.md, § Execution)
 INFERENCE_BATCH = 1024
 
 
@@ -176,7 +176,8 @@ def spike_position(waveforms, real, slot_xy, centre_xy):
 
 
 class Head(nn.Module):
-    """One logit per unit: scale * cos(embedding, prototype) + bias - |position - unit position|^2 / 2 sigma^2.
+    """One logit per unit,
+    scale * cos(embedding, prototype) + bias - |position - unit position|^2 / 2 sigma^2.
 
     The prototype and position of each unit are imprinted from its labelled spikes (``imprint``)
     and then trained; scale, per-unit bias and sigma (µm) are trained from their defaults (a
@@ -276,7 +277,8 @@ def _shift(waveforms: torch.Tensor, max_shift: int, generator: torch.Generator) 
 
 
 def _move(waveforms: torch.Tensor, shift) -> torch.Tensor:
-    """(n, T, K) snippets moved by ``shift`` points in time (an int, or (n,) per snippet), edge padded."""
+    """(n, T, K) snippets moved by ``shift`` points in time (an int, or (n,) per snippet), edge
+    padded."""
     t = waveforms.shape[1]
     shift = torch.as_tensor(shift, device=waveforms.device).reshape(-1, 1)
     index = (torch.arange(t, device=waveforms.device)[None, :] - shift).clamp(0, t - 1)
@@ -287,8 +289,8 @@ def _with_synthetic_positives(tensors, targets, mask, rows, per_positive: int, g
     """Training augmentation for few labels: ``per_positive`` synthetic spikes for each labelled
     spike among ``rows`` (one known positive unit), each its unit's mean snippet on that centre
     channel plus the noise of a random labelled spike (that spike minus its unit's mean on its
-    centre). With K labels per unit a head otherwise learns its K noise draws: 3 seeds, np64
-    pretrained K = 10 0.820 -> 0.834, square MEA 0.712 -> 0.759 (NOTES.md, session 22).
+    centre). With K labels per unit a head otherwise learns its K noise draws; the synthetic
+    spikes make few-label sorting more accurate (docs/design-decisions.md, § Few labels).
     Returns (indices of the new rows, tensors, targets, mask) with the new rows appended; each
     copies its source spike's labels and geometry."""
     wave, real, slot_xy, centre_xy = tensors
@@ -338,7 +340,8 @@ def _with_synthetic_positives(tensors, targets, mask, rows, per_positive: int, g
 def _masked_bce(logits, targets, mask) -> torch.Tensor:
     """Binary cross-entropy averaged over the (candidate, unit) pairs whose label is known.
     Positives are rare next to negatives; the imprinted bias, not a positive weight, starts each
-    unit at a sensible operating point (weighting positives up made few-label heads call too many)."""
+    unit at a sensible operating point (weighting positives up made few-label heads call too
+    many)."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -357,7 +360,6 @@ class NeuralSorter:
         epochs: int = 30,
         lr: float = 3e-3,
         batch_size: int = 256,
-        max_seconds: float = 0.0,
         patience: int = 5,
         device: str = "cpu",
         seed: int = 0,
@@ -369,7 +371,6 @@ class NeuralSorter:
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
-        self.max_seconds = max_seconds
         self.patience = patience
         self.device = torch.device(device)
         self.seed = seed
@@ -395,7 +396,8 @@ class NeuralSorter:
         targets = np.asarray(targets, dtype=np.float32)
         if targets.shape[1] == 0:
             raise LocsortError(
-                "no units to train the neural sorter on: the labels have no unit with a labelled spike"
+                "no units to train the neural sorter on: "
+                "the labels have no unit with a labelled spike"
             )
         mask = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         members, histories = [], []
@@ -497,7 +499,8 @@ class NeuralSorter:
         )
         for epoch in bar:
             # a pretrained backbone stays frozen while the new head learns to read it (linear
-            # probing, then fine-tuning): gradients through a random head would first scramble its features
+            # probing, then fine-tuning): gradients through a random head would first scramble
+            # its features
             frozen = self.pretrained and epoch < self.frozen_epochs
             self.net.backbone.requires_grad_(not frozen)
             if frozen and frozen_features is None:
@@ -521,9 +524,7 @@ class NeuralSorter:
                 best, stale, best_state = val_loss, 0, copy.deepcopy(self.net.state_dict())
             else:
                 stale += 1
-            if (
-                stale >= self.patience and not frozen
-            ) or 0 < self.max_seconds < time.perf_counter() - start:
+            if stale >= self.patience and not frozen:
                 break
         if best_state is None or not math.isfinite(best):
             raise LocsortError("neural sorter training diverged (non-finite loss)")
@@ -656,18 +657,21 @@ def _read(path):
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise LocsortError(
-            f"cannot read neural sorter file {path}: it is corrupt or not a safetensors file ({exc})"
+            f"cannot read neural sorter file {path}: "
+            f"it is corrupt or not a safetensors file ({exc})"
         ) from None
     if meta.get("format") != FORMAT:
         raise LocsortError(f"{path} is not a locsort neural sorter file")
     if meta.get("version") != str(FORMAT_VERSION):
         raise LocsortError(
-            f"{path} was written by another locsort (neural sorter format {meta.get('version')}, this one "
+            f"{path} was written by another locsort "
+            f"(neural sorter format {meta.get('version')}, this one "
             f"reads {FORMAT_VERSION}): train it again"
         )
     if int(meta.get("num_time_points", -1)) != NUM_TIME_POINTS:
         raise LocsortError(
-            f"{path} was made for {meta.get('num_time_points')} time points, this locsort uses {NUM_TIME_POINTS}"
+            f"{path} was made for {meta.get('num_time_points')} time points, "
+            f"this locsort uses {NUM_TIME_POINTS}"
         )
     return meta.get("kind"), state, meta
 

@@ -1,9 +1,9 @@
 """Peeling: a second look under the spikes the neural sorter assigned.
 
 Candidates come from a locally exclusive detection: of two spikes that overlap within the
-detection sweep and radius, only the larger is a candidate, so the smaller one is lost
-(on the 64-channel generated recording, 70 % of the spikes the sorter missed on well-sorted
-units shared their only candidate with another unit's spike). Template-matching sorters
+detection sweep and radius, only the larger is a candidate, so the smaller one is lost (most
+of the spikes the sorter misses on well-sorted units share their only candidate with another
+unit's spike; docs/design-decisions.md, § Peeling). Template-matching sorters
 (SpyKING CIRCUS 2, Kilosort) find them by subtracting what they explained. locsort does the
 same once per chunk: every assigned spike's unit template, scaled to the spike, is subtracted
 from the chunk's traces, detection runs again on the residual, and the new candidates found
@@ -12,10 +12,9 @@ fitted by its unit's template (``unfitted``).
 
 The residual is searched at a lower threshold (``peel_detect_threshold``) than the first pass,
 and also where the first pass found nothing (``unclaimed``): a faint unit's spikes often stay
-below the detection threshold (np128 #42: 42 % detected at 5.5 noise levels), and the network
-and the template fit, not the threshold, decide whether they are spikes. Spikes of larger units
-detected again on far channels at that threshold are removed afterwards
-(postprocess.lagged_copy_spikes).
+below the detection threshold, and the network and the template fit, not the threshold, decide
+whether they are spikes. Spikes of larger units detected again on far channels at that
+threshold are removed afterwards (postprocess.lagged_copy_spikes).
 
 Templates are each unit's mean snippet (µV, the snippet span of Params) on the channels within
 ``peel_radius_um`` of its most common centre channel, from the labelled training sample. That
@@ -130,14 +129,12 @@ class Significance:
     match of a snippet with the filter is expressed in SDs of its match with noise alone.
 
     A spike found on the residual at the lower peeling threshold must match its unit's template
-    ``min_z`` such SDs above noise. On the 128-channel MEArec recording, events of noise alone
-    passed the network and the fit-share test (``unfitted``) and became spikes of the faintest
-    units (#8: 102 of 451, precision 0.66): per-channel noise levels do not separate them from
-    the true spikes, the prewhitened match does (peeled spikes of the matched unit vs the rest,
-    5th percentile / median: np128 4.7 / 7.8 vs median 3.6; np64 4.3 / 14.1 vs 2.7). The
-    first pass's spikes are tested the same way on the traces (pipeline.ChunkJob._significant),
-    at the best match within a wider window: a unit detected on another channel than usual
-    peaks several samples off its template's time.
+    ``min_z`` such SDs above noise. Events of noise alone can pass the network and the
+    fit-share test (``unfitted``) and become spikes of the faintest units: per-channel noise
+    levels do not separate them from the true spikes, the prewhitened match does
+    (docs/design-decisions.md, § Peeling). The first pass's spikes are tested the same way on
+    the traces (sort/assign.Assigner._significant), at the best match within a wider window: a
+    unit detected on another channel than usual peaks several samples off its template's time.
 
     filters : (U, T, M) prewhitened templates on the templates' channels (0 where padded)
     null_sd : (U,) SD of a filter's output on noise (inf for a unit without a template)"""
@@ -220,8 +217,8 @@ def subtract(
     t_idx = np.broadcast_to(p.times[:, :, None], p.shape.shape)
     c_idx = np.broadcast_to(p.channels[:, None, :], p.shape.shape)
     keep = np.broadcast_to(p.real[:, None, :], p.shape.shape)
-    # overlapping templates add up: bincount sums repeated (time, channel) positions (np.subtract.at
-    # does too but took 15 % of the main pass)
+    # overlapping templates add up: bincount sums repeated (time, channel) positions
+    # (np.subtract.at does too but is far slower)
     flat = (t_idx * traces.shape[1] + c_idx)[keep]
     removed = np.bincount(
         flat, weights=(p.scale[:, None, None] * p.shape)[keep], minlength=traces.size
@@ -313,15 +310,15 @@ def adopt(
     most energy from their snippet, where it removes at least ``min_fit`` of its own energy and
     leaves at most ``max_residual`` times the energy that noise alone (``noise``: (C,) SD per
     channel) would have on the footprint: the template explains the whole spike, not a part of
-    a larger or overlapping one (of the sample's 408 spikes that pass the fit alone, 165 were
-    another unit's or noise; with the residual test 7 of 135).
+    a larger or overlapping one (the fit alone also lets through many spikes of other units or
+    of noise, which the residual test removes; docs/design-decisions.md, § Clustering).
 
     Clustering leaves out a unit's spikes that were detected on another channel than usual
     (their centre-channel features differ), and the network, which sees windows around the
-    detection channel, then never learns that the unit appears there: on the 128-channel MEArec
-    recording 346 of the sample's 486 unclustered true spikes were centred away from their
-    unit's usual channel, and #32's spikes centred on channel 0 went to #25, the only unit
-    clustered there. Templates live on fixed probe channels, so they recognise such spikes.
+    detection channel, then never learns that the unit appears there: most unclustered true
+    spikes are centred away from their unit's usual channel, and the network gives them to
+    whichever unit was clustered on that channel. Templates live on fixed probe channels, so
+    they recognise such spikes.
 
     snippets : (n, T, M) µV on each spike's footprint ``channels`` (n, M), -1 padded. A unit is a
     candidate for a spike when at least ``min_coverage`` of its template energy lies on the
@@ -377,7 +374,8 @@ def adopt(
 def _best_within(
     samples: np.ndarray, units: np.ndarray, strength: np.ndarray, span: int
 ) -> np.ndarray:
-    """``units`` with -1 where a stronger candidate of the same unit lies within ``span`` samples."""
+    """``units`` with -1 where a stronger candidate of the same unit lies within ``span``
+    samples."""
     units = units.copy()
     order = np.flatnonzero(units >= 0)
     order = order[np.lexsort((samples[order], units[order]))]  # by unit, then time

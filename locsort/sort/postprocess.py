@@ -86,16 +86,16 @@ def duplicate_units(sorting, min_shared: float, max_lag_ms: float) -> list:
     """Ids of units that repeat another unit: at least ``min_shared`` of their spikes coincide
     (within ``max_lag_ms``) with the other's, which keeps more spikes. A spike that reaches
     channels beyond the detection radius a little later is a second candidate there, and the
-    network can learn those late copies as a unit of their own (on the 128-channel MEArec
-    recording, two false-positive units repeated true units' spikes 0.4-0.7 ms later).
-    SpikeInterface's ``remove_redundant_units`` finds the pairs."""
+    network can learn those late copies as a unit of their own, a false-positive unit that
+    repeats a true one's spikes a fraction of a millisecond later (docs/design-decisions.md,
+    § Neural sorter). SpikeInterface's ``remove_redundant_units`` finds the pairs."""
     from spikeinterface.curation import remove_redundant_units
 
     if len(sorting.unit_ids) < 2:
         return []
     # SpikeInterface only examines pairs whose agreement (coincidences / union) reaches 0.2 by
-    # default; a small copy of a large unit stays below that (np128: 29 of a 31-spike cluster's
-    # spikes repeat a 183-spike one, agreement 0.16), so every pair with a coincidence is examined
+    # default; a small copy of a large unit stays below that (the union is mostly the large
+    # unit's own spikes), so every pair with a coincidence is examined
     kept = remove_redundant_units(
         sorting,
         align=False,
@@ -148,12 +148,12 @@ def lagged_copy_spikes(
     A large spike crosses the threshold again on far channels a little later (or earlier), and
     when the network gives that second candidate to a small unit whose spikes look alike there,
     the small unit's spike train holds copies of the large unit's at one fixed lag: a peak of
-    their cross-correlogram within ``max_lag_ms`` (np128: #26's unit repeated #38's spikes 11-12
-    samples later; at the peeling threshold such copies cost 0.05-0.17 accuracy on 3 units). Two
-    neurons do not fire at one sub-millisecond lag by chance, so when the peak (``COPY_JITTER``
-    samples either side) holds at least ``min_share`` of the smaller unit's spikes, at least
-    ``COPY_MIN_COUNT`` and ``COPY_MIN_Z`` Poisson SDs above chance, the smaller unit's spikes at
-    that lag from the larger one's are removed. Smaller: by median |amplitude| (the copy is the
+    their cross-correlogram within ``max_lag_ms``; at the peeling threshold such copies cost
+    the affected units accuracy (docs/design-decisions.md, § Peeling). Two neurons do not fire
+    at one sub-millisecond lag by chance, so when the peak (``COPY_JITTER`` samples either side)
+    holds at least ``min_share`` of the smaller unit's spikes, at least ``COPY_MIN_COUNT`` and
+    ``COPY_MIN_Z`` Poisson SDs above chance, the smaller unit's spikes at that lag from the
+    larger one's are removed. Smaller: by median |amplitude| (the copy is the
     weaker image of its source). SpikeInterface computes the correlograms of all unit pairs.
 
     ``segments``, ``samples``, ``units`` (-1: none), ``amplitudes``: per spike (any order);
@@ -180,8 +180,8 @@ def lagged_copy_spikes(
     )
     # one bin per sample; SpikeInterface's correlogram[j, i, half + lag] counts spikes of j at lag
     # samples after one of i: transposed, [source, copy, half + lag]. The numpy method counts the
-    # same as the numba one and needs no compilation, which cost every new process 1.3-1.7 s
-    # (numpy: 0.01 s on 60 s of np64, 0.3 s on an hour; NOTES.md session 29)
+    # same as the numba one and needs no compilation, which would cost every new process far
+    # more than the counting itself (docs/design-decisions.md, § Execution)
     bin_ms = 1000.0 / sampling_frequency
     correlogram = compute_correlograms(
         sorting, window_ms=2 * half * bin_ms, bin_ms=bin_ms, method="numpy"

@@ -28,8 +28,8 @@ def matching_encoder(geometry: dict, decay: str, hidden: int, device="cpu"):
     for name, path in ENCODER_PATHS.items():
         if not path.exists():
             raise LocsortError(
-                f"the pretrained encoder {path.name} is missing from the package; re-install locsort, "
-                "run scripts/pretrain_encoder.py, or set encoder_init=none"
+                f"the pretrained encoder {path.name} is missing from the package; "
+                "re-install locsort, run scripts/pretrain_encoder.py, or set encoder_init=None"
             )
         encoder = AmortizedLocalizer.load(path, device=device)
         if (

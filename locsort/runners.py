@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 from tqdm.auto import tqdm
@@ -29,10 +31,19 @@ MAX_CHUNK_RESUBMITS = 2
 
 
 def available_cores() -> int:
+    """The cores this process may use: its CPU affinity and its cgroup's CPU quota, not the
+    machine's core count (a container or a batch job is often given fewer)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 class LocalRunner:
@@ -48,6 +59,11 @@ class LocalRunner:
 
     def __init__(self, threads: int | None = None):
         self.threads = max(1, int(threads)) if threads else min(available_cores(), 4)
+
+    @classmethod
+    def for_params(cls, params) -> LocalRunner:
+        """A runner of ``params.n_jobs`` chunk threads."""
+        return cls(params.n_jobs)
 
     @property
     def description(self) -> str:
@@ -206,7 +222,9 @@ def _check_shippable(job) -> None:
 
 
 @contextlib.contextmanager
-def open_runner(workers: int | None = None, scheduler: str | None = None, timeout: float = 20.0):
+def open_runner(
+    workers: int | None = None, scheduler: str | None = None, timeout: float = 20.0, params=None
+):
     """A runner for chunk work: in this process (default), a local Dask cluster of ``workers``
     processes, or the existing cluster at ``scheduler`` (address, e.g. tcp://host:8786)."""
     if workers is not None and scheduler is not None:
@@ -214,7 +232,7 @@ def open_runner(workers: int | None = None, scheduler: str | None = None, timeou
             "give either --workers (start a local Dask cluster) or --scheduler (use an existing one), not both"
         )
     if workers is None and scheduler is None:
-        yield LocalRunner()
+        yield LocalRunner(params.n_jobs if params is not None else None)
         return
     from distributed import Client, LocalCluster
 
