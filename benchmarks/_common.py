@@ -42,7 +42,8 @@ def machine() -> str:
     except OSError:
         pass
     return (
-        f"{os.cpu_count()} cores ({cpu}), no GPU used, Python {platform.python_version()}, numpy {numpy.__version__}, "
+        f"{os.cpu_count()} cores ({cpu}), no GPU used, Python {platform.python_version()}, "
+        f"numpy {numpy.__version__}, "
         f"torch {torch.__version__}, spikeinterface {spikeinterface.__version__}"
     )
 
@@ -53,7 +54,8 @@ def write_section(name: str, body: str) -> None:
     text = (
         BENCHMARKS_MD.read_text()
         if BENCHMARKS_MD.exists()
-        else "# Benchmarks\n\nEvery number here is written by a script under `benchmarks/`; re-run it to refresh its section.\n"
+        else "# Benchmarks\n\nEvery number here is written by a script under `benchmarks/`; "
+        "re-run it to refresh its section.\n"
     )
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text:
@@ -73,5 +75,6 @@ def verdict(met: bool) -> str:
 
 
 def command_lines(commands) -> list[str]:
-    """The distinct commands that produced a section's rows (saved with each row), as markdown lines."""
+    """The distinct commands that produced a section's rows (saved with each row), as markdown
+    lines."""
     return [f"`{c}`" for c in sorted(set(commands) - {""})]

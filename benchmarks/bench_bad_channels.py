@@ -1,12 +1,13 @@
 """Bad channels: what flat and noisy channels cost, and what their interpolation wins back.
 
-The 64-channel generated recording of research.md §3 (60 s, 50 units, noise 5 µV, seed 0), sorted
-by locsort's default pipeline three times: intact; with some channels damaged as on real probes
-(flat: zeros, a broken contact; noisy: 60 µV of extra white noise) and every channel kept as it
-is (``bad_channels=none``); and damaged with locsort's default, which finds the damaged channels
-and interpolates them from their neighbours (``bad_channels=auto``). Per run: which channels
-were found, spikes detected, mean accuracy / well-detected / false-positive units against the
-ground truth, and the median 2-D error of the detected spikes' locations.
+The 64-channel recording of SpikeInterface's generator (Neuropixels-like probe; 60 s, 50 units,
+noise 5 µV, seed 0), sorted by locsort's default pipeline three times: intact; with some
+channels damaged as on real probes (flat: zeros, a broken contact; noisy: 60 µV of extra white
+noise) and every channel kept as it is (``bad_channels=none``); and damaged with locsort's
+default, which finds the damaged channels and interpolates them from their neighbours
+(``bad_channels=auto``). Per run: which channels were found, spikes detected, mean accuracy /
+well-detected / false-positive units against the ground truth, and the median 2-D error of the
+detected spikes' locations.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ NOISY = (25,)  # channel indices given extra noise
 EXTRA_NOISE_UV = 60.0
 
 
-def run(recording, truth, bad_channels: str) -> dict:
+def run(recording, truth, bad_channels: str | None) -> dict:
     from locsort.evaluate import detected_localization_errors, sorting_accuracy
+    from locsort.output import sorting_from_spikes
     from locsort.params import Params
-    from locsort.pipeline import _sort, prepare, sorting_from_spikes
+    from locsort.pipeline import sort_spikes
+    from locsort.prepare import prepare
 
     prep = prepare(recording, Params(bad_channels=bad_channels))
-    spikes, _ = _sort(prep, progress=False)
+    spikes, _ = sort_spikes(prep, progress=False)
     sorting = sorting_from_spikes(spikes, prep.recording)
     accuracy = sorting_accuracy(sorting, truth)
     accuracy.pop("accuracy_per_unit", None)
@@ -63,7 +66,7 @@ def main():
     }
     for label, rec, setting in (
         ("intact", recording, "auto"),
-        ("damaged, kept as they are (bad_channels=none)", broken, "none"),
+        ("damaged, kept as they are (bad_channels=none)", broken, None),
         ("damaged, interpolated (default: bad_channels=auto)", broken, "auto"),
     ):
         results["rows"][label] = run(rec, truth, setting)
@@ -80,13 +83,16 @@ def write_report(results):
         "",
         f"`{results['command']}`",
         "",
-        f"Machine: {machine()}. Data: the generated 64-channel recording of research.md §3 (60 s, 50 units, "
-        f"noise 5 µV, seed 0); damaged copy: channels {', '.join(results['flat'])} zeroed (flat), channel(s) "
-        f"{', '.join(results['noisy'])} given {EXTRA_NOISE_UV:g} µV of extra white noise. locsort's default "
-        "pipeline; accuracy by SpikeInterface's `compare_sorter_to_ground_truth`; location error: median 2-D "
+        f"Machine: {machine()}. Data: the generated 64-channel Neuropixels-like recording "
+        f"(60 s, 50 units, noise 5 µV, seed 0); damaged copy: channels "
+        f"{', '.join(results['flat'])} zeroed (flat), channel(s) "
+        f"{', '.join(results['noisy'])} given {EXTRA_NOISE_UV:g} µV of extra white noise. "
+        "locsort's default pipeline; accuracy by SpikeInterface's "
+        "`compare_sorter_to_ground_truth`; location error: median 2-D "
         "distance of the detected spikes that match a true spike to their unit's position.",
         "",
-        "| run | channels found bad | spikes | mean accuracy | units >= 0.8 | false-positive units | median location error (µm) |",
+        "| run | channels found bad | spikes | mean accuracy | units >= 0.8 | false-positive units "
+        "| median location error (µm) |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
@@ -94,7 +100,8 @@ def write_report(results):
         if label.startswith("damaged, kept"):
             found = "not searched"
         lines.append(
-            f"| {label} | {found} | {r['spikes']:,} | {r['mean_accuracy']:.3f} | {r['well_detected']}/{r['num_gt_units']} "
+            f"| {label} | {found} | {r['spikes']:,} | {r['mean_accuracy']:.3f} "
+            f"| {r['well_detected']}/{r['num_gt_units']} "
             f"| {r['false_positive_units']} | {r['median_error_um']:.2f} |"
         )
     recovered = (fixed["mean_accuracy"] - kept["mean_accuracy"]) / max(

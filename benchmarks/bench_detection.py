@@ -19,7 +19,7 @@ from pathlib import Path
 
 import locsort
 from locsort.evaluate import match_spikes
-from locsort.params import Params
+from locsort.params import Params, params_with
 from locsort.preprocess import noise_levels, preprocess
 from locsort.simulate import generate_recording
 from locsort.spikes import spikes_from_peaks
@@ -60,12 +60,12 @@ def main():
                 folder=tmp / "rec", n_jobs=1, progress_bar=False, chunk_duration="1s"
             )
             noise = noise_levels(processed)
-            params = Params(preprocess=False, detect_method="peak", detect_threshold=5.0)
+            params = params_with(preprocess=False, detect_method="peak", detect_threshold=5.0)
             kwargs = dict(
                 detect_threshold=params.detect_threshold,
                 peak_sign="neg",
-                exclude_sweep_ms=params.detect_sweep_ms,
-                radius_um=params.detect_radius_um,
+                exclude_sweep_ms=params.constants.detect_sweep_ms,
+                radius_um=params.constants.detect_radius_um,
                 noise_levels=noise,
             )
             job = dict(n_jobs=1, progress_bar=False, chunk_duration="1s")
@@ -79,7 +79,8 @@ def main():
                 ),
                 args.repeats,
             )
-            # SpikeInterface's torch variant is far slower (126 s for 60 s x 384 ch): measured at 64 channels only
+            # SpikeInterface's torch variant is far slower (126 s for 60 s x 384 ch): measured at 64
+            # channels only
             methods = ["locally_exclusive"] + (
                 ["locally_exclusive_torch"] if num_channels <= 64 else []
             )
@@ -124,8 +125,8 @@ def main():
             shutil.rmtree(tmp, ignore_errors=True)
 
     table = [
-        "| channels | detector | s (best of %d) | x real time | peaks | recall of true spikes | time / locsort's peaks |"
-        % args.repeats,
+        "| channels | detector | s (best of %d) | x real time | peaks | recall of true spikes "
+        "| time / locsort's peaks |" % args.repeats,
         "|---|---|---|---|---|---|---|",
     ]
     for ch, name, s, n, rec, ratio in rows:
@@ -138,7 +139,8 @@ def main():
 
 Data: SpikeInterface ground-truth recordings, {args.duration:g} s at 30 kHz, Neuropixels-like probe
 (4 columns), noise 5 µV, preprocessed once and saved to a binary folder; both detectors read it
-with 1 s chunks in one process, threshold 5 x MAD noise, {Params().detect_sweep_ms:g} ms sweep, {Params().detect_radius_um:g} µm radius.
+with 1 s chunks in one process, threshold 5 x MAD noise, \
+{Params().constants.detect_sweep_ms:g} ms sweep, {Params().constants.detect_radius_um:g} µm radius.
 Machine: {machine()}.
 
 {chr(10).join(table)}
@@ -147,7 +149,8 @@ Machine: {machine()}.
 < 1 means faster: SpikeInterface's numba `locally_exclusive` detector alone is faster than
 locsort's torch detector. The matched filter (locsort's default) adds one FFT correlation per
 chunk; its gain is at low SNR (not in this 5 µV recording): see the sorting benchmark and
-tests/test_pipeline.py (25 µV noise: 0.44 -> 0.61 of the true spikes found). locsort's detection runs inside the one pass
+tests/test_pipeline.py (25 µV noise: 0.44 -> 0.61 of the true spikes found). \
+locsort's detection runs inside the one pass
 over the traces that also extracts every spike's neighbourhood features (no second read), and
 stays many times faster than real time, so it is not the pipeline's bottleneck (see the stage
 timings in any run.json).

@@ -4,8 +4,8 @@ Peaks are the true spike times on each unit's largest channel, so localization i
 apart from detection; errors are to the true source (soma) position. Recordings:
 
 - MEArec square MEA (10 x 10, 15 µm pitch; 60 s; 40 exc + 10 inh cells; noise 10, 20, 30 µV),
-  made from ../shared/data/mearec templates (the localization paper's setting);
-- SpikeInterface's generated 64-channel Neuropixels-like recording of research.md §3;
+  made from MEArec templates (the localization paper's setting);
+- SpikeInterface's generated 64-channel Neuropixels-like recording (50 units, noise 5 µV, seed 0);
 - a MEArec Neuropixels (128 channels) recording, noise 10 µV.
 
 Methods: locsort (amortized: the default, which starts from the encoder shipped for the probe
@@ -44,15 +44,17 @@ from _common import (
 )
 
 
+CONSTANTS = Params().constants
 DEFAULT = (
-    f"locsort (default: {Params.decay_law} decay, jitter {Params.jitter_uv:g} µV, {Params.encoder_init_epochs} "
+    f"locsort (default: {CONSTANTS.decay_law} decay, jitter {CONSTANTS.jitter_uv:g} µV, "
+    f"{CONSTANTS.encoder_init_epochs} "
     "epochs from the shipped encoder)"
 )  # the row the targets are judged on
 VARIANTS = {  # the same with one parameter changed
-    f"locsort (from scratch, up to {Params.encoder_max_epochs} epochs)": dict(encoder_init="none"),
+    f"locsort (from scratch, up to {CONSTANTS.encoder_max_epochs} epochs)": dict(encoder_init=None),
     "locsort (amplitude jitter 10 µV)": dict(jitter_uv=10.0),
     "locsort (monopole decay, from scratch: no shipped encoder)": dict(decay_law="monopole"),
-    "locsort (from scratch, up to 100 epochs)": dict(encoder_init="none", encoder_max_epochs=100),
+    "locsort (from scratch, up to 100 epochs)": dict(encoder_init=None, encoder_max_epochs=100),
 }
 PAPER = {  # Hurwitz et al. 2019, square MEA, mean ± SD 2-D error (µm)
     "center of mass, 4 ch": {10: "15.84 ± 10.08", 20: "16.46 ± 10.39", 30: "17.18 ± 10.97"},
@@ -72,7 +74,8 @@ RECORDINGS = {
 
 
 def simulate(name: str, duration: float):
-    """(raw recording, GroundTruth) of one of RECORDINGS; MEArec files are cached under benchmarks/data."""
+    """(raw recording, GroundTruth) of one of RECORDINGS; MEArec files are cached under
+    benchmarks/data."""
     from locsort.simulate import generate_recording, read_mearec_ground_truth
 
     kind, templates, noise = RECORDINGS[name]
@@ -101,7 +104,8 @@ def simulate(name: str, duration: float):
 
 
 def load(name: str, duration: float):
-    """(preprocessed recording saved to a binary folder, ground truth); cached under benchmarks/data."""
+    """(preprocessed recording saved to a binary folder, ground truth); cached under
+    benchmarks/data."""
     from spikeinterface.core import load as si_load
 
     from locsort.preprocess import preprocess
@@ -138,17 +142,20 @@ def coverage(spikes, true) -> dict:
 def run_locsort(recording, peaks, true, repeats: int = 1, **params):
     """(spikes, training s, inference s incl. amplitude extraction (best of ``repeats`` passes),
     fitted localizer, prep). The pass runs as in the pipeline: 1 s chunks, one thread per core."""
-    from locsort.params import Params
-    from locsort.pipeline import Models, _locate, _main_pass, prepare
+    from locsort.mainpass import main_pass
+    from locsort.params import params_with
+    from locsort.pipeline import fit_models
+    from locsort.prepare import prepare
 
-    prep = prepare(recording, Params(preprocess=False, **params))
-    spikes, localizer = _locate(prep, peaks, prep.params.localization_method, progress=False)
+    prep = prepare(recording, params_with(preprocess=False, **params))
+    models = fit_models(prep, peaks, progress=False)
+    spikes, _ = main_pass(prep, models, peaks, progress=False, keep_pcs=False)
     seconds = prep.timer["detect"] + prep.timer["localize"]
     for _ in range(repeats - 1):
         start = time.perf_counter()
-        _main_pass(prep, Models(localizer), peaks, progress=False, keep_pcs=False)
+        main_pass(prep, models, peaks, progress=False, keep_pcs=False)
         seconds = min(seconds, time.perf_counter() - start)
-    return spikes, prep.timer["fit"], seconds, localizer, prep
+    return spikes, prep.timer["fit"], seconds, models.localizer, prep
 
 
 def run_spikeinterface(recording, peaks, method, repeats: int = 1):
@@ -173,11 +180,13 @@ def run_spikeinterface(recording, peaks, method, repeats: int = 1):
 
 def training_speed(num_spikes: int, seed: int, encoder_init: str) -> dict:
     """The encoder's training time on ``num_spikes`` spikes (issue 3: under a minute; the per-chunk
-    cap rounds up by a few), from ``encoder_init``. The generated 64-channel recording (~750 spikes/s)
-    is made long enough to hold them, and every 1 s chunk of it is sampled, so that the sample is not
-    capped below."""
+    cap rounds up by a few), from ``encoder_init``. The generated 64-channel recording (~750
+    spikes/s) is made long enough to hold them, and every 1 s chunk of it is sampled, so that the
+    sample is not capped below."""
     from locsort.evaluate import ground_truth_peaks
-    from locsort.pipeline import _fit_models, prepare
+    from locsort.params import params_with
+    from locsort.pipeline import fit_models
+    from locsort.prepare import prepare
 
     duration = float(np.ceil(num_spikes / 600))
     recording, truth = load("np64_generated", duration)
@@ -186,10 +195,10 @@ def training_speed(num_spikes: int, seed: int, encoder_init: str) -> dict:
         raise SystemExit(
             f"the {duration:g} s recording has only {len(peaks)} spikes, fewer than {num_spikes}"
         )
-    chunks = int(np.ceil(duration / Params.chunk_duration))
+    chunks = int(np.ceil(duration / Params().chunk_duration))
     prep = prepare(
         recording,
-        Params(
+        params_with(
             preprocess=False,
             max_training_spikes=num_spikes,
             sample_chunks=chunks,
@@ -197,7 +206,7 @@ def training_speed(num_spikes: int, seed: int, encoder_init: str) -> dict:
             encoder_init=encoder_init,
         ),
     )
-    history = _fit_models(prep, "locsort", peaks, progress=False).localizer.history
+    history = fit_models(prep, peaks, progress=False).localizer.history
     return {
         "spikes": history["train_examples"] + history["held_out_examples"],
         "train_examples": history["train_examples"],
@@ -341,10 +350,11 @@ def main():
         print(name, json.dumps(results[name], indent=1, default=float), flush=True)
         save_results("localization", results)
     if args.training_spikes:
-        # from scratch (any probe without a shipped encoder: the issue's target) and from the shipped encoder
+        # from scratch (any probe without a shipped encoder: the issue's target) and from the
+        # shipped encoder
         training = {
-            init: training_speed(args.training_spikes, args.seed, init)
-            for init in ("none", "pretrained")
+            str(init).lower(): training_speed(args.training_spikes, args.seed, init)
+            for init in (None, "pretrained")
         }
         print("training", json.dumps(training), flush=True)
         save_results("localization_training", training)
@@ -357,13 +367,15 @@ def write_report(results, args):
         "",
         *command_lines(r.get("command", "") for r in results.values()),
         "",
-        f"Machine: {machine()}. Peaks = true spike times on each unit's largest channel; error = 2-D distance "
-        f"to the true soma (MEArec) or unit position (generator); {args.duration:g} s recordings; one process. "
-        "Inference speed: locsort's default pass as in the pipeline (1 s chunks, one thread per core), best of "
-        f"{args.repeats} (the other locsort rows: one pass, the first); SpikeInterface center_of_mass and "
+        f"Machine: {machine()}. Peaks = true spike times on each unit's largest channel; "
+        "error = 2-D distance to the true soma (MEArec) or unit position (generator); "
+        f"{args.duration:g} s recordings; one process. "
+        "Inference speed: locsort's default pass as in the pipeline (1 s chunks, one thread per "
+        f"core), best of {args.repeats} (the other locsort rows: one pass, the first); "
+        "SpikeInterface center_of_mass and "
         f"grid_convolution best of {args.repeats} runs each "
-        "with n_jobs = 1 and 2, monopolar_triangulation one run with n_jobs = 1, all after a warm-up call "
-        "(numba compilation not counted).",
+        "with n_jobs = 1 and 2, monopolar_triangulation one run with n_jobs = 1, "
+        "all after a warm-up call (numba compilation not counted).",
         "",
     ]
     for name, r in results.items():
@@ -372,13 +384,15 @@ def write_report(results, args):
         lines += [
             f"### {name} ({r['num_spikes']} spikes)",
             "",
-            "| method | mean ± SD 2-D error (µm) | median (µm) | spikes/s (inference) | training s |",
+            "| method | mean ± SD 2-D error (µm) | median (µm) | spikes/s (inference) "
+            "| training s |",
             "|---|---|---|---|---|",
         ]
         for method, e in r["rows"].items():
             sps, fit = r["speed"].get(method, (float("nan"), 0.0))
             lines.append(
-                f"| {method} | {e['mean']:.2f} ± {e['sd']:.2f} | {e['median']:.2f} | {sps:,.{0 if sps >= 10 else 2}f} | {fit:.1f} |"
+                f"| {method} | {e['mean']:.2f} ± {e['sd']:.2f} | {e['median']:.2f} "
+                f"| {sps:,.{0 if sps >= 10 else 2}f} | {fit:.1f} |"
             )
         cov = r["coverage"]
         grid = r["speed"].get("SpikeInterface grid_convolution", (np.nan,))[0]
@@ -386,19 +400,30 @@ def write_report(results, args):
         mine = r["speed"][DEFAULT][0]
         lines += [
             "",
-            f"- median error, locsort / best SpikeInterface method: {ours:.2f} / {best_si:.2f} = {ours / best_si:.2f} "
+            f"- median error, locsort / best SpikeInterface method: {ours:.2f} / {best_si:.2f} "
+            f"= {ours / best_si:.2f} "
             f"(target <= 0.8: {verdict(ours / best_si <= 0.8)})",
-            f"- inference speed, locsort / grid_convolution: {mine / grid:.1f} x (target >= 5: {verdict(mine / grid >= 5)}); "
-            f"/ monopolar_triangulation: {mine / mono:.1f} x (target >= 50: {verdict(mine / mono >= 50)})",
-            f"- calibration (fraction of true x / y within the posterior mean ± k SD): ±1 SD {cov['x_1sd']:.2f} / {cov['y_1sd']:.2f} "
-            f"(target 0.55–0.80: {verdict(all(0.55 <= cov[k] <= 0.80 for k in ('x_1sd', 'y_1sd')))}), "
+            f"- inference speed, locsort / grid_convolution: {mine / grid:.1f} x "
+            f"(target >= 5: {verdict(mine / grid >= 5)}); "
+            f"/ monopolar_triangulation: {mine / mono:.1f} x "
+            f"(target >= 50: {verdict(mine / mono >= 50)})",
+            "- calibration (fraction of true x / y within the posterior mean ± k SD): "
+            f"±1 SD {cov['x_1sd']:.2f} / {cov['y_1sd']:.2f} "
+            "(target 0.55–0.80: "
+            f"{verdict(all(0.55 <= cov[k] <= 0.80 for k in ('x_1sd', 'y_1sd')))}), "
             f"±2 SD {cov['x_2sd']:.2f} / {cov['y_2sd']:.2f} (target 0.85–0.99: "
             f"{verdict(all(0.85 <= cov[k] <= 0.99 for k in ('x_2sd', 'y_2sd')))})",
-            f"- median |z| error: {r['median_z_error_um']:.1f} µm; NUTS vs amortized on the same spikes: median |Δ mean| "
-            f"{r['mcmc_agreement']['mean_abs_diff_xy_um']:.2f} µm, SD ratio (amortized / NUTS) x {r['mcmc_agreement']['sd_ratio_x']:.2f}, "
+            f"- median |z| error: {r['median_z_error_um']:.1f} µm; "
+            "NUTS vs amortized on the same spikes: median |Δ mean| "
+            f"{r['mcmc_agreement']['mean_abs_diff_xy_um']:.2f} µm, "
+            f"SD ratio (amortized / NUTS) x {r['mcmc_agreement']['sd_ratio_x']:.2f}, "
             f"y {r['mcmc_agreement']['sd_ratio_y']:.2f}",
-            f"- fitted model globals: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r['globals'].items()})}"
-            + (f"; fallback: {r['fallback']}" if r["fallback"] else ""),
+            "- fitted model globals: "
+            f"""{
+                json.dumps(
+                    {k: round(v, 3) if isinstance(v, float) else v for k, v in r["globals"].items()}
+                )
+            }""" + (f"; fallback: {r['fallback']}" if r["fallback"] else ""),
             "",
         ]
     sq = sorted((n for n in results if n.startswith("sq_")), key=lambda n: RECORDINGS[n][2])
@@ -421,13 +446,15 @@ def write_report(results, args):
             lines.append(
                 f"| {method} | "
                 + " | ".join(
-                    f"{results[n]['rows'][method]['mean']:.2f} ± {results[n]['rows'][method]['sd']:.2f}"
+                    f"{results[n]['rows'][method]['mean']:.2f} ± "
+                    f"{results[n]['rows'][method]['sd']:.2f}"
                     for n in sq
                 )
                 + " |"
             )
         lines.append("")
-        # issue 3's mean-error targets: below 8 µm at 10 µV, below the paper's (best VAE) numbers at 20 and 30 µV
+        # issue 3's mean-error targets: below 8 µm at 10 µV, below the paper's (best VAE) numbers at
+        # 20 and 30 µV
         met = []
         for n in sq:
             noise = int(RECORDINGS[n][2])
@@ -444,13 +471,15 @@ def write_report(results, args):
             mean = results[n]["rows"][DEFAULT]["mean"]
             met.append(mean < target)
             lines.append(
-                f"- mean 2-D error at {noise} µV, locsort default: {mean:.2f} µm (target below {what}: {verdict(mean < target)})"
+                f"- mean 2-D error at {noise} µV, locsort default: {mean:.2f} µm "
+                f"(target below {what}: {verdict(mean < target)})"
             )
         if not all(met):
             lines.append(
-                "- why: the best point-source fit of this template library's noise-free templates (exponential decay, "
-                "free x, y, z, alpha and length, 25 channels) is itself 10.2-10.8 µm mean 2-D error from the soma "
-                "(NOTES.md, Findings worth keeping): an amplitude-only point-source model cannot go below that here; "
+                "- why: the best point-source fit of this template library's noise-free templates "
+                "(exponential decay, free x, y, z, alpha and length, 25 channels) is itself "
+                "10.2-10.8 µm mean 2-D error from the soma "
+                "(docs/design-decisions.md, § Localization): an amplitude-only point-source model cannot go below that here; "
                 "the paper's templates must have differed"
             )
         lines.append("")
@@ -462,15 +491,19 @@ def write_report(results, args):
             "",
             f"`{scratch['command']}`",
             "",
-            f"- the encoder trained from scratch on {scratch['spikes']:,} spikes of the generated 64-channel recording "
-            f"({scratch['duration_s']:g} s, every chunk sampled; {scratch['train_examples']:,} for the gradient steps, "
-            f"the rest held out for early stopping): {scratch['epochs']} epochs in {scratch['training_s']:.1f} s "
-            f"(target < 60 s: {verdict(scratch['training_s'] < 60)}); the whole fit stage, reading the sample "
+            f"- the encoder trained from scratch on {scratch['spikes']:,} spikes of the generated "
+            f"64-channel recording ({scratch['duration_s']:g} s, every chunk sampled; "
+            f"{scratch['train_examples']:,} for the gradient steps, "
+            f"the rest held out for early stopping): {scratch['epochs']} epochs in "
+            f"{scratch['training_s']:.1f} s "
+            f"(target < 60 s: {verdict(scratch['training_s'] < 60)}); the whole fit stage, "
+            "reading the sample "
             f"included: {scratch['fit_stage_s']:.1f} s",
         ]
         if shipped:
             lines.append(
-                f"- the default, from the shipped encoder, on the same spikes: {shipped['epochs']} epochs in "
+                f"- the default, from the shipped encoder, on the same spikes: "
+                f"{shipped['epochs']} epochs in "
                 f"{shipped['training_s']:.1f} s (fit stage {shipped['fit_stage_s']:.1f} s)"
             )
         lines.append("")

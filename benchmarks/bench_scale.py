@@ -64,7 +64,8 @@ def recording_file(minutes: float):
 
 
 def run_locsort(path, probe, out, workers: int | None, params: dict | None = None) -> dict:
-    """Wall time and peak RSS (process tree) of one ``locsort run`` (``params``: --param overrides)."""
+    """Wall time and peak RSS (process tree) of one ``locsort run`` (``params``: --param
+    overrides)."""
     import psutil
 
     command = [
@@ -177,19 +178,24 @@ def report(results: dict) -> str:
         "",
         f"Command: `{command_line()}`. Machine: {machine()}.",
         "",
-        f"Data: generated 384-channel Neuropixels-like recordings ({UNITS} units, noise 5 µV, seed 0) written as int16 "
-        "raw binary and sorted from the file by `locsort run` (default parameters), one process per run. Peak memory: "
-        "largest summed RSS of the run's process tree (Dask workers included), sampled every 0.1 s.",
+        f"Data: generated 384-channel Neuropixels-like recordings ({UNITS} units, noise 5 µV, "
+        "seed 0) written as int16 raw binary and sorted from the file by `locsort run` "
+        "(default parameters), one process per run. Peak memory: largest summed RSS of the "
+        "run's process tree (Dask workers included), sampled every 0.1 s.",
         "",
-        "| recording | runner | wall time | x real time | peak memory | spikes | units | main pass (detect + localize + neural) | fixed stages (preprocess, fit, train, cluster, report) |",
+        "| recording | runner | wall time | x real time | peak memory | spikes | units "
+        "| main pass (detect + localize + neural) "
+        "| fixed stages (preprocess, fit, train, cluster, report) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = r["timings_s"]
         main_pass = t.get("detect", 0) + t.get("localize", 0) + t.get("neural", 0)
         lines.append(
-            f"| {r['minutes']:g} min | {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'} | "
-            f"{r['wall_s']:.0f} s | {r['duration_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} MB | {r['num_spikes']:,} | "
+            f"| {r['minutes']:g} min "
+            f"| {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'} | "
+            f"{r['wall_s']:.0f} s | {r['duration_s'] / r['wall_s']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} MB | {r['num_spikes']:,} | "
             f"{r['num_units']} | {main_pass:.0f} s | {r['wall_s'] - main_pass:.0f} s |"
         )
     single = {r["minutes"]: r for r in rows if not r["workers"]}
@@ -198,7 +204,8 @@ def report(results: dict) -> str:
         time_ratio = single[16]["wall_s"] / single[1]["wall_s"]
         memory_ratio = single[16]["peak_rss_mb"] / single[1]["peak_rss_mb"]
         lines.append(
-            f"- Time, 16 min / 1 min: {time_ratio:.2f} (target <= 17): **{verdict(time_ratio <= 17)}**."
+            f"- Time, 16 min / 1 min: {time_ratio:.2f} (target <= 17): "
+            f"**{verdict(time_ratio <= 17)}**."
         )
         lines.append(
             f"- Peak memory, 16 min / 1 min: {memory_ratio:.2f} (target <= 1.3): "
@@ -208,12 +215,14 @@ def report(results: dict) -> str:
         if r["minutes"] == max(single, default=0) or r["workers"]:
             speed = r["duration_s"] / r["wall_s"]
             lines.append(
-                f"- Whole pipeline on {r['minutes']:g} min, {'%d Dask workers' % r['workers'] if r['workers'] else 'single process'}: "
+                f"- Whole pipeline on {r['minutes']:g} min, "
+                f"{'%d Dask workers' % r['workers'] if r['workers'] else 'single process'}: "
                 f"{speed:.2f} x real time (target >= 2): **{verdict(speed >= 2)}**."
             )
             if "identical_to_single_process" in r:
                 lines.append(
-                    f"- {r['workers']} Dask workers vs single process on {r['minutes']:g} min: spikes, locations and units "
+                    f"- {r['workers']} Dask workers vs single process on {r['minutes']:g} min: "
+                    "spikes, locations and units "
                     f"{'identical' if r['identical_to_single_process'] else 'DIFFERENT'}."
                 )
     return "\n".join(lines)

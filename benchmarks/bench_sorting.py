@@ -3,8 +3,8 @@ Kilosort4 (CPU) and MountainSort 5, side by side in one run, on the same recordi
 
 Recordings (the sorters all get the same raw traces, saved once to a binary folder, and do
 their own preprocessing):
-- np64_generated: SpikeInterface's generated 60 s recording of research.md §3 (64-channel
-  Neuropixels-like probe, 50 units, noise 5, seed 0);
+- np64_generated: SpikeInterface's generated 60 s recording (64-channel Neuropixels-like
+  probe, 50 units, noise 5, seed 0);
 - np128_mearec_10uV: a 60 s MEArec Neuropixels recording (128 channels) from the shared
   templates, 40 exc + 10 inh cells, noise 10 µV.
 
@@ -42,7 +42,7 @@ RECORDINGS = ("np64_generated", "np128_mearec_10uV")
 LOCSORT = {
     "locsort (default: neural sorter on its own clustering, pretrained backbone)": {},
     "locsort (clustering only)": {"sorter": "cluster"},
-    "locsort (neural sorter from scratch)": {"neural_backbone": "none"},
+    "locsort (neural sorter from scratch)": {"neural_backbone": None},
 }
 PEERS = ("spykingcircus2", "tridesclous2", "kilosort4", "mountainsort5")
 
@@ -74,12 +74,14 @@ def run_locsort(recording, truth, params: dict) -> dict:
     """Wall time, accuracy against ``truth`` (skipped when None, as in the warm-up), the reported
     locations' error and stage times."""
     from locsort.evaluate import detected_localization_errors
-    from locsort.params import Params
-    from locsort.pipeline import _sort, prepare, sorting_from_spikes
+    from locsort.output import sorting_from_spikes
+    from locsort.params import params_with
+    from locsort.pipeline import sort_spikes
+    from locsort.prepare import prepare
 
     start = time.perf_counter()
-    prep = prepare(recording, Params(**params))
-    spikes, result = _sort(prep, progress=False)
+    prep = prepare(recording, params_with(**params))
+    spikes, result = sort_spikes(prep, progress=False)
     sorting = sorting_from_spikes(spikes, prep.recording)
     wall = time.perf_counter() - start
     out = {
@@ -104,8 +106,8 @@ def run_preprocessing(recording) -> dict:
     in threads as locsort's passes read them. A sort does all of it once (the trace cache keeps the
     training sample's chunks for the main pass), so this much of its time is SpikeInterface's
     filtering, not locsort's detection, training or assignment."""
-    from locsort.distribute import LocalRunner
-    from locsort.parallel import make_chunks, read_chunk
+    from locsort.runners import LocalRunner
+    from locsort.chunks import make_chunks, read_chunk
     from locsort.params import Params
     from locsort.preprocess import preprocess
 
@@ -215,9 +217,10 @@ def write_report(results, args):
         "",
         *command_lines(r.get("command", "") for rows in results.values() for r in rows.values()),
         "",
-        f"Machine: {machine()}. Same raw traces for every sorter; peers through `run_sorter` with n_jobs = "
-        f"{os.cpu_count()}; locsort single process; every sorter first runs once, untimed, on the first 10 s of the first "
-        "recording (imports, thread pools, JIT compilation). Accuracy: SpikeInterface `compare_sorter_to_ground_truth` "
+        f"Machine: {machine()}. Same raw traces for every sorter; peers through `run_sorter` "
+        f"with n_jobs = {os.cpu_count()}; locsort single process; every sorter first runs once, "
+        "untimed, on the first 10 s of the first recording (imports, thread pools, JIT "
+        "compilation). Accuracy: SpikeInterface `compare_sorter_to_ground_truth` "
         "(0.4 ms, Hungarian matching); well detected = accuracy >= 0.8.",
         "",
     ]
@@ -226,21 +229,22 @@ def write_report(results, args):
         lines += [
             f"### {name}",
             "",
-            "| sorter | wall s | mean accuracy | units >= 0.8 | false-positive units | units found |",
+            "| sorter | wall s | mean accuracy | units >= 0.8 | false-positive units "
+            "| units found |",
             "|---|---|---|---|---|---|",
         ]
         for sorter, r in rows.items():
             if sorter == PREPROCESSING:
                 continue
-            if not r.get(
-                "warmed_up"
-            ):  # kept from a run before the warm-up existed: its time includes start-up
+            # kept from a run before the warm-up existed: its time includes start-up
+            if not r.get("warmed_up"):
                 sorter += " (run without warm-up)"
             if "error" in r:
                 lines.append(f"| {sorter} | {r['wall_s']:.1f} | failed: {r['error']} | | | |")
                 continue
             lines.append(
-                f"| {sorter} | {r['wall_s']:.1f} | {r['mean_accuracy']:.3f} | {r['well_detected']}/{r['num_gt_units']} | "
+                f"| {sorter} | {r['wall_s']:.1f} | {r['mean_accuracy']:.3f} "
+                f"| {r['well_detected']}/{r['num_gt_units']} | "
                 f"{r['false_positive_units']} | {r['num_units']} |"
             )
         ours = rows.get(default)
@@ -262,13 +266,15 @@ def write_report(results, args):
                 and ours["false_positive_units"] <= b["false_positive_units"]
             )
             lines.append(
-                f"- accuracy target (default locsort >= best of SC2/TDC2/KS4 = {best}: mean {b['mean_accuracy']:.3f}, "
-                f"{b['well_detected']} well detected, {b['false_positive_units']} FP units): {verdict(met)}"
+                f"- accuracy target (default locsort >= best of SC2/TDC2/KS4 = {best}: "
+                f"mean {b['mean_accuracy']:.3f}, {b['well_detected']} well detected, "
+                f"{b['false_positive_units']} FP units): {verdict(met)}"
             )
             if "spykingcircus2" in peers:
                 ratio = ours["wall_s"] / peers["spykingcircus2"]["wall_s"]
                 lines.append(
-                    f"- wall time, default locsort / spykingcircus2: {ratio:.2f} (target <= 0.25: {verdict(ratio <= 0.25)})"
+                    f"- wall time, default locsort / spykingcircus2: {ratio:.2f} "
+                    f"(target <= 0.25: {verdict(ratio <= 0.25)})"
                 )
                 if PREPROCESSING in rows:
                     alone, budget = (
@@ -276,20 +282,24 @@ def write_report(results, args):
                         0.25 * peers["spykingcircus2"]["wall_s"],
                     )
                     lines.append(
-                        f"- locsort's preprocessing alone (bad channels looked for on noise slices, then SpikeInterface's "
-                        f"band-pass + common median reference of every 1-s chunk, {os.cpu_count()} threads, as a sort "
-                        f"reads them): {alone:.1f} s; a quarter of spykingcircus2's time leaves {budget - alone:.1f} s "
+                        "- locsort's preprocessing alone (bad channels looked for on noise slices, "
+                        "then SpikeInterface's band-pass + common median reference of every 1-s "
+                        f"chunk, {os.cpu_count()} threads, as a sort reads them): {alone:.1f} s; "
+                        "a quarter of spykingcircus2's time leaves "
+                        f"{budget - alone:.1f} s "
                         "for detection, training and assignment"
                     )
         located = [
-            f"{sorter.split(' (')[1].split(':')[0].rstrip(')')} {r['locations']['median_xy_um']:.2f} / "
+            f"{sorter.split(' (')[1].split(':')[0].rstrip(')')} "
+            f"{r['locations']['median_xy_um']:.2f} / "
             f"{r['locations']['mean_xy_um']:.2f}"
             for sorter, r in rows.items()
             if sorter in LOCSORT and "locations" in r
         ]
         if located:
             lines.append(
-                "- locsort's reported spike locations (its detected spikes matched to a true spike), median / mean "
+                "- locsort's reported spike locations (its detected spikes matched to a true "
+                "spike), median / mean "
                 f"2-D error to the true unit's position (µm): {'; '.join(located)}"
             )
         if ours:
@@ -297,7 +307,8 @@ def write_report(results, args):
             if "neural_x_realtime" in ours:
                 x = ours["neural_x_realtime"]
                 lines.append(
-                    f"- neural sorter alone (windows + inference + post-processing + peeling's template subtraction;"
+                    "- neural sorter alone (windows + inference + post-processing + peeling's "
+                    "template subtraction;"
                     f" peeling's second detection is booked under detect): {x:.0f} x real time"
                     f" (target >= 20 on the 64-channel recording: {verdict(x >= 20)})"
                 )
@@ -305,7 +316,8 @@ def write_report(results, args):
     missing = [name for name in RECORDINGS if name not in results]
     if missing:
         lines.append(
-            f"Not run yet: {', '.join(missing)} (`python benchmarks/bench_sorting.py --recordings {' '.join(missing)}`)."
+            f"Not run yet: {', '.join(missing)} "
+            f"(`python benchmarks/bench_sorting.py --recordings {' '.join(missing)}`)."
         )
     write_section("sorting", "\n".join(lines))
 

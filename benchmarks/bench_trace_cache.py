@@ -33,22 +33,25 @@ def main() -> None:
         "",
         f"Command: `{command_line()}`. Machine: {machine()}.",
         "",
-        f"Data: the {args.minutes:g}-minute 384-channel file of bench_scale.py, sorted by `locsort run` with "
-        "`--param trace_cache_mb=...`.",
+        f"Data: the {args.minutes:g}-minute 384-channel file of bench_scale.py, "
+        "sorted by `locsort run` with `--param trace_cache_mb=...`.",
         "",
         "| trace_cache_mb | wall time | peak memory | detect stage | spikes | units |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
         lines.append(
-            f"| {name} | {r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MB | {r['timings_s']['detect']:.1f} s | "
+            f"| {name} | {r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MB "
+            f"| {r['timings_s']['detect']:.1f} s | "
             f"{r['num_spikes']:,} | {r['num_units']} |"
         )
     same = off["num_spikes"] == on["num_spikes"] and off["num_units"] == on["num_units"]
     lines += [
         "",
-        f"- wall time with / without: {on['wall_s'] / off['wall_s']:.2f}; peak memory +{on['peak_rss_mb'] - off['peak_rss_mb']:.0f} MB "
-        f"(bounded by trace_cache_mb, whatever the duration); same spikes and units: {'yes' if same else 'NO'}",
+        f"- wall time with / without: {on['wall_s'] / off['wall_s']:.2f}; "
+        f"peak memory +{on['peak_rss_mb'] - off['peak_rss_mb']:.0f} MB "
+        "(bounded by trace_cache_mb, whatever the duration); "
+        f"same spikes and units: {'yes' if same else 'NO'}",
     ]
     write_section("trace_cache", "\n".join(lines))
 

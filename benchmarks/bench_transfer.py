@@ -105,7 +105,7 @@ def main():
                         recording,
                         params={
                             "label_max_spikes_per_unit": k,
-                            "neural_backbone": backbone,
+                            "neural_backbone": None if backbone == "none" else backbone,
                             "seed": seed,
                         },
                         labels=labels,
@@ -135,18 +135,23 @@ def write_report(results, args):
         "",
         *command_lines(commands),
         "",
-        f"Machine: {machine()}. Labels: ground truth of the first half, first K spikes per unit; scored on the second "
-        "half. Each cell: mean accuracy / units with accuracy >= 0.8 / false-positive units, each the mean over the "
-        "training seeds (per-seed accuracies in benchmarks/results). Both rows imprint the head from the labelled "
-        "spikes (one prototype per unit) and then train; a backbone they start from (pretrained or adapted) is frozen for the first "
-        f"{Params().neural_frozen_epochs} epochs (neural_frozen_epochs), then fine-tuned. With labels limited to K per "
-        "unit, a network is first trained on locsort's own clustering of a sample of the whole recording (no labels; "
-        "from the pretrained backbone in the first row, from random weights in the second) and the few-label networks "
-        "fine-tune its backbone (neural_adapted_backbone); they are an ensemble of 3 networks trained from different seeds (neural_ensemble), each trained with 4 "
-        "synthetic spikes per labelled spike (its unit's mean snippet plus another labelled spike's noise; "
-        "neural_synthetic_positives). That ensemble then labels a sample of the whole recording, and one network is "
-        "trained again, from scratch in both rows, on the labelled spikes plus its labelling (self-training; "
-        "neural_self_training): the rows differ in the backbone's starting point only. Peeling's unit templates average every "
+        f"Machine: {machine()}. Labels: ground truth of the first half, first K spikes per unit; "
+        "scored on the second half. Each cell: mean accuracy / units with accuracy >= 0.8 / "
+        "false-positive units, each the mean over the training seeds (per-seed accuracies in "
+        "benchmarks/results). Both rows imprint the head from the labelled spikes (one prototype "
+        "per unit) and then train; a backbone they start from (pretrained or adapted) is frozen "
+        f"for the first {Params().constants.neural_frozen_epochs} epochs (neural_frozen_epochs), "
+        "then fine-tuned. With labels limited to K per unit, a network is first trained on "
+        "locsort's own clustering of a sample of the whole recording (no labels; from the "
+        "pretrained backbone in the first row, from random weights in the second) and the "
+        "few-label networks fine-tune its backbone; they are an ensemble of "
+        f"{Params().constants.few_label_ensemble} networks trained from different seeds, "
+        f"each trained with {Params().constants.few_label_synthetic_positives} "
+        "synthetic spikes per labelled spike (its unit's mean snippet plus another labelled "
+        "spike's noise). That ensemble then labels a sample of the whole recording, and one "
+        "network is trained again, from scratch in both rows, on the labelled spikes plus its "
+        "labelling (self-training): the rows differ in the backbone's starting point only. "
+        "Peeling's unit templates average every "
         "sample spike that the final network assigns to the unit.",
         "",
     ]
@@ -166,7 +171,8 @@ def write_report(results, args):
             for k in ks:
                 r = rows.get(f"{backbone}, K={k}")
                 cells.append(
-                    f"{r['mean_accuracy']:.3f} / {r['well_detected']:.1f} / {r['false_positive_units']:.1f}"
+                    f"{r['mean_accuracy']:.3f} / {r['well_detected']:.1f} / "
+                    f"{r['false_positive_units']:.1f}"
                     if r
                     else ""
                 )
@@ -176,13 +182,16 @@ def write_report(results, args):
             met = p10["mean_accuracy"] >= s20["mean_accuracy"]
             lines += [
                 "",
-                f"- target (pretrained at K = 10 >= scratch at K = 20): {p10['mean_accuracy']:.3f} vs "
-                f"{s20['mean_accuracy']:.3f} (per seed {_seed_range(p10)} vs {_seed_range(s20)}): {verdict(met)}",
+                "- target (pretrained at K = 10 >= scratch at K = 20): "
+                f"{p10['mean_accuracy']:.3f} vs {s20['mean_accuracy']:.3f} "
+                f"(per seed {_seed_range(p10)} vs {_seed_range(s20)}): {verdict(met)}",
             ]
             if s10:  # what the backbone is worth against what ten more labels per unit are worth
                 lines.append(
-                    f"- at K = 10 the pretrained backbone adds {p10['mean_accuracy'] - s10['mean_accuracy']:+.3f} over "
-                    f"scratch; from scratch, K = 20 adds {s20['mean_accuracy'] - s10['mean_accuracy']:+.3f} over K = 10"
+                    "- at K = 10 the pretrained backbone adds "
+                    f"{p10['mean_accuracy'] - s10['mean_accuracy']:+.3f} over scratch; "
+                    "from scratch, K = 20 adds "
+                    f"{s20['mean_accuracy'] - s10['mean_accuracy']:+.3f} over K = 10"
                 )
         lines.append("")
     write_section("transfer", "\n".join(lines))

@@ -48,20 +48,23 @@ def read_chunk(recording, chunk: Chunk, margin: int) -> tuple[np.ndarray, int]:
         traces = np.asarray(traces, dtype=np.float32)
     except Exception as exc:  # a file removed, truncated or unreadable while the run goes on
         raise LocsortError(
-            f"cannot read {describe_files(recording)} at segment {chunk.segment_index}, samples {first}..{last}: "
-            f"{exc}; was the file moved, truncated or changed during the run?"
+            f"cannot read {describe_files(recording)} at segment {chunk.segment_index}, "
+            f"samples {first}..{last}: {exc}; was the file moved, truncated or changed during the "
+            "run?"
         ) from exc
     if traces.shape[0] != last - first:
         raise LocsortError(
             f"{describe_files(recording)} ended early: {traces.shape[0]} samples read at segment "
-            f"{chunk.segment_index}, sample {first}, where {last - first} were expected (truncated file?)"
+            f"{chunk.segment_index}, sample {first}, where {last - first} were expected "
+            "(truncated file?)"
         )
     if traces.size and not (
         np.isfinite(traces.min()) and np.isfinite(traces.max())
     ):  # NaN propagates; SIMD reductions, no boolean copy
         row = int(np.flatnonzero(~np.isfinite(traces).all(axis=1))[0])
         raise LocsortError(
-            f"the recording has NaN or Inf samples (segment {chunk.segment_index}, sample {first + row}); "
+            f"the recording has NaN or Inf samples (segment {chunk.segment_index}, "
+            f"sample {first + row}); "
             "clean or interpolate them before sorting"
         )
     return traces, first

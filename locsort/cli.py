@@ -52,7 +52,7 @@ def _common(parser: argparse.ArgumentParser, default_out: str | None) -> None:
     )
     parser.add_argument("--phy", action="store_true", help="also export a Phy folder (out/phy)")
     parser.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where torch runs"
+        "--device", choices=["auto", "cpu", "cuda"], help="where torch runs (default: auto)"
     )
     parser.add_argument(
         "--n-jobs",
@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "recording",
         nargs="+",
-        help="SpikeGLX / Open Ephys folder, .nwb, MEArec .h5, SpikeInterface folder or raw binary; several "
-        "(or a quoted glob such as 'data/*.bin') are each sorted into their own folder under --out",
+        help="SpikeGLX / Open Ephys folder, .nwb, MEArec .h5, SpikeInterface folder or raw "
+        "binary; several (or a quoted glob such as 'data/*.bin') are each sorted into their own "
+        "folder under --out",
     )
     run.add_argument(
         "--format",
@@ -153,7 +154,8 @@ def _version() -> str:
 
 def _params(args) -> Params:
     overrides = _param_overrides(args.param)
-    overrides["device"] = args.device
+    if args.device is not None:
+        overrides["device"] = args.device
     if args.n_jobs is not None:
         overrides["n_jobs"] = args.n_jobs
     if getattr(args, "labels_k", None) is not None:
@@ -166,7 +168,8 @@ def _params(args) -> Params:
 def _print_summary(result, title: str) -> None:
     print(f"\n{title}")
     print(
-        f"  spikes: {len(result.spikes)}   units: {len(result.sorting.unit_ids)}   output: {result.out}"
+        f"  spikes: {len(result.spikes)}   units: {len(result.sorting.unit_ids)}   "
+        f"output: {result.out}"
     )
     if result.note:
         print(f"  note: {result.note}")
@@ -177,7 +180,8 @@ def _print_summary(result, title: str) -> None:
         print(f"    median {loc['median_xy_um']:7.2f} µm   mean {loc['mean_xy_um']:7.2f} µm")
         print("  sorting accuracy (vs ground truth):")
         print(
-            f"    mean {srt['mean_accuracy']:.3f}   units with accuracy >= 0.8: {srt['well_detected']}/{srt['num_gt_units']}"
+            f"    mean {srt['mean_accuracy']:.3f}   units with accuracy >= 0.8: "
+            f"{srt['well_detected']}/{srt['num_gt_units']}"
             f"   false-positive units: {srt['false_positive_units']}"
         )
     print("  wall time per stage (s):")
@@ -217,7 +221,8 @@ def _demo(args) -> int:
     )
     _print_summary(
         result,
-        f"locsort demo: {args.duration:g} s, {args.channels} channels, {args.units} units, noise {args.noise:g} µV",
+        f"locsort demo: {args.duration:g} s, {args.channels} channels, {args.units} units, "
+        f"noise {args.noise:g} µV",
     )
     return 0
 
@@ -285,7 +290,8 @@ def _run_several(args, params, paths: list[str], runner) -> int:
                 (
                     path,
                     "ok",
-                    f"{len(result.spikes)} spikes, {len(result.sorting.unit_ids)} units -> {result.out}",
+                    f"{len(result.spikes)} spikes, {len(result.sorting.unit_ids)} units "
+                    f"-> {result.out}",
                     time.perf_counter() - start,
                 )
             )
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except MemoryError:
         print(
-            "locsort: error: out of memory; lower --param chunk_duration or max_training_spikes",
+            "locsort: error: out of memory; lower --param chunk_duration or trace_cache_mb",
             file=sys.stderr,
         )
         return 1
@@ -376,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"locsort: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            f"locsort: internal error: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1

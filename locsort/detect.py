@@ -5,7 +5,7 @@ One comparison pass over the chunk finds the samples below threshold (a small fr
 every further test runs only on those, as tensor gathers, so the cost is one read of the
 traces plus work proportional to the number of threshold crossings.
 
-Two signals can be thresholded (``Params.detect_method``):
+Two signals can be thresholded (``constants.detect_method``):
 
 - "peak": the traces themselves, in noise SDs of each channel.
 - "matched" (default): each channel's correlation with a spike prototype (the mean shape of

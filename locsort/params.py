@@ -19,10 +19,19 @@ from .errors import UsageError
 PRETRAINED = "pretrained"
 
 
-def _param(default, help: str, *, choices=None, low=None, high=None, path: bool = False):
-    """A field with its help line, allowed ``choices`` or range [``low``, ``high``], and whether
-    a file path is allowed besides the choices."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "path": path}
+def _param(
+    default, help: str, *, choices=None, low=None, high=None, path: bool = False, other: str = ""
+):
+    """A field with its help line, allowed ``choices`` or range [``low``, ``high``], whether a
+    file path is allowed besides the choices, or ``other`` values in words."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "low": low,
+        "high": high,
+        "path": path,
+        "other": other,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -41,6 +50,8 @@ class Params:
         "auto",
         '"auto" finds flat and very noisy channels, or comma-separated channel ids; they '
         "are interpolated from their neighbours (None: keep every channel)",
+        choices=("auto", None),
+        other="comma-separated channel ids",
     )
     # --- detection and chunking ---
     detect_threshold: float = _param(
@@ -52,7 +63,7 @@ class Params:
     trace_cache_mb: float | None = _param(
         512.0,
         "MB of the training sample's filtered traces kept for the main pass (None: off)",
-        low=0.0,
+        low=1.0,
     )
     # --- execution ---
     n_jobs: int | None = _param(
@@ -125,6 +136,15 @@ class Params:
         return {f.name: f.metadata["help"] + _allowed(f) for f in public_fields()}
 
 
+def params_with(**values) -> Params:
+    """Params with each of ``values`` set, a parameter or an internal constant alike: for the
+    benchmarks and tests, which run the real pipeline at other settings than a user's."""
+    names = {f.name for f in fields(Constants)}
+    constants = {k: v for k, v in values.items() if k in names}
+    public = {k: v for k, v in values.items() if k not in names}
+    return Params.from_dict({**public, "constants": Constants.from_dict(constants)})
+
+
 def public_fields() -> list:
     return [f for f in fields(Params) if not f.metadata.get("internal")]
 
@@ -140,6 +160,8 @@ def _allowed(f) -> str:
         parts.append(", ".join("None" if c is None else repr(c) for c in meta["choices"]))
     if meta["path"]:
         parts.append("a file path")
+    if meta["other"]:
+        parts.append(meta["other"])
     if meta["low"] is not None or meta["high"] is not None:
         low = "-inf" if meta["low"] is None else f"{meta['low']:g}"
         high = "inf" if meta["high"] is None else f"{meta['high']:g}"
@@ -166,7 +188,8 @@ def _checked(f, value):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UsageError(f"{f.name} must be a {kind.__name__}, got {value!r}{_allowed(f)}")
+        article = "an" if kind is int else "a"
+        raise UsageError(f"{f.name} must be {article} {kind.__name__}, got {value!r}{_allowed(f)}")
     if kind is float and not math.isfinite(value):
         raise UsageError(f"{f.name} must be finite, got {value!r}")
     if meta["low"] is not None and value < meta["low"]:
@@ -177,7 +200,8 @@ def _checked(f, value):
         raise UsageError(
             f"{f.name}: use None (--param {f.name}=none) for off, not the string {value!r}"
         )
-    if meta["choices"] is not None and value not in meta["choices"] and not meta["path"]:
+    free = meta["path"] or meta["other"]
+    if meta["choices"] is not None and value not in meta["choices"] and not free:
         raise UsageError(f"{f.name} cannot be {value!r}{_allowed(f)}")
     if kind is str and not value.strip():
         raise UsageError(f"{f.name} cannot be empty{_allowed(f)}")

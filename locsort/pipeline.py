@@ -33,7 +33,7 @@ from .output import RunResult, sorting_from_spikes, write_run
 from .params import Params
 from .prepare import Prepared, Timer, prepare
 from .runners import open_runner
-from .sample import chunks_before, fit_denoiser, observed_again, training_sample
+from .sample import chunks_before, denoised_sample, training_sample
 from .scan import SpikeBatch, scan
 from .sort.cluster import fit_waveform_basis
 from .sort.initial import cluster_spikes
@@ -72,32 +72,21 @@ def fit_models(
     # a sort fits its denoiser after clustering (refined_localizer), localization at once
     keep = denoise and prep.denoise
     with prep.timer.stage("fit"):
-        sample = training_sample(
-            prep,
-            localizer,
-            peaks,
-            progress,
-            windows=neural,
-            labels=labels,
-            chunks=chunks,
-            runner=runner,
-            keep_neighbourhood=keep,
-        )
-        reader = prep.amplitudes
-        fitted = fit_denoiser(prep, sample) if keep and not neural else None
-        if fitted is not None:
-            reader = fitted
-            sample = observed_again(prep, localizer, sample, reader) or training_sample(
+        if neural or not denoise:
+            sample = training_sample(
                 prep,
                 localizer,
                 peaks,
                 progress,
-                amplitudes=reader,
                 windows=neural,
                 labels=labels,
                 chunks=chunks,
                 runner=runner,
+                keep_neighbourhood=keep,
             )
+            reader = prep.amplitudes
+        else:
+            sample, reader = denoised_sample(prep, localizer, peaks, progress, runner=runner)
         # few labels: the localizer and the waveform basis learn from a sample of the whole
         # recording rather than from the labels' short stretch
         unlabelled = (

@@ -1359,7 +1359,7 @@ def _render_html(
         "</head><body>",
         f"<h1>{e(str(title))}</h1>",
         '<p class="meta">locsort report, written '
-        f'{e(datetime.datetime.now().isoformat(timespec="seconds"))}'
+        f"{e(datetime.datetime.now().isoformat(timespec='seconds'))}"
         + (" · with ground truth" if has_ground_truth else "")
         + "</p>",
     ]

@@ -52,7 +52,7 @@ class LocalRunner:
     Threads pay off because reading and filtering (SpikeInterface, NumPy/SciPy) and torch
     release the GIL: on 2 cores two threads make the pass ~1.8x faster. While they run, torch and
     the BLAS libraries get cores / threads threads each: with their own pools on every core as
-    well, the chunk threads contend (np64's localization pass on 2 cores: 0.31 s against 0.54 s).
+    well, the chunk threads contend (docs/design-decisions.md, § Execution).
     At most ``threads + 1`` chunks are in flight, so memory stays a few chunks' worth."""
 
     workers = 1
@@ -174,8 +174,8 @@ class DaskRunner:
                 try:
                     result = future.result()
                 except FutureCancelledError as exc:
-                    # the scheduler dropped the chunk's task while a killed worker's tasks were being
-                    # rescheduled ("already forgotten"): submit the chunk again, a bounded number of times
+                    # the scheduler dropped the chunk's task while a killed worker's tasks were
+                    # rescheduled ("already forgotten"): submit it again, a bounded number of times
                     if self.client.status != "running" or attempts[i] >= MAX_CHUNK_RESUBMITS:
                         raise LocsortError(
                             f"lost the Dask cluster ({self.description}) during the run: {exc}"
@@ -187,7 +187,8 @@ class DaskRunner:
                     continue
                 except KilledWorker as exc:
                     raise LocsortError(
-                        f"chunk {i} killed Dask workers repeatedly ({exc}); is a worker short of memory?"
+                        f"chunk {i} killed Dask workers repeatedly ({exc}); is a worker short of "
+                        "memory?"
                     ) from exc
                 except LocsortError:
                     raise
@@ -216,8 +217,8 @@ def _check_shippable(job) -> None:
         return
     if len(pickle.dumps(recording.to_dict(recursive=True))) > MAX_INLINE_RECORDING_BYTES:
         raise UsageError(
-            "the recording exists only in this process's memory and is too large to send to Dask workers; "
-            "save it first (recording.save(folder=...)) and sort the saved copy"
+            "the recording exists only in this process's memory and is too large to send to Dask "
+            "workers; save it first (recording.save(folder=...)) and sort the saved copy"
         )
 
 
@@ -229,7 +230,8 @@ def open_runner(
     processes, or the existing cluster at ``scheduler`` (address, e.g. tcp://host:8786)."""
     if workers is not None and scheduler is not None:
         raise UsageError(
-            "give either --workers (start a local Dask cluster) or --scheduler (use an existing one), not both"
+            "give either --workers (start a local Dask cluster) or --scheduler (use an existing "
+            "one), not both"
         )
     if workers is None and scheduler is None:
         yield LocalRunner(params.n_jobs if params is not None else None)

@@ -236,6 +236,30 @@ def observed_again(
     )
 
 
+def denoised_sample(
+    prep: Prepared, localizer, peaks, progress: bool, *, runner=None, **sample_args
+) -> tuple[TrainingSample, AmplitudeReader]:
+    """(training sample, amplitude reader): the sample's amplitudes read with an amplitude
+    denoiser fitted on it, where one can be fitted (else without one). ``sample_args``: as
+    ``training_sample``."""
+    sample = training_sample(
+        prep,
+        localizer,
+        peaks,
+        progress,
+        runner=runner,
+        keep_neighbourhood=prep.denoise,
+        **sample_args,
+    )
+    reader = fit_denoiser(prep, sample) if prep.denoise else None
+    if reader is None:
+        return replace(sample, neighbourhood_waveforms=None), prep.amplitudes
+    again = observed_again(prep, localizer, sample, reader) or training_sample(
+        prep, localizer, peaks, progress, amplitudes=reader, runner=runner, **sample_args
+    )
+    return again, reader
+
+
 def chunks_before(prep: Prepared, end: int) -> list:
     """The chunks that start before global position ``end`` (a labelled stretch)."""
     offsets = segment_offsets(prep.recording)

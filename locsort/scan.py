@@ -25,7 +25,8 @@ class SpikeBatch:
 
     peaks : (n,) PEAK_DTYPE, the caller's peaks or the detected ones (amplitude: signed µV)
     centre : (n,) the neighbourhood's centre channel: the peak's channel
-    waveforms : (n, T, K) µV on the centre's neighbourhood (virtual slots are 0); None when not extracted
+    waveforms : (n, T, K) µV on the centre's neighbourhood (virtual slots are 0); None when not
+        extracted
     amplitudes : (n, K) negative-peak size per slot (positive µV), within the amplitude window
         (neighbourhood.AmplitudeReader); idem
     order : (n,) position of each spike in the caller's peak array (given peaks only)
@@ -59,7 +60,8 @@ class SpikeBatch:
         )
 
     def amplitudes_around(self, channels: np.ndarray, neighbourhood: Neighbourhood) -> np.ndarray:
-        """(n, K) negative-peak sizes on the neighbourhood of ``channels`` (n,), read the same way."""
+        """(n, K) negative-peak sizes on the neighbourhood of ``channels`` (n,), read the same
+        way."""
         return self._reader.at(self._traces, self._rows, neighbourhood.index[channels])
 
 
@@ -120,9 +122,9 @@ class TraceCache:
     detected on them (the main pass detects the same ones first). Holds at most ``max_bytes``;
     a chunk that does not fit is read again as before. Threads share it.
 
-    Reading the main pass's other chunks ahead while the models train was tried: the training's
-    torch threads then wait on the reading thread, and the fit stage took longer than the main
-    pass saved (np64: 17.2 s a sort against 16.7 s without it; NOTES.md session 35)."""
+    Reading the main pass's other chunks ahead while the models train was tried and dropped:
+    the training's torch threads then wait on the reading thread (docs/design-decisions.md,
+    § Execution)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -197,7 +199,9 @@ class Scanner:
             self.thresholds = (self.params.detect_threshold * np.asarray(self.noise)).astype(
                 np.float32
             )
-        self.detect_neighbours = self.neighbourhood.channels_within(self.params.constants.detect_radius_um)
+        self.detect_neighbours = self.neighbourhood.channels_within(
+            self.params.constants.detect_radius_um
+        )
         if self.peaks is not None:
             self.sort = np.lexsort((self.peaks["sample_index"], self.peaks["segment_index"]))
             self.sorted_peaks = self.peaks[self.sort]
@@ -227,8 +231,8 @@ class Scanner:
                 self.recording = BaseExtractor.from_dict(self._description)
             except Exception as exc:
                 raise LocsortError(
-                    f"cannot open {describe_files(self._description)} here ({exc}); every worker must "
-                    "see the recording's files at the same path"
+                    f"cannot open {describe_files(self._description)} here ({exc}); every worker "
+                    "must see the recording's files at the same path"
                 ) from exc
         return self.recording
 
@@ -236,8 +240,9 @@ class Scanner:
         return make_chunks(self.recording, self.counts.chunk_size)
 
     def batch(self, chunk: Chunk, features: bool = True, waveforms: bool = True) -> SpikeBatch:
-        """The spikes of ``chunk`` (only those whose peak lies inside it: chunks never share a spike).
-        ``waveforms=False``: amplitudes only (what localization needs), no (n, T, K) windows."""
+        """The spikes of ``chunk`` (only those whose peak lies inside it: chunks never share a
+        spike). ``waveforms=False``: amplitudes only (what localization needs), no (n, T, K)
+        windows."""
         held = self.cache.get(chunk, remove=self.last_pass) if self.cache is not None else None
         traces, first, detected = held if held is not None else (*self._read(chunk), None)
         batch = self.batch_in(traces, first, chunk, features, waveforms, detected=detected)
@@ -268,7 +273,8 @@ class Scanner:
         detected: np.ndarray | None = None,
     ) -> SpikeBatch:
         """``batch`` on traces already read (T, C), whose first row is sample ``first`` and which
-        hold ``chunk`` with the geometry's margin on both sides (e.g. a chunk with spikes peeled off).
+        hold ``chunk`` with the counts' margin on both sides (e.g. a chunk with spikes peeled
+        off).
         ``threshold``: detect at this many noise levels instead of ``params.detect_threshold``;
         ``detected``: the peaks an earlier pass detected on these traces (no detection again)."""
         counts = self.counts
@@ -379,7 +385,9 @@ def _features(
     channel (honoured one to one)."""
     centre = peaks["channel_index"].astype(np.int64)
     if with_waveforms:
-        waveforms = gather_windows(traces, rows, neighbourhood.index[centre], counts.before, counts.after)
+        waveforms = gather_windows(
+            traces, rows, neighbourhood.index[centre], counts.before, counts.after
+        )
         amplitudes = reader.of_windows(waveforms)
     else:
         waveforms = None

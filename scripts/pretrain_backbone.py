@@ -1,9 +1,9 @@
 """Pretrain the neural sorter's backbone shipped in locsort/sort/pretrained/backbone.safetensors.
 
-Recordings: SpikeInterface's generator on the 64-channel Neuropixels-like probe (research.md
-§3), 60 s each, 50 units, noise 5 µV, seeds 100-105: seeds no test or benchmark uses, so
-the benchmarks' recordings (seed 0) and the tests' (seed 1) are not in the training set. Labels
-are the generator's ground truth, matched to locsort's candidate events exactly as
+Recordings: SpikeInterface's generator on the 64-channel Neuropixels-like probe, 60 s each, 50
+units, noise 5 µV, seeds 100-105: seeds no test or benchmark uses, so the benchmarks'
+recordings (seed 0) and the tests' (seed 1) are not in the training set. Labels are the
+generator's ground truth, matched to locsort's candidate events exactly as
 ``locsort.sort(labels=...)`` does; one head per recording, the backbone shared.
 
 Re-run on CPU (about 3 minutes on a 2-core machine):
@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import locsort
-from locsort.params import Params
-from locsort.pipeline import _training_sample, prepare
+from locsort.params import params_with
+from locsort.prepare import prepare
+from locsort.sample import training_sample
 from locsort.simulate import generate_recording
 from locsort.localize import make_localizer
 from locsort.sort.labels import labels_from_sorting
@@ -38,7 +39,8 @@ def main():
     args = parser.parse_args()
 
     start = time.perf_counter()
-    params = Params(localization_method="center_of_mass", seed=0)  # locations are not used here
+    # locations are not used here
+    params = params_with(localization_method="center_of_mass", seed=0)
     datasets = []
     for seed in args.seeds:
         recording, truth = generate_recording(
@@ -46,7 +48,7 @@ def main():
         )
         prep = prepare(recording, params)
         labels = labels_from_sorting(truth.sorting, prep.recording)
-        sample = _training_sample(
+        sample = training_sample(
             prep,
             make_localizer("center_of_mass", params),
             None,
@@ -56,7 +58,8 @@ def main():
         )
         datasets.append((sample.windows, sample.targets, sample.mask))
         print(
-            f"seed {seed}: {len(sample.windows)} candidate windows, {int(sample.targets.any(1).sum())} labelled",
+            f"seed {seed}: {len(sample.windows)} candidate windows, "
+            f"{int(sample.targets.any(1).sum())} labelled",
             flush=True,
         )
     backbone, summary = pretrain_backbone(datasets, epochs=args.epochs, seed=0)
@@ -64,7 +67,8 @@ def main():
         "made_by": "scripts/pretrain_backbone.py",
         "locsort_version": locsort.__version__,
         "recordings": [
-            f"spikeinterface generate_ground_truth_recording, 64-channel Neuropixels-like probe, {args.duration:g} s, "
+            "spikeinterface generate_ground_truth_recording, 64-channel Neuropixels-like probe, "
+            f"{args.duration:g} s, "
             f"50 units, noise 5, seed {s}"
             for s in args.seeds
         ],

@@ -1,4 +1,4 @@
-"""Pretrain the encoders shipped in locsort/localize/pretrained/ (one per probe type).
+r"""Pretrain the encoders shipped in locsort/localize/pretrained/ (one per probe type).
 
 Each is trained exactly as ``locsort.localize`` trains an encoder (ELBO, 30 epochs from scratch,
 amplitudes read with the recording's amplitude denoiser), on the pooled training samples of
@@ -6,11 +6,12 @@ several SpikeInterface-generated recordings of its probe type: 60 s each, 50 uni
 15 and 20 µV, seeds 200-203, which no test or benchmark uses. Amplitudes are pooled in noise units:
 each recording's are rescaled to the first one's per-channel noise (the model is unchanged when
 signal and noise scale together). A recording's own training then starts from these weights and
-fitted globals (``Params.encoder_init``) and needs a few epochs instead of 30.
+fitted globals (``encoder_init``) and needs a few epochs instead of 30.
 
 Re-run on CPU (about 3 minutes on a 2-core machine):
 
-    python scripts/pretrain_encoder.py [--probes neuropixels1 square_mea_15um] [--out-dir locsort/localize/pretrained]
+    python scripts/pretrain_encoder.py [--probes neuropixels1 square_mea_15um] \
+        [--out-dir locsort/localize/pretrained]
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import locsort
 from locsort.localize import make_localizer
 from locsort.localize.pretrained import ENCODER_PATHS
 from locsort.params import Params
-from locsort.pipeline import _training_sample, prepare
+from locsort.prepare import prepare
+from locsort.sample import denoised_sample
 from locsort.simulate import generate_recording, neuropixels_like_probe, square_mea_probe
 
 PROBES = {
@@ -49,9 +51,8 @@ def pooled_sample(
             duration=duration, num_units=50, noise_level=noise_level, seed=seed, probe=make_probe()
         )
         prep = prepare(recording, params)
-        observations = _training_sample(
-            prep, make_localizer("locsort", params), None, progress=True
-        ).observations
+        sample, _ = denoised_sample(prep, make_localizer("locsort", params), None, progress=True)
+        observations = sample.observations
         if reference is None:
             reference, neighbourhood = prep.noise, prep.neighbourhood
         slots = neighbourhood.index[
@@ -67,7 +68,8 @@ def pooled_sample(
             }
         )
         described.append(
-            f"spikeinterface generate_ground_truth_recording, {description}, {duration:g} s, 50 units, "
+            f"spikeinterface generate_ground_truth_recording, {description}, {duration:g} s, "
+            "50 units, "
             f"noise {noise_level:g}, seed {seed}: {len(observations['centres'])} spikes"
         )
         print(described[-1], flush=True)
@@ -88,7 +90,7 @@ def main():
     if len(args.seeds) != len(args.noise_levels):
         parser.error("give one noise level per seed")
 
-    params = Params(seed=0, encoder_init="none")  # localize()'s defaults, trained from scratch
+    params = Params(seed=0, encoder_init=None)  # localize()'s defaults, trained from scratch
     for name in args.probes:
         start = time.perf_counter()
         observations, neighbourhood, noise, recordings = pooled_sample(
@@ -119,7 +121,8 @@ def main():
         out.parent.mkdir(parents=True, exist_ok=True)
         encoder.save(out, info)
         print(
-            f"wrote {out} in {info['seconds']} s ({history['epochs']} epochs on {history['train_examples']} spikes)",
+            f"wrote {out} in {info['seconds']} s "
+            f"({history['epochs']} epochs on {history['train_examples']} spikes)",
             flush=True,
         )
 

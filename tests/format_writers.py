@@ -29,7 +29,8 @@ def _as_int16_2d(traces: np.ndarray) -> np.ndarray:
     traces = np.asarray(traces)
     if traces.ndim != 2 or traces.dtype != np.int16:
         raise ValueError(
-            f"traces must be a 2D int16 array (num_samples, num_channels), got {traces.dtype} {traces.shape}"
+            "traces must be a 2D int16 array (num_samples, num_channels), "
+            f"got {traces.dtype} {traces.shape}"
         )
     return traces
 
@@ -195,7 +196,8 @@ def write_openephys(folder: Path, traces: np.ndarray, sampling_frequency: float)
         "  <INFO><VERSION>0.6.7</VERSION></INFO>\n"
         "  <SIGNALCHAIN>\n"
         f'    <PROCESSOR name="Acquisition Board" nodeId="100">'
-        f'<STREAM name="Rhythm Data" sample_rate="{float(sampling_frequency)}" channel_count="{num_channels}"/>'
+        f'<STREAM name="Rhythm Data" sample_rate="{float(sampling_frequency)}" '
+        f'channel_count="{num_channels}"/>'
         "</PROCESSOR>\n"
         '    <PROCESSOR name="Record Node" nodeId="101"/>\n'
         "  </SIGNALCHAIN>\n</SETTINGS>\n"

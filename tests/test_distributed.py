@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import locsort
-from locsort.distribute import LocalRunner
+from locsort.runners import LocalRunner
 from locsort.errors import LocsortError
 from locsort.io import open_recording
 from locsort.workarea import WorkArea, work_area_path
@@ -237,7 +237,8 @@ def test_full_disk_leaves_no_output_and_the_run_then_completes(
     recording_folder, reference, tmp_path
 ):
     out = tmp_path / "out"
-    limit = 300_000  # bytes per file: the 450 kB encoder file cannot be written (EFBIG, as on a full disk)
+    # bytes per file: the 450 kB encoder file cannot be written (EFBIG, as on a full disk)
+    limit = 300_000
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -304,7 +305,7 @@ def test_chunk_threads_share_the_cores_and_the_thread_pools_are_put_back():
     import torch
     from threadpoolctl import threadpool_info
 
-    from locsort.distribute import available_cores
+    from locsort.runners import available_cores
 
     def job(chunk):
         blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]

@@ -9,12 +9,13 @@ import locsort
 from locsort.errors import LocsortError, UsageError
 from locsort.evaluate import ground_truth_peaks, localization_errors
 from locsort.localize.amortized import AmortizedLocalizer
-from locsort.params import Params
-from locsort.pipeline import _locate, prepare
+from locsort.params import Params, params_with
+from locsort.pipeline import locate
+from locsort.prepare import prepare
 from locsort.preprocess import preprocess
 
 QUICK = dict(
-    encoder_max_epochs=25, encoder_patience=4, encoder_init="none"
+    encoder_max_epochs=25, encoder_patience=4, encoder_init=None
 )  # from scratch: the recording's spikes alone
 
 
@@ -29,13 +30,13 @@ def processed(ground_truth_recording):
 @pytest.fixture(scope="module")
 def trained(processed):
     recording, peaks, true_xyz = processed
-    prep = prepare(recording, Params(preprocess=False, **QUICK))
-    spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
+    prep = prepare(recording, params_with(preprocess=False, **QUICK))
+    spikes, localizer = locate(prep, peaks, progress=False)
     com = locsort.localize(
         recording,
         peaks=peaks,
         method="center_of_mass",
-        params=Params(preprocess=False),
+        params=params_with(preprocess=False),
         progress=False,
     )
     return prep, spikes, localizer, com
@@ -79,8 +80,8 @@ def test_amplitude_jitter_gives_several_centres_and_one_pooled_posterior_per_spi
 ):
     recording, peaks, true_xyz = processed
     com = trained[3]
-    prep = prepare(recording, Params(preprocess=False, jitter_uv=10.0, encoder_max_epochs=3))
-    spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
+    prep = prepare(recording, params_with(preprocess=False, jitter_uv=10.0, encoder_max_epochs=3))
+    spikes, localizer = locate(prep, peaks, progress=False)
     scanner = prep.scanner(peaks)
     observations = localizer.observe(
         scanner.batch(scanner.chunks()[0], waveforms=False), prep.neighbourhood
@@ -109,7 +110,7 @@ def test_saved_encoder_reproduces_and_checks_geometry(tmp_path, processed, train
     again = locsort.localize(
         recording,
         peaks=peaks,
-        params=Params(preprocess=False, encoder_path=str(path)),
+        params=params_with(preprocess=False, encoder_path=str(path)),
         progress=False,
     )
     np.testing.assert_allclose(again["x"], spikes["x"], atol=1e-3)
@@ -125,7 +126,7 @@ def test_saved_encoder_reproduces_and_checks_geometry(tmp_path, processed, train
         generate_probe_kwargs=dict(num_columns=4, xpitch=20, ypitch=20),
     )
     with pytest.raises(UsageError, match="another probe geometry"):
-        locsort.localize(square, params=Params(encoder_path=str(path)), progress=False)
+        locsort.localize(square, params=params_with(encoder_path=str(path)), progress=False)
 
 
 def test_corrupt_or_foreign_encoder_files_are_refused(tmp_path, ground_truth_recording):
@@ -153,11 +154,11 @@ def test_training_starts_from_the_shipped_encoder_of_the_probe_type_and_adapts_i
     recording, peaks, true_xyz = processed
     com = trained[3]
     prep = prepare(
-        recording, Params(preprocess=False)
+        recording, params_with(preprocess=False)
     )  # default: encoder_init=pretrained, encoder_init_epochs
-    spikes, localizer = _locate(prep, peaks, "locsort", progress=False)
+    spikes, localizer = locate(prep, peaks, progress=False)
     assert localizer.history["started_from"] == "neuropixels1"  # the test probe is Neuropixels-like
-    assert 1 <= localizer.history["epochs"] <= Params.encoder_init_epochs
+    assert 1 <= localizer.history["epochs"] <= Params().constants.encoder_init_epochs
     shipped = AmortizedLocalizer.load(ENCODER_PATHS["neuropixels1"])
     assert shipped.info["made_by"] == "scripts/pretrain_encoder.py" and shipped.info["recordings"]
     # trained on: the weights moved away from the shipped ones
@@ -181,9 +182,9 @@ def test_an_encoder_to_start_from_must_fit_the_probe_and_other_probes_train_from
     path = tmp_path / "encoder.safetensors"
     trained[2].save(path)
     prep = prepare(
-        recording, Params(preprocess=False, encoder_init=str(path), encoder_init_epochs=2)
+        recording, params_with(preprocess=False, encoder_init=str(path), encoder_init_epochs=2)
     )
-    _, localizer = _locate(prep, peaks, "locsort", progress=False)
+    _, localizer = locate(prep, peaks, progress=False)
     assert localizer.history["started_from"] == str(path) and localizer.history["epochs"] <= 2
 
     square, _ = generate_ground_truth_recording(
@@ -194,10 +195,10 @@ def test_an_encoder_to_start_from_must_fit_the_probe_and_other_probes_train_from
         generate_probe_kwargs=dict(num_columns=4, xpitch=20, ypitch=20),
     )
     with pytest.raises(UsageError, match="another probe geometry"):
-        locsort.localize(square, params=Params(encoder_init=str(path)), progress=False)
+        locsort.localize(square, params=params_with(encoder_init=str(path)), progress=False)
     # no shipped encoder has a 20 µm square lattice: trained from scratch, up to encoder_max_epochs
-    prep = prepare(square, Params(encoder_max_epochs=3, min_training_spikes=50))
-    _, localizer = _locate(prep, None, "locsort", progress=False)
+    prep = prepare(square, params_with(encoder_max_epochs=3, min_training_spikes=50))
+    _, localizer = locate(prep, None, progress=False)
     assert localizer.history["started_from"] == "scratch" and localizer.history["epochs"] == 3
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 64)
@@ -205,7 +206,7 @@ def test_an_encoder_to_start_from_must_fit_the_probe_and_other_probes_train_from
         locsort.localize(
             recording,
             peaks=peaks,
-            params=Params(preprocess=False, encoder_init=str(corrupt)),
+            params=params_with(preprocess=False, encoder_init=str(corrupt)),
             progress=False,
         )
 
@@ -214,17 +215,17 @@ def test_unknown_localizer_settings_are_refused():
     from locsort.localize import make_localizer
 
     with pytest.raises(UsageError, match="decay_law"):
-        make_localizer("locsort", Params(decay_law="gaussian"))
+        make_localizer("locsort", params_with(decay_law="gaussian"))
     with pytest.raises(UsageError, match="localization method"):
         make_localizer("kalman", Params())
     with pytest.raises(UsageError, match="encoder_init_epochs"):
-        make_localizer("locsort", Params(encoder_init_epochs=0))
+        make_localizer("locsort", params_with(encoder_init_epochs=0))
 
 
 def test_too_few_spikes_falls_back_to_centre_of_mass_and_says_so(processed):
     recording, peaks, _ = processed
-    prep = prepare(recording, Params(preprocess=False, min_training_spikes=10**6))
-    spikes, localizer = _locate(prep, peaks[:200], "locsort", progress=False)
+    prep = prepare(recording, params_with(preprocess=False, min_training_spikes=10**6))
+    spikes, localizer = locate(prep, peaks[:200], progress=False)
     assert "centre of mass" in localizer.fallback_reason
     assert np.all(np.isnan(spikes["x_std"])) and np.all(np.isfinite(spikes["x"]))
 

@@ -91,7 +91,8 @@ def _two_spike_shapes() -> np.ndarray:
 
 
 def test_amplitudes_read_through_the_spike_basis_are_closer_to_the_noise_free_ones():
-    # spikes of two shapes (a sharp one and a broad one) at random sizes on 6 channels, in white noise
+    # spikes of two shapes (a sharp one and a broad one) at random sizes on 6 channels, in white
+    # noise
     rng = np.random.default_rng(0)
     shapes = _two_spike_shapes()
     n, channels = 400, 6
@@ -107,8 +108,8 @@ def test_amplitudes_read_through_the_spike_basis_are_closer_to_the_noise_free_on
         np.abs(denoised.of_windows(snippets) - truth).mean()
         < 0.6 * np.abs(raw.of_windows(snippets) - truth).mean()
     )
-    # read from traces or from gathered windows: the same (up to float32 rounding: the matrix products
-    # differ in shape); virtual channels read 0
+    # read from traces or from gathered windows: the same (up to float32 rounding: the matrix
+    # products differ in shape); virtual channels read 0
     traces = rng.standard_normal((300, 8)).astype(np.float32)
     rows, where = rng.integers(25, 265, 20), rng.integers(-1, 8, (20, 5))
     np.testing.assert_allclose(
@@ -121,14 +122,14 @@ def test_amplitudes_read_through_the_spike_basis_are_closer_to_the_noise_free_on
     np.testing.assert_array_equal(
         raw.at(traces, rows, where), peak_amplitudes_at(traces, rows, where, 3)
     )
-    assert (
-        fit_amplitude_basis(snippets[:10], half=3, before=20, num_components=4) is None
-    )  # too few spikes
+    # too few spikes
+    assert fit_amplitude_basis(snippets[:10], half=3, before=20, num_components=4) is None
 
 
 def test_the_spatio_temporal_denoiser_reads_amplitudes_closer_to_the_noise_free_ones():
-    # each spike: one of two shapes, on 9 channels in a row with sizes decaying from a random source, in
-    # white noise of SD 1: the channels move together, which the denoiser learns from the spikes themselves
+    # each spike: one of two shapes, on 9 channels in a row with sizes decaying from a random
+    # source, in white noise of SD 1: the channels move together, which the denoiser learns from the
+    # spikes themselves
     rng = np.random.default_rng(1)
     shapes = _two_spike_shapes()
     n, k = 3000, 9
@@ -140,10 +141,8 @@ def test_the_spatio_temporal_denoiser_reads_amplitudes_closer_to_the_noise_free_
     snippets = (clean + rng.standard_normal(clean.shape)).astype(np.float32)
     basis = fit_amplitude_basis(snippets, half=3, before=20, num_components=4)
     index, centres = np.arange(k)[None], np.zeros(n, np.int64)
-    white = (
-        np.eye(k),
-        np.eye(1, 51)[0],
-    )  # noise covariance across channels, autocorrelation in time
+    # noise covariance across channels, autocorrelation in time
+    white = (np.eye(k), np.eye(1, 51)[0])
     components, gains = fit_amplitude_denoiser(
         snippets, centres, basis, index, *white, min_gain=0.3
     )
@@ -157,7 +156,8 @@ def test_the_spatio_temporal_denoiser_reads_amplitudes_closer_to_the_noise_free_
     truth = -clean[:, 17:24].min(axis=1)
     error = lambda reader: np.abs(reader.of_windows(snippets) - truth).mean()
     assert error(spatial) < 0.8 * error(temporal)
-    # from traces or from gathered windows: the same; virtual slots read 0 and do not reach the real ones
+    # from traces or from gathered windows: the same; virtual slots read 0 and do not reach the
+    # real ones
     traces = rng.standard_normal((300, 12)).astype(np.float32)
     rows = rng.integers(25, 265, 20)
     where = np.where(rng.random((20, k)) < 0.2, -1, rng.integers(1, 12, (20, k)))

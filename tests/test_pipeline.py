@@ -8,7 +8,12 @@ import locsort
 from locsort.errors import LocsortError, UsageError
 from locsort.evaluate import ground_truth_peaks, localization_errors, match_spikes
 from locsort.io import atomic_folder
-from locsort.params import Params
+from locsort.models import Models
+from locsort.output import save_sorting
+from locsort.params import Params, params_with
+from locsort.pipeline import fit_models
+from locsort.prepare import prepare
+from locsort.sample import observed_again, training_sample
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,7 @@ def test_detection_finds_the_true_spikes(ground_truth_recording, detected):
 
 def test_detection_does_not_depend_on_chunk_boundaries(ground_truth_recording, detected):
     recording, _ = ground_truth_recording
-    other = locsort.detect(recording, params=Params(chunk_duration=0.37), progress=False)
+    other = locsort.detect(recording, params=params_with(chunk_duration=0.37), progress=False)
     np.testing.assert_array_equal(other["sample_index"], detected["sample_index"])
     np.testing.assert_array_equal(other["channel_index"], detected["channel_index"])
 
@@ -41,7 +46,7 @@ def test_peak_detection_agrees_with_spikeinterface(ground_truth_recording):
 
     recording, _ = ground_truth_recording
     detected = locsort.detect(
-        recording, params=Params(detect_method="peak", detect_threshold=5), progress=False
+        recording, params=params_with(detect_method="peak", detect_threshold=5), progress=False
     )
     processed = preprocess(recording)
     theirs = detect_peaks(
@@ -71,11 +76,12 @@ def test_matched_filter_detection_finds_more_small_spikes_than_peaks():
     recording, truth = generate_recording(duration=10.0, num_units=20, noise_level=25.0, seed=1)
     found, false = {}, {}
     for method in ("peak", "matched"):
-        peaks = locsort.detect(recording, params=Params(detect_method=method), progress=False)
+        peaks = locsort.detect(recording, params=params_with(detect_method=method), progress=False)
         _, matched = match_spikes(locsort.spikes.spikes_from_peaks(peaks), recording, truth)
         found[method] = (matched >= 0).mean()
         false[method] = len(peaks) - len(np.unique(matched[matched >= 0]))
-    # measured: 0.44 of the true spikes with peaks, 0.61 with the matched filter, 18 false detections each
+    # measured: 0.44 of the true spikes with peaks, 0.61 with the matched filter, 18 false
+    # detections each
     assert found["matched"] > 1.2 * found["peak"]
     assert false["matched"] <= false["peak"] + 0.01 * len(matched)
 
@@ -89,9 +95,8 @@ def test_matched_filter_score_peaks_at_the_spike_trough():
     noise = np.array([2.0, 4.0], np.float32)
     traces = rng.normal(size=(500, 2)).astype(np.float32) * noise
     traces[:, 1] = 0.0
-    traces[300 - 8 : 300 + 13, 1] = (
-        40 * prototype
-    )  # a noise-free spike, trough at sample 300 on channel 1
+    # a noise-free spike, trough at sample 300 on channel 1
+    traces[300 - 8 : 300 + 13, 1] = 40 * prototype
     score = MatchedFilter(prototype, 8, np.ones(2, np.float32)).score(traces, noise).numpy()
     assert score[:, 1].argmax() == 300
     # the score is the correlation of each channel (in noise units) with the prototype
@@ -103,8 +108,6 @@ def test_matched_filter_score_peaks_at_the_spike_trough():
 
 def test_noise_only_recording_falls_back_to_peak_detection():
     from spikeinterface.core import NumpyRecording
-
-    from locsort.pipeline import prepare
 
     traces = np.random.default_rng(0).normal(scale=10.0, size=(300_000, 4)).astype(np.float32)
     recording = NumpyRecording([traces], sampling_frequency=30_000.0)
@@ -124,7 +127,8 @@ def test_localize_honours_given_peaks_one_to_one_in_order(ground_truth_recording
     np.testing.assert_array_equal(spikes["sample_index"], peaks["sample_index"][shuffled])
     np.testing.assert_array_equal(spikes["channel_index"], peaks["channel_index"][shuffled])
     in_order = locsort.localize(recording, peaks=peaks, method="center_of_mass", progress=False)
-    # same spikes in another order: same locations up to float32 rounding (batches differ, so sums do)
+    # same spikes in another order: same locations up to float32 rounding (batches differ, so sums
+    # do)
     np.testing.assert_allclose(spikes["x"], in_order["x"][shuffled], rtol=1e-5)
     errors = localization_errors(in_order, true_xyz)
     assert errors["median_xy_um"] < 25.0  # SpikeInterface's centre of mass: ~19.5 µm here
@@ -171,15 +175,15 @@ def test_a_sorts_training_sample_reads_only_the_chunks_its_spike_budget_needs(
 
     def sample(per_channel: int):
         reads.clear()
-        params = Params(
+        params = params_with(
             chunk_duration=0.25,
             sample_chunks=30,
             sample_spikes_per_channel=per_channel,
             trace_cache_mb=0,
         )
-        prep = locsort.pipeline.prepare(recording, params)
-        drawn = locsort.pipeline._training_sample(
-            prep, CenterOfMass(9), None, progress=False, windows=True, denoise_later=True
+        prep = prepare(recording, params)
+        drawn = training_sample(
+            prep, CenterOfMass(9), None, progress=False, windows=True, keep_neighbourhood=True
         )
         return drawn, sorted(chunk.start for chunk in reads)
 
@@ -265,7 +269,7 @@ def test_sorting_folder_is_written_without_spikeinterfaces_provenance_warning(tm
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        locsort.pipeline.save_sorting(sorting, tmp_path / "sorting")
+        save_sorting(sorting, tmp_path / "sorting")
     assert not [w for w in caught if "provenance" in str(w.message)]
     loaded = load(tmp_path / "sorting")
     np.testing.assert_array_equal(loaded.get_unit_spike_train(0), [5, 90])
@@ -285,7 +289,6 @@ def damaged_recording(ground_truth_recording):
 def test_flat_and_noisy_channels_are_found_and_interpolated(
     ground_truth_recording, damaged_recording
 ):
-    from locsort.pipeline import prepare
 
     recording, _ = ground_truth_recording
     ids = list(recording.channel_ids)
@@ -295,17 +298,19 @@ def test_flat_and_noisy_channels_are_found_and_interpolated(
     assert prep.bad_channels[ids[5]].startswith("flat") and prep.bad_channels[ids[17]].startswith(
         "noisy"
     )
-    # interpolated from their neighbours: neither zeros nor 60 µV of noise (an average of neighbours is
-    # a little quieter than one channel)
+    # interpolated from their neighbours: neither zeros nor 60 µV of noise (an average of neighbours
+    # is a little quieter than one channel)
     assert np.all(
         (prep.noise > 0.3 * np.median(prep.noise)) & (prep.noise < 1.5 * np.median(prep.noise))
     )
-    # and detection sees what it sees on the intact recording; kept as they are, the damaged channels
-    # add false spikes
+    # and detection sees what it sees on the intact recording; kept as they are, the damaged
+    # channels add false spikes
     clean = len(locsort.detect(recording, progress=False))
     assert abs(len(locsort.detect(damaged_recording, progress=False)) - clean) < 0.03 * clean
     assert (
-        len(locsort.detect(damaged_recording, params=Params(bad_channels="none"), progress=False))
+        len(
+            locsort.detect(damaged_recording, params=params_with(bad_channels=None), progress=False)
+        )
         > 1.05 * clean
     )
 
@@ -313,17 +318,18 @@ def test_flat_and_noisy_channels_are_found_and_interpolated(
 def test_bad_channels_can_be_named_or_kept_and_unknown_names_or_hopeless_recordings_are_refused(
     damaged_recording,
 ):
-    from locsort.pipeline import prepare
     from locsort.simulate import with_bad_channels
 
     ids = list(damaged_recording.channel_ids)
-    named = prepare(damaged_recording, Params(bad_channels=f"{ids[5]}, {ids[30]}")).bad_channels
+    named = prepare(
+        damaged_recording, params_with(bad_channels=f"{ids[5]}, {ids[30]}")
+    ).bad_channels
     assert set(named) == {ids[5], ids[30]}
-    assert prepare(damaged_recording, Params(bad_channels="none")).bad_channels == {}
+    assert prepare(damaged_recording, params_with(bad_channels=None)).bad_channels == {}
     with pytest.raises(UsageError, match="channels the recording does not have: nope"):
-        prepare(damaged_recording, Params(bad_channels="nope"))
+        prepare(damaged_recording, params_with(bad_channels="nope"))
     with pytest.raises(LocsortError, match="too few good ones"):
-        prepare(damaged_recording, Params(bad_channels=",".join(map(str, ids[:40]))))
+        prepare(damaged_recording, params_with(bad_channels=",".join(map(str, ids[:40]))))
     with pytest.raises(LocsortError, match="every channel is flat"):
         prepare(with_bad_channels(damaged_recording, flat=range(len(ids))))
 
@@ -338,7 +344,8 @@ def test_a_run_names_its_interpolated_channels_in_run_json_and_the_report(
     info = json.loads((tmp_path / "out" / "run.json").read_text())
     recorded = info["bad_channels"]
     assert set(recorded) == {ids[5], ids[17], ids[30]} and recorded[ids[17]].startswith("noisy")
-    # the sort reports locations read with the amplitude denoiser, by its clustering's encoder refined on them
+    # the sort reports locations read with the amplitude denoiser, by its clustering's encoder
+    # refined on them
     assert (
         "spatio-temporal" in info["amplitudes"]
         and info["localization"]["training"]["refined_from"]["epochs"] >= 1
@@ -350,39 +357,34 @@ def test_a_run_names_its_interpolated_channels_in_run_json_and_the_report(
     )
 
 
-def test_localizing_fits_the_amplitude_denoiser_once_and_saved_models_read_amplitudes_with_it(
+def test_localizing_fits_the_amplitude_denoiser_and_saved_models_read_amplitudes_with_it(
     ground_truth_recording, tmp_path
 ):
     from locsort.localize.baseline import CenterOfMass
 
     recording, _ = ground_truth_recording
-    params = Params(sample_chunks=4)
-    prep = locsort.pipeline.prepare(recording, params)
-    assert (
-        prep.amplitudes.components is None and prep.amplitude_denoise_gain == 0.3
-    )  # localizing: on
-    sample = locsort.pipeline._training_sample(prep, CenterOfMass(9), None, progress=False)
-    reader = prep.amplitudes
+    params = params_with(sample_chunks=4)
+    prep = prepare(recording, params)
+    assert prep.amplitudes.components is None and prep.denoise  # localizing: on
+    models = fit_models(prep, None, progress=False, localizer=CenterOfMass(9))
+    reader = models.amplitudes
     assert (
         reader.components is not None
         and np.all(reader.gains >= 0.3)
         and "spatio-temporal" in reader.description
     )
-    assert (
-        prep.amplitude_denoise_gain == 1.0
-    )  # once per recording: a later sample reads with it, fits nothing
-    # the sample's own amplitudes were read again with the denoiser: as the main pass will read them
-    again = locsort.pipeline._training_sample(prep, CenterOfMass(9), None, progress=False)
-    assert prep.amplitudes is reader
+    assert prep.amplitudes.components is None  # what prepare made stays as it was
+    # the sample's amplitudes read again from its kept snippets, as the main pass reads them
+    sample = training_sample(prep, CenterOfMass(9), None, progress=False, keep_neighbourhood=True)
+    reread = observed_again(prep, CenterOfMass(9), sample, reader)
+    again = training_sample(prep, CenterOfMass(9), None, progress=False, amplitudes=reader)
     np.testing.assert_allclose(
-        again.observations["amplitudes"], sample.observations["amplitudes"], rtol=1e-3, atol=1e-3
+        again.observations["amplitudes"], reread.observations["amplitudes"], rtol=1e-3, atol=1e-3
     )
     # a resumed run reads amplitudes as its models were trained on
-    locsort.pipeline.Models(CenterOfMass(9), amplitudes=reader).save(tmp_path)
-    fresh = locsort.pipeline.prepare(recording, params)
-    locsort.pipeline.Models.load(tmp_path, fresh)
-    np.testing.assert_array_equal(fresh.amplitudes.components, reader.components)
-    assert fresh.amplitude_denoise_gain == 1.0
-    off = locsort.pipeline.prepare(recording, params.replace(amplitude_denoise_min_gain=1.0))
-    locsort.pipeline._training_sample(off, CenterOfMass(9), None, progress=False)
-    assert off.amplitudes.components is None
+    Models(CenterOfMass(9), amplitudes=reader).save(tmp_path)
+    loaded = Models.load(tmp_path, prepare(recording, params))
+    np.testing.assert_array_equal(loaded.amplitudes.components, reader.components)
+    off = prepare(recording, params_with(sample_chunks=4, amplitude_denoise_min_gain=1.0))
+    assert not off.denoise
+    assert fit_models(off, None, False, localizer=CenterOfMass(9)).amplitudes.components is None

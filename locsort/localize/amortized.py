@@ -11,7 +11,7 @@ not a lattice). Output: a diagonal Gaussian over x, y and log alpha and a log-no
 Amplitude jitter (the paper's): every real slot whose amplitude is within ``jitter_uv`` of
 the largest also serves as centre channel; each gives a training example, and at inference
 the posteriors of one spike's centres are pooled (mean of means, mixture SD). Off by default
-(Params.jitter_uv): the extra centres did not make the positions more accurate
+(constants.jitter_uv): the extra centres did not make the positions more accurate
 (docs/design-decisions.md, § Localization).
 """
 
