@@ -479,8 +479,8 @@ def write_report(results, args):
                 "- why: the best point-source fit of this template library's noise-free templates "
                 "(exponential decay, free x, y, z, alpha and length, 25 channels) is itself "
                 "10.2-10.8 µm mean 2-D error from the soma "
-                "(docs/design-decisions.md, § Localization): an amplitude-only point-source model cannot go below that here; "
-                "the paper's templates must have differed"
+                "(docs/design-decisions.md, § Localization): an amplitude-only point-source "
+                "model cannot go below that here; the paper's templates must have differed"
             )
         lines.append("")
     training = load_results("localization_training")
