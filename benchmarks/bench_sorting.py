@@ -78,10 +78,13 @@ def run_locsort(recording, truth, params: dict) -> dict:
     from locsort.params import params_with
     from locsort.pipeline import sort_spikes
     from locsort.prepare import prepare
+    from locsort.runners import thread_budget
 
     start = time.perf_counter()
-    prep = prepare(recording, params_with(**params))
-    spikes, result = sort_spikes(prep, progress=False)
+    params = params_with(**params)
+    with thread_budget(params.n_jobs):  # as locsort.sort and locsort run hold it
+        prep = prepare(recording, params)
+        spikes, result = sort_spikes(prep, progress=False)
     sorting = sorting_from_spikes(spikes, prep.recording)
     wall = time.perf_counter() - start
     out = {

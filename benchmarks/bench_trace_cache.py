@@ -1,5 +1,5 @@
 """What the trace cache costs and saves on a 384-channel recording: ``locsort run`` on the
-1-minute file of bench_scale.py with the cache off (``trace_cache_mb=0``: the main pass reads and
+1-minute file of bench_scale.py with the cache off (``trace_cache_mb=None``: the main pass reads and
 filters the training sample's chunks again) and at its default size, one process each, side by
 side. Peak memory: largest RSS of the run's process, sampled every 0.1 s."""
 
@@ -21,8 +21,8 @@ def main() -> None:
     path, probe = recording_file(args.minutes)
     default = Params().trace_cache_mb
     runs = {}
-    for size in (0, default):
-        runs[f"{size:g} MB"] = run_locsort(
+    for size in (None, default):
+        runs[f"{size or 0:g} MB"] = run_locsort(
             path, probe, DATA / "trace_cache_run", None, {"trace_cache_mb": size}
         )
     shutil.rmtree(DATA / "trace_cache_run", ignore_errors=True)

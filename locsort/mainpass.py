@@ -143,7 +143,7 @@ def main_pass(
         parts = run_chunks(
             job,
             chunks,
-            runner or LocalRunner.for_params(prep.params),
+            runner or LocalRunner(prep.params.n_jobs),
             work,
             "detect + localize" if peaks is None else "localize",
             progress,

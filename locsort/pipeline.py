@@ -32,7 +32,7 @@ from .models import Models
 from .output import RunResult, sorting_from_spikes, write_run
 from .params import Params
 from .prepare import Prepared, Timer, prepare
-from .runners import open_runner
+from .runners import open_runner, thread_budget
 from .sample import chunks_before, denoised_sample, training_sample
 from .scan import SpikeBatch, scan
 from .sort.cluster import fit_waveform_basis
@@ -156,51 +156,56 @@ def sort_spikes(
     clustered. With a work area (``work``) the models are kept there once trained, and every
     finished chunk too; the main pass always uses the models read back from it, so that a
     resumed run and an uninterrupted one compute the same thing."""
-    params, constants = prep.params, prep.params.constants
-    if constants.sorter not in SORTERS:
-        raise UsageError(f"unknown sorter {constants.sorter!r}: use neural or cluster")
-    if labels is not None and constants.sorter != "neural":
-        raise UsageError("labels train the neural sorter: use sorter=neural")
-    if work is not None and work.has_models():
-        models = Models.load(work.models_dir, prep)
-    else:
-        label_set = (
-            labels_from_sorting(labels, prep.recording, params.label_max_spikes_per_unit or 0)
-            if labels is not None
-            else None
-        )
-        source = (
-            "" if constants.sorter != "neural" else "labels" if labels is not None else "clustering"
-        )
-        # every spike is clustered on locations read without a denoiser (refined_localizer)
-        models = fit_models(
-            prep,
-            None,
-            progress,
-            runner=runner,
-            labels=label_set,
-            label_source=source,
-            denoise=constants.sorter != "cluster",
-        )
-        if work is not None:
-            models.save(work.clear_models())
+    with thread_budget(prep.params.n_jobs):
+        params, constants = prep.params, prep.params.constants
+        if constants.sorter not in SORTERS:
+            raise UsageError(f"unknown sorter {constants.sorter!r}: use neural or cluster")
+        if labels is not None and constants.sorter != "neural":
+            raise UsageError("labels train the neural sorter: use sorter=neural")
+        if work is not None and work.has_models():
             models = Models.load(work.models_dir, prep)
-    spikes, pcs = main_pass(
-        prep, models, None, progress, runner, work, keep_pcs=models.neural is None
-    )
-    if models.neural is None:
-        spikes["unit_index"] = cluster_spikes(
-            prep, spikes["x"], spikes["y"], spikes["amplitude"], pcs
+        else:
+            label_set = (
+                labels_from_sorting(labels, prep.recording, params.label_max_spikes_per_unit or 0)
+                if labels is not None
+                else None
+            )
+            source = (
+                ""
+                if constants.sorter != "neural"
+                else "labels"
+                if labels is not None
+                else "clustering"
+            )
+            # every spike is clustered on locations read without a denoiser (refined_localizer)
+            models = fit_models(
+                prep,
+                None,
+                progress,
+                runner=runner,
+                labels=label_set,
+                label_source=source,
+                denoise=constants.sorter != "cluster",
+            )
+            if work is not None:
+                models.save(work.clear_models())
+                models = Models.load(work.models_dir, prep)
+        spikes, pcs = main_pass(
+            prep, models, None, progress, runner, work, keep_pcs=models.neural is None
         )
-    else:
-        spikes["unit_index"] = drop_border_duplicates(
-            spikes["segment_index"],
-            spikes["sample_index"],
-            spikes["unit_index"],
-            prep.counts.refractory,
-        )
-    spikes["unit_index"] = _without_copies(prep, spikes, models)
-    return spikes, models
+        if models.neural is None:
+            spikes["unit_index"] = cluster_spikes(
+                prep, spikes["x"], spikes["y"], spikes["amplitude"], pcs
+            )
+        else:
+            spikes["unit_index"] = drop_border_duplicates(
+                spikes["segment_index"],
+                spikes["sample_index"],
+                spikes["unit_index"],
+                prep.counts.refractory,
+            )
+        spikes["unit_index"] = _without_copies(prep, spikes, models)
+        return spikes, models
 
 
 def _without_copies(prep: Prepared, spikes: np.ndarray, models: Models) -> np.ndarray:
@@ -233,9 +238,10 @@ def _without_copies(prep: Prepared, spikes: np.ndarray, models: Models) -> np.nd
 
 def locate(prep: Prepared, peaks, progress: bool, localizer=None) -> tuple[np.ndarray, object]:
     """Spike records with locations, and the fitted localizer."""
-    models = fit_models(prep, peaks, progress, localizer=localizer)
-    spikes, _ = main_pass(prep, models, peaks, progress, keep_pcs=False)
-    return spikes, models.localizer
+    with thread_budget(prep.params.n_jobs):
+        models = fit_models(prep, peaks, progress, localizer=localizer)
+        spikes, _ = main_pass(prep, models, peaks, progress, keep_pcs=False)
+        return spikes, models.localizer
 
 
 # --------------------------------------------------------------------------- public API
@@ -244,22 +250,24 @@ def locate(prep: Prepared, peaks, progress: bool, localizer=None) -> tuple[np.nd
 def detect(recording, params: Params | dict | None = None, progress: bool = True) -> np.ndarray:
     """Detected spikes as SpikeInterface peaks (sample_index, channel_index, amplitude,
     segment_index)."""
-    prep = prepare(recording, as_params(params))
+    params = as_params(params)
 
     def keep(batch: SpikeBatch) -> dict:
         return {"peaks": batch.peaks}
 
-    found = scan(
-        prep.recording,
-        keep,
-        params=prep.params,
-        neighbourhood=prep.neighbourhood,
-        noise=prep.noise,
-        matched_filter=prep.matched_filter,
-        progress=progress,
-        desc="detect",
-        features=False,
-    )
+    with thread_budget(params.n_jobs):
+        prep = prepare(recording, params)
+        found = scan(
+            prep.recording,
+            keep,
+            params=prep.params,
+            neighbourhood=prep.neighbourhood,
+            noise=prep.noise,
+            matched_filter=prep.matched_filter,
+            progress=progress,
+            desc="detect",
+            features=False,
+        )
     return found["peaks"] if found else np.zeros(0, PEAK_DTYPE)
 
 
@@ -278,10 +286,11 @@ def localize(
     params = as_params(params)
     if method is not None:
         params = params.replace(constants=params.constants.replace(localization_method=method))
-    prep = prepare(recording, params)
-    if peaks is not None:
-        peaks = _checked_peaks(prep.recording, peaks)
-    spikes, _ = locate(prep, peaks, progress)
+    with thread_budget(params.n_jobs):
+        prep = prepare(recording, params)
+        if peaks is not None:
+            peaks = _checked_peaks(prep.recording, peaks)
+        spikes, _ = locate(prep, peaks, progress)
     return spikes
 
 
@@ -303,9 +312,11 @@ def sort(
     ``workers``: run the chunk work on a local Dask cluster of that many processes;
     ``scheduler``: on the existing Dask cluster at that address. Results are the same either
     way."""
-    prep = prepare(recording, as_params(params))
-    with open_runner(workers, scheduler, connect_timeout, prep.params) as runner:
-        spikes, _ = sort_spikes(prep, progress, labels, runner)
+    params = as_params(params)
+    with thread_budget(params.n_jobs):
+        prep = prepare(recording, params)
+        with open_runner(workers, scheduler, connect_timeout, params) as runner:
+            spikes, _ = sort_spikes(prep, progress, labels, runner)
     return sorting_from_spikes(spikes, prep.recording)
 
 
@@ -339,48 +350,53 @@ def run(
 
     params = as_params(params)
     out = check_output_folder(out, overwrite)  # fail before any computation
-    timer = Timer()
-    started = time.time()
-    prep = prepare(recording, params, timer)
-    identity = {
-        "locsort": __version__,
-        "recording": recording_identity(prep.recording),
-        "params": params.asdict(),
-        "labels": _labels_identity(labels),
-    }
-    num_chunks = len(make_chunks(prep.recording, prep.counts.chunk_size))
-    runner_context = (
-        contextlib.nullcontext(runner)
-        if runner is not None
-        else open_runner(workers, scheduler, connect_timeout, params)
-    )
-    with WorkArea(out, identity, num_chunks, overwrite) as work, runner_context as runner:
-        resumed = {"models": work.has_models(), "chunks": work.resumed, "of_chunks": num_chunks}
-        if progress and (resumed["models"] or resumed["chunks"]):
-            tqdm.write(
-                f"locsort: continuing an interrupted run from {work.path} (trained "
-                f"models: {'kept' if resumed['models'] else 'to train'}; "
-                f"{resumed['chunks']} of {num_chunks} chunks done)",
-                file=sys.stderr,
-            )
-        spikes, models = sort_spikes(prep, progress, labels, runner, work)
-        execution = {"runner": runner.description, "workers": runner.workers, "resumed": resumed}
-        result = write_run(
-            out,
-            overwrite,
-            prep,
-            spikes,
-            models,
-            timer,
-            started,
-            ground_truth=ground_truth,
-            phy=phy,
-            source=source,
-            command=command,
-            execution=execution,
+    with thread_budget(params.n_jobs):
+        timer = Timer()
+        started = time.time()
+        prep = prepare(recording, params, timer)
+        identity = {
+            "locsort": __version__,
+            "recording": recording_identity(prep.recording),
+            "params": {k: v for k, v in params.asdict().items() if k != "n_jobs"},  # no effect
+            "labels": _labels_identity(labels),
+        }
+        num_chunks = len(make_chunks(prep.recording, prep.counts.chunk_size))
+        runner_context = (
+            contextlib.nullcontext(runner)
+            if runner is not None
+            else open_runner(workers, scheduler, connect_timeout, params)
         )
-        work.remove()
-    return result
+        with WorkArea(out, identity, num_chunks, overwrite) as work, runner_context as runner:
+            resumed = {"models": work.has_models(), "chunks": work.resumed, "of_chunks": num_chunks}
+            if progress and (resumed["models"] or resumed["chunks"]):
+                tqdm.write(
+                    f"locsort: continuing an interrupted run from {work.path} (trained "
+                    f"models: {'kept' if resumed['models'] else 'to train'}; "
+                    f"{resumed['chunks']} of {num_chunks} chunks done)",
+                    file=sys.stderr,
+                )
+            spikes, models = sort_spikes(prep, progress, labels, runner, work)
+            execution = {
+                "runner": runner.description,
+                "workers": runner.workers,
+                "resumed": resumed,
+            }
+            result = write_run(
+                out,
+                overwrite,
+                prep,
+                spikes,
+                models,
+                timer,
+                started,
+                ground_truth=ground_truth,
+                phy=phy,
+                source=source,
+                command=command,
+                execution=execution,
+            )
+            work.remove()
+        return result
 
 
 def as_params(params) -> Params:

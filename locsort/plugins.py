@@ -23,6 +23,7 @@ from .output import save_sorting
 from .params import Params
 from .pipeline import fit_models, sort
 from .prepare import prepare
+from .runners import thread_budget
 from .scan import _features
 from .spikes import check_peaks
 
@@ -53,14 +54,16 @@ def _localize_node_class():
             )
             self._dtype = np.dtype(LOCATION_DTYPE)
             self._kwargs.update(params)
-            self.prep = prepare(recording, _node_params(params))
-            self.localizer = make_localizer("locsort", self.prep.params)
+            node_params = _node_params(params)
             peaks = check_peaks(
                 _source_peaks(parents[0]),
                 recording.get_num_channels(),
                 recording.get_num_segments(),
             )
-            models = fit_models(self.prep, peaks, progress=False, localizer=self.localizer)
+            with thread_budget(node_params.n_jobs):
+                self.prep = prepare(recording, node_params)
+                localizer = make_localizer("locsort", node_params)
+                models = fit_models(self.prep, peaks, progress=False, localizer=localizer)
             self.localizer, self.amplitudes = models.localizer, models.amplitudes
 
         def get_trace_margin(self):

@@ -46,24 +46,54 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+# chunk threads of the run in progress (thread_budget); None outside a run
+_budget: int | None = None
+
+
+@contextlib.contextmanager
+def one_library_thread():
+    """torch's intra-op pool and the BLAS/OpenMP pools (threadpoolctl) at one thread each, then
+    put back. The parallelism is across chunks: library pools on every core as well would spin
+    against the chunk threads and against any other process (docs/design-decisions.md,
+    § Execution), and one thread makes every result independent of the core count."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def thread_budget(n_jobs: int | None = None):
+    """The run inside uses ``n_jobs`` cores (None: those available to the process): that many
+    chunk threads, each library at one thread. Yields the number of chunk threads."""
+    global _budget
+    before = _budget
+    _budget = n_jobs or available_cores()
+    try:
+        with one_library_thread():
+            yield _budget
+    finally:
+        _budget = before
+
+
 class LocalRunner:
-    """Chunks in this process, ``threads`` at a time (default: one per core, at most 4).
+    """Chunks in this process, ``threads`` at a time (default: the run's ``n_jobs``, else one
+    per available core), each library at one thread while they run.
 
     Threads pay off because reading and filtering (SpikeInterface, NumPy/SciPy) and torch
-    release the GIL: on 2 cores two threads make the pass ~1.8x faster. While they run, torch and
-    the BLAS libraries get cores / threads threads each: with their own pools on every core as
-    well, the chunk threads contend (docs/design-decisions.md, § Execution).
-    At most ``threads + 1`` chunks are in flight, so memory stays a few chunks' worth."""
+    release the GIL. At most ``threads + 1`` chunks are in flight, so memory stays a few
+    chunks' worth."""
 
     workers = 1
 
     def __init__(self, threads: int | None = None):
-        self.threads = max(1, int(threads)) if threads else min(available_cores(), 4)
-
-    @classmethod
-    def for_params(cls, params) -> LocalRunner:
-        """A runner of ``params.n_jobs`` chunk threads."""
-        return cls(params.n_jobs)
+        self.threads = max(1, int(threads or _budget or available_cores()))
 
     @property
     def description(self) -> str:
@@ -74,9 +104,10 @@ class LocalRunner:
     ) -> Iterator:
         bar = tqdm(total=len(indices), desc=desc, unit="chunk", disable=not progress, leave=False)
         if self.threads == 1:
-            for i in indices:
-                yield i, job(chunks[i])
-                bar.update()
+            with one_library_thread():
+                for i in indices:
+                    yield i, job(chunks[i])
+                    bar.update()
             bar.close()
             return
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -84,7 +115,7 @@ class LocalRunner:
         pending, todo = {}, iter(indices)
         with (
             ThreadPoolExecutor(self.threads, thread_name_prefix="locsort-chunk") as pool,
-            _inner_threads(max(1, available_cores() // self.threads)),
+            one_library_thread(),
         ):
             try:
                 while True:
@@ -104,21 +135,6 @@ class LocalRunner:
                 for future in pending:
                     future.cancel()
                 bar.close()
-
-
-@contextlib.contextmanager
-def _inner_threads(count: int):
-    """torch's and the BLAS libraries' thread pools limited to ``count`` threads, then put back."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        with threadpool_limits(limits=count):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class DaskRunner:
@@ -208,7 +224,8 @@ class DaskRunner:
 
 
 def _run_job(job, chunk):
-    return job(chunk)
+    with one_library_thread():  # in a Dask worker: the same budget as in a local run
+        return job(chunk)
 
 
 def _check_shippable(job) -> None:
@@ -254,8 +271,7 @@ def open_runner(
         raise UsageError("--workers must be at least 1")
     # one thread per worker process: the parallelism is across chunks (workers). Dask's nanny
     # limits OpenMP/MKL threads to 1 in each worker by setting them in *this* process's
-    # environment: put it back at once, and keep torch's thread count here (training runs here;
-    # its results depend on the thread count, and must not depend on --workers)
+    # environment: put it back at once, and torch's thread count here too
     import torch
 
     threads = torch.get_num_threads()

@@ -162,7 +162,7 @@ def training_sample(
         footprints=footprints,
         neighbourhood_waveforms=keep_neighbourhood,
     )
-    runner = runner or LocalRunner.for_params(prep.params)
+    runner = runner or LocalRunner(prep.params.n_jobs)
     enough = (
         constants.sample_spikes_per_channel * prep.recording.get_num_channels()
         if windows and labels is None

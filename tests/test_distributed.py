@@ -18,6 +18,7 @@ import locsort
 from locsort.runners import LocalRunner
 from locsort.errors import LocsortError
 from locsort.io import open_recording
+from locsort.params import params_with
 from locsort.workarea import WorkArea, work_area_path
 
 # small chunks so that runs have many of them (training budgets are in epochs by default, so
@@ -299,22 +300,55 @@ def test_work_area_starts_afresh_for_another_run_and_is_exclusive(tmp_path):
         assert work.finished() == set()
 
 
-def test_chunk_threads_share_the_cores_and_the_thread_pools_are_put_back():
-    """Two chunk threads that each used torch's and BLAS's pools on every core would contend:
-    while chunks run, each pool gets cores / threads threads, and its size is restored after."""
+def test_chunk_threads_run_each_library_at_one_thread_and_the_pools_are_put_back():
+    """Chunk threads that each used torch's and BLAS's pools on every core would contend with
+    each other and with any other process: while chunks run, each pool has one thread, and its
+    size is restored after."""
     import torch
     from threadpoolctl import threadpool_info
-
-    from locsort.runners import available_cores
 
     def job(chunk):
         blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
         return torch.get_num_threads(), blas
 
     before = torch.get_num_threads()
-    seen = dict(LocalRunner(2).map(job, list(range(4)), list(range(4)), progress=False))
-    share = max(1, available_cores() // 2)
-    assert len(seen) == 4
-    for torch_threads, blas in seen.values():
-        assert torch_threads == share and all(n <= share for n in blas)
+    for threads in (1, 2):
+        seen = dict(LocalRunner(threads).map(job, list(range(4)), list(range(4)), progress=False))
+        assert len(seen) == 4
+        assert all(torch_threads == 1 and set(blas) <= {1} for torch_threads, blas in seen.values())
+    assert torch.get_num_threads() == before
+
+
+def test_the_default_thread_count_is_the_cores_this_process_may_use():
+    """Not the machine's core count: a process pinned to one core (or given a CPU quota by its
+    container) gets one chunk thread."""
+    code = "\n".join(
+        [
+            "import os",
+            "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})",
+            "from locsort.runners import LocalRunner, available_cores, thread_budget",
+            "print(available_cores(), LocalRunner().threads)",
+            "with thread_budget(3) as n:",
+            "    print(n, LocalRunner().threads)",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1", "3", "3"]
+
+
+def test_results_do_not_depend_on_the_number_of_cores(ground_truth_recording):
+    """The same sort with one core and with two: the same spikes, units and locations."""
+    import torch
+
+    recording, _ = ground_truth_recording
+    before = torch.get_num_threads()
+    spikes = {}
+    for n_jobs in (1, 2):
+        params = params_with(n_jobs=n_jobs, neural_epochs=8, encoder_max_epochs=10)
+        spikes[n_jobs] = locsort.localize(recording, params=params, progress=False)
+        sorting = locsort.sort(recording, params=params, progress=False)
+        spikes[n_jobs, "sorted"] = sorting.to_spike_vector()
+    assert spikes[1].tobytes() == spikes[2].tobytes()
+    assert spikes[1, "sorted"].tobytes() == spikes[2, "sorted"].tobytes()
     assert torch.get_num_threads() == before

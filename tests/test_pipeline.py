@@ -134,7 +134,7 @@ def test_localize_honours_given_peaks_one_to_one_in_order(ground_truth_recording
     assert errors["median_xy_um"] < 25.0  # SpikeInterface's centre of mass: ~19.5 µm here
 
 
-@pytest.mark.parametrize("cache_mb, cached_chunks", [(512.0, 10), (16.0, 2), (0.0, 0)])
+@pytest.mark.parametrize("cache_mb, cached_chunks", [(512.0, 10), (16.0, 2), (None, 0)])
 def test_main_pass_takes_the_training_samples_chunks_from_the_trace_cache(
     ground_truth_recording, monkeypatch, cache_mb, cached_chunks
 ):
@@ -154,7 +154,7 @@ def test_main_pass_takes_the_training_samples_chunks_from_the_trace_cache(
     if cached_chunks:  # the same spikes and locations as when every chunk is read again
         monkeypatch.setattr(locsort.scan, "read_chunk", original)
         again = locsort.localize(
-            recording, method="center_of_mass", params={"trace_cache_mb": 0}, progress=False
+            recording, method="center_of_mass", params={"trace_cache_mb": None}, progress=False
         )
         np.testing.assert_array_equal(spikes["sample_index"], again["sample_index"])
         np.testing.assert_array_equal(spikes["x"], again["x"])
@@ -179,7 +179,7 @@ def test_a_sorts_training_sample_reads_only_the_chunks_its_spike_budget_needs(
             chunk_duration=0.25,
             sample_chunks=30,
             sample_spikes_per_channel=per_channel,
-            trace_cache_mb=0,
+            trace_cache_mb=None,
         )
         prep = prepare(recording, params)
         drawn = training_sample(

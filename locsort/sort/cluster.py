@@ -10,6 +10,8 @@ sampled neighbours, so the cost stays bounded on long recordings.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.cluster import HDBSCAN
+from sklearn.neighbors import KNeighborsClassifier
 
 from ..params import Params
 
@@ -29,9 +31,6 @@ def clustering_features(x, y, amplitude, centre_pcs, params: Params) -> np.ndarr
 
 def cluster(features: np.ndarray, params: Params) -> np.ndarray:
     """Labels 0..U-1 per spike (-1 for noise), U chosen by the data."""
-    from sklearn.cluster import HDBSCAN
-    from sklearn.neighbors import KNeighborsClassifier
-
     n = len(features)
     labels = np.full(n, -1, dtype=np.int64)
     if n < params.constants.cluster_min_size:

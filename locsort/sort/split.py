@@ -13,6 +13,8 @@ pieces, and the merge step (merge.py), which runs after this one, joins it back.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.cluster import HDBSCAN
+from sklearn.decomposition import PCA
 
 from .cluster import renumber
 from .merge import unit_templates
@@ -59,9 +61,6 @@ def split_units(
 
 def _split_one(windows, min_size: int, num_contacts: int, num_pcs: int, rng) -> np.ndarray | None:
     """Piece index 0..P-1 per spike of one unit (P >= 2), or None when it is one dense group."""
-    from sklearn.cluster import HDBSCAN
-    from sklearn.decomposition import PCA
-
     n = len(windows)
     templates, counts, positions = unit_templates(np.zeros(n, np.int64), windows, 1)
     covered = counts[0] >= max(5, n // 2)  # contacts most of the unit's spikes see
