@@ -193,6 +193,14 @@ def targets(rows: dict) -> list[str]:
         f"- cold start {cold:.1f} s over a warm run, target at most {MAX_COLD_EXTRA_S:g} s: "
         f"{verdict(cold <= MAX_COLD_EXTRA_S)}",
     ]
+    if cold > MAX_COLD_EXTRA_S:
+        out.append(
+            f"  - why: the imports alone take {idle['import_s']:.1f} s (torch, scikit-learn with "
+            "scipy.stats, SpikeInterface); the first sort adds torch's first optimizer importing "
+            "torch._dynamo, SpikeInterface's numba compilation of its unit comparison and "
+            "threadpoolctl's first library scan (docs/design-decisions.md, § Execution). A "
+            "warm-up thread overlapping them with preprocessing gained 0.3-0.4 s and was dropped."
+        )
     if forced is not None and "error" not in forced["busy"]:
         slower = busy["second_s"] / forced["busy"]["second_s"]
         out.append(
