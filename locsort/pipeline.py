@@ -170,13 +170,9 @@ def sort_spikes(
                 if labels is not None
                 else None
             )
-            source = (
-                ""
-                if constants.sorter != "neural"
-                else "labels"
-                if labels is not None
-                else "clustering"
-            )
+            source = "labels" if labels is not None else "clustering"
+            if constants.sorter != "neural":
+                source = ""
             # every spike is clustered on locations read without a denoiser (refined_localizer)
             models = fit_models(
                 prep,

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .constants import Constants
-from .localize import make_localizer
 from .output import save_sorting
-from .params import Params
+from .params import Params, params_with
 from .pipeline import fit_models, sort
 from .prepare import prepare
 from .runners import thread_budget
@@ -54,7 +52,10 @@ def _localize_node_class():
             )
             self._dtype = np.dtype(LOCATION_DTYPE)
             self._kwargs.update(params)
-            node_params = _node_params(params)
+            # already preprocessed, localized by locsort; any constant of the localizer by name
+            node_params = params_with(
+                **{**params, "preprocess": False, "localization_method": "locsort"}
+            )
             peaks = check_peaks(
                 _source_peaks(parents[0]),
                 recording.get_num_channels(),
@@ -62,8 +63,7 @@ def _localize_node_class():
             )
             with thread_budget(node_params.n_jobs):
                 self.prep = prepare(recording, node_params)
-                localizer = make_localizer("locsort", node_params)
-                models = fit_models(self.prep, peaks, progress=False, localizer=localizer)
+                models = fit_models(self.prep, peaks, progress=False)
             self.localizer, self.amplitudes = models.localizer, models.amplitudes
 
         def get_trace_margin(self):
@@ -123,18 +123,6 @@ def _sorter_class():
             save_sorting(sorting, sorter_output_folder / "sorting")
 
     return LocsortSorter
-
-
-def _node_params(values: dict) -> Params:
-    """Params of the localization node: already preprocessed, localized by locsort, with any
-    constant of the localizer given by name."""
-    constant_names = set(Constants().asdict())
-    constants = {k: v for k, v in values.items() if k in constant_names}
-    public = {k: v for k, v in values.items() if k not in constant_names}
-    constants["localization_method"] = "locsort"
-    return Params.from_dict(
-        {**public, "preprocess": False, "constants": Constants.from_dict(constants)}
-    )
 
 
 def _source_peaks(source) -> np.ndarray:

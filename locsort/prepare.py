@@ -169,7 +169,7 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
         amplitudes = AmplitudeReader(counts.before, counts.after, counts.amp_half, basis)
     cache = (
         TraceCache(int(params.trace_cache_mb * 2**20))
-        if params.trace_cache_mb is not None and params.trace_cache_mb > 0
+        if params.trace_cache_mb is not None
         else None
     )
     return Prepared(

@@ -30,7 +30,8 @@ class TrainingSample:
     centre_waveforms : (n, T) µV on the centre channel (waveform basis, clustering PCs)
     peaks : (n,) PEAK_DTYPE
     windows : neural-sorter inputs (sort/neural.Windows), when asked for
-    snippets : (n, T, M) float16 µV on the centre's peeling footprint (``footprints``), with windows
+    snippets : (n, T, M) float16 µV on the centre's peeling footprint (``footprints``), with
+        windows
     targets, mask : (n, U) labels matched to these spikes, when labels were given
     footprints : (C, M) each channel's peeling footprint, -1 padded, with windows
     neighbourhood_waveforms : (n, T, K) float16 µV, kept to fit an amplitude denoiser on
@@ -208,26 +209,36 @@ def fit_denoiser(prep: Prepared, sample: TrainingSample) -> AmplitudeReader | No
         prep.neighbourhood.index,
         prep.noise_covariance,
         prep.noise_autocorrelation,
-        min(prep.params.constants.amplitude_denoise_min_gain, 1.0),
+        prep.params.constants.amplitude_denoise_min_gain,
         seed=prep.params.seed,
     )
     return None if fitted is None else reader.with_denoiser(*fitted)
 
 
 def observed_again(
-    prep: Prepared, localizer, sample: TrainingSample, amplitudes: AmplitudeReader
-) -> TrainingSample | None:
-    """``sample`` with its observations read with ``amplitudes`` from its kept neighbourhood
-    snippets (no second read of the traces), or None when the localizer needs the traces
-    themselves (amplitude jitter reads other centres' neighbourhoods): read the sample again."""
+    prep: Prepared,
+    localizer,
+    sample: TrainingSample,
+    amplitudes: AmplitudeReader,
+    *,
+    progress: bool = False,
+    runner=None,
+    peaks=None,
+    **sample_args,
+) -> TrainingSample:
+    """``sample`` with its observations read with ``amplitudes``: from its kept neighbourhood
+    snippets (no second read of the traces) or, when the localizer needs the traces themselves
+    (amplitude jitter reads other centres' neighbourhoods), by drawing the sample again
+    (``peaks``, ``sample_args``: as ``training_sample``)."""
     if getattr(localizer, "max_centres", 1) > 1:
-        return None
-    snippets = sample.neighbourhood_waveforms
+        return training_sample(
+            prep, localizer, peaks, progress, amplitudes=amplitudes, runner=runner, **sample_args
+        )
     batch = SpikeBatch(
         sample.peaks,
         sample.peaks["channel_index"].astype(np.int64),
         None,
-        amplitudes.of_windows(snippets),
+        amplitudes.of_windows(sample.neighbourhood_waveforms),
     )
     return replace(
         sample,
@@ -254,8 +265,15 @@ def denoised_sample(
     reader = fit_denoiser(prep, sample) if prep.denoise else None
     if reader is None:
         return replace(sample, neighbourhood_waveforms=None), prep.amplitudes
-    again = observed_again(prep, localizer, sample, reader) or training_sample(
-        prep, localizer, peaks, progress, amplitudes=reader, runner=runner, **sample_args
+    again = observed_again(
+        prep,
+        localizer,
+        sample,
+        reader,
+        progress=progress,
+        runner=runner,
+        peaks=peaks,
+        **sample_args,
     )
     return again, reader
 

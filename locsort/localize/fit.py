@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..neighbourhood import AmplitudeReader
-from ..sample import fit_denoiser, observed_again, training_sample
+from ..sample import fit_denoiser, observed_again
 
 if TYPE_CHECKING:
     from ..prepare import Prepared
@@ -47,9 +47,7 @@ def refined_localizer(
         return localizer, raw
     if prep.params.encoder_path is not None:
         return localizer, reader
-    again = observed_again(prep, localizer, sample, reader)
-    if again is None:  # amplitude jitter: read a sample of the traces again
-        again = training_sample(prep, localizer, None, progress, amplitudes=reader, runner=runner)
+    again = observed_again(prep, localizer, sample, reader, progress=progress, runner=runner)
     refined = localizer.refined(
         again.observations, prep.neighbourhood, prep.noise, epochs, progress
     )
