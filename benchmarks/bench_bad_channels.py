@@ -30,7 +30,7 @@ def run(recording, truth, bad_channels: str | None) -> dict:
     from locsort.prepare import prepare
 
     prep = prepare(recording, Params(bad_channels=bad_channels))
-    spikes, _ = sort_spikes(prep, progress=False)
+    spikes, _, _ = sort_spikes(prep, progress=False)
     sorting = sorting_from_spikes(spikes, prep.recording)
     accuracy = sorting_accuracy(sorting, truth)
     accuracy.pop("accuracy_per_unit", None)

@@ -84,7 +84,7 @@ def run_locsort(recording, truth, params: dict) -> dict:
     params = params_with(**params)
     with thread_budget(params.n_jobs):  # as locsort.sort and locsort run hold it
         prep = prepare(recording, params)
-        spikes, result = sort_spikes(prep, progress=False)
+        spikes, result, _ = sort_spikes(prep, progress=False)
     sorting = sorting_from_spikes(spikes, prep.recording)
     wall = time.perf_counter() - start
     out = {

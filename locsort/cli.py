@@ -55,6 +55,12 @@ def _common(parser: argparse.ArgumentParser, default_out: str | None) -> None:
         "--device", choices=["auto", "cpu", "cuda"], help="where torch runs (default: auto)"
     )
     parser.add_argument(
+        "--motion",
+        metavar="MODE_OR_FOLDER",
+        help="drift correction: auto (default), rigid, nonrigid, none, or a saved "
+        "SpikeInterface motion folder to reuse (e.g. an earlier run's out/motion)",
+    )
+    parser.add_argument(
         "--n-jobs",
         type=int,
         metavar="N",
@@ -158,6 +164,8 @@ def _params(args) -> Params:
         overrides["device"] = args.device
     if args.n_jobs is not None:
         overrides["n_jobs"] = args.n_jobs
+    if args.motion is not None:
+        overrides["motion"] = None if args.motion.strip().lower() == "none" else args.motion
     if getattr(args, "labels_k", None) is not None:
         if args.labels_k < 1:
             raise UsageError("--labels-k must be at least 1")

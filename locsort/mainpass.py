@@ -18,9 +18,8 @@ from .scan import Scanner, concatenate_parts
 from .sort.assign import Assigner
 from .sort.cluster import waveform_pcs
 from .sort.peel import Significance
-from .spikes import PEAK_DTYPE, spikes_from_peaks
+from .spikes import LOCATION_FIELDS, PEAK_DTYPE, spikes_from_peaks
 
-LOCATION_FIELDS = ("x", "y", "z", "alpha", "x_std", "y_std", "z_std")
 STAGES = ("detect", "localize", "neural")
 
 
@@ -119,10 +118,12 @@ def main_pass(
     runner=None,
     work=None,
     keep_pcs: bool = True,
+    stage: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One pass over every chunk (ChunkJob). Returns spike records (spikes.SPIKE_DTYPE, with
-    ``unit_index`` when the models hold a neural sorter) and (n, P) centre-channel PCs (None
-    without ``keep_pcs``)."""
+    ``unit_index`` when the models hold a neural sorter; ``y_registered`` is ``y``) and (n, P)
+    centre-channel PCs (None without ``keep_pcs``). ``stage``: the timer stage the whole pass counts
+for (default: detect, localize and neural, each its share)."""
     constants, timer = prep.params.constants, prep.timer
     scanner = prep.scanner(peaks, models.amplitudes, last_pass=True)
     assigner = None
@@ -145,7 +146,7 @@ def main_pass(
             chunks,
             runner or LocalRunner(prep.params.n_jobs),
             work,
-            "detect + localize" if peaks is None else "localize",
+            stage or ("detect + localize" if peaks is None else "localize"),
             progress,
         )
     finally:
@@ -153,10 +154,12 @@ def main_pass(
             prep.trace_cache.clear()
     # the pass's wall time, shared between stages in proportion to their time in the chunks
     seconds = np.sum([part.pop("seconds") for part in parts], axis=0) if parts else np.zeros(3)
-    share = (time.perf_counter() - started) / max(seconds.sum(), 1e-9)
-    for stage, spent in zip(STAGES, seconds):
-        if stage != "neural" or models.neural is not None:
-            timer[stage] = timer.get(stage, 0.0) + float(spent * share)
+    wall = time.perf_counter() - started
+    if stage is not None:
+        timer[stage] = timer.get(stage, 0.0) + wall
+    for name, spent in zip(STAGES, seconds) if stage is None else ():
+        if name != "neural" or models.neural is not None:
+            timer[name] = timer.get(name, 0.0) + float(spent * wall / max(seconds.sum(), 1e-9))
     found = concatenate_parts([p for p in parts if len(p["peaks"])], reorder=peaks is not None)
     if not found:
         pcs = np.zeros((0, constants.waveform_pcs), np.float32) if keep_pcs else None
@@ -164,4 +167,5 @@ def main_pass(
     spikes = spikes_from_peaks(found["peaks"])
     for name in LOCATION_FIELDS + (("unit_index",) if models.neural is not None else ()):
         spikes[name] = found[name]
+    spikes["y_registered"] = spikes["y"]
     return spikes, found["pcs"] if keep_pcs else None

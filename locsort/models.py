@@ -14,6 +14,7 @@ from .io import write_atomic
 from .localize import make_localizer
 from .localize.amortized import AmortizedLocalizer
 from .localize.baseline import CenterOfMass
+from .motion import MotionInfo
 from .neighbourhood import AmplitudeReader
 from .params import resolve_device
 from .prepare import Prepared
@@ -32,6 +33,8 @@ class Models:
     label_source : "clustering", "labels" or "" (no neural sorter asked for)
     templates : peel.Templates of the neural sorter's units
     amplitudes : how amplitudes are read (with the fitted denoiser, if any)
+    motion : the SpikeInterface Motion the recording was registered with (None: not corrected)
+    motion_info : motion.MotionInfo, what the run says about motion
     """
 
     localizer: object
@@ -41,6 +44,8 @@ class Models:
     label_source: str = ""
     templates: Templates | None = None
     amplitudes: AmplitudeReader | None = None
+    motion: object = None
+    motion_info: MotionInfo = field(default_factory=lambda: MotionInfo(None))
 
     def save(self, folder: Path) -> None:
         """Every model in ``folder``; state.json last (its presence marks a complete save)."""
@@ -54,7 +59,10 @@ class Models:
                 "history": getattr(localizer, "history", None),
             },
             "neural_history": self.neural.history if self.neural is not None else None,
+            "motion": self.motion_info.asdict(),
         }
+        if self.motion is not None:
+            self.motion.save(folder / "motion", overwrite=True)
         if getattr(localizer, "net", None) is not None:
             localizer.save(folder / "encoder.safetensors")
         if self.neural is not None:
@@ -114,8 +122,23 @@ class Models:
             with np.load(folder / "templates.npz", allow_pickle=False) as saved:
                 templates = Templates(saved["waveforms"], saved["channels"])
         return cls(
-            localizer, basis, neural, state["notes"], state["label_source"], templates, amplitudes
+            localizer,
+            basis,
+            neural,
+            state["notes"],
+            state["label_source"],
+            templates,
+            amplitudes,
+            cls.saved_motion(folder),
+            MotionInfo(**state["motion"]),
         )
+
+    @staticmethod
+    def saved_motion(folder: Path):
+        """The Motion kept in ``folder`` (None: the recording was not registered)."""
+        from spikeinterface.core.motion import Motion
+
+        return Motion.load(folder / "motion") if (folder / "motion").exists() else None
 
 
 def json_default(value):

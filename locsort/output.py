@@ -1,5 +1,6 @@
 """Stage 7: the output folder, written under a temporary name and renamed when complete:
-spikes.npy, sorting/, the trained models, run.json, report.html and, on request, phy/."""
+spikes.npy, sorting/, the trained models, motion/ (when the motion was corrected), run.json,
+report.html and, on request, phy/."""
 
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ def write_run(
         "neural_training": models.neural.history if models.neural is not None else None,
     }
     notes = ([localization["fallback"]] if localization["fallback"] else []) + models.notes
+    if models.motion_info.note:
+        notes.append(models.motion_info.note)
     if prep.bad_channels:
         notes.insert(
             0,
@@ -117,6 +120,8 @@ def write_run(
                 localizer.save(tmp / "encoder.safetensors")
             if models.neural is not None:
                 models.neural.save(tmp / "neural_sorter.safetensors")
+            if models.motion is not None:
+                models.motion.save(tmp / "motion")
             if phy:
                 export_phy(prep.recording, sorting, tmp / "phy")
         with timer.stage("report"):
@@ -132,6 +137,7 @@ def write_run(
                 params=params.asdict(),
                 seed=params.seed,
                 run_notes=notes,
+                motion=models.motion,
             )
         recording = prep.recording
         info = {
@@ -155,6 +161,7 @@ def write_run(
             "num_spikes": int(len(spikes)),
             "num_units": int(len(sorting.unit_ids)),
             "localization": localization,
+            "motion": models.motion_info.asdict(),
             "sorting": sorter,
             "execution": execution,
             "evaluation": evaluation,

@@ -65,6 +65,15 @@ class Params:
         "MB of the training sample's filtered traces kept for the main pass (None: off)",
         low=1.0,
     )
+    # --- motion ---
+    motion: str | None = _param(
+        "auto",
+        'probe motion (drift) corrected before sorting: "auto" (non-rigid where the probe is '
+        'long enough, else rigid; skipped when the training sample shows no drift), "rigid", '
+        '"nonrigid", a saved SpikeInterface motion folder, or None (off)',
+        choices=("auto", "rigid", "nonrigid", None),
+        path=True,
+    )
     # --- execution ---
     n_jobs: int | None = _param(
         None, "cores to use: chunk threads, torch and BLAS together (None: all available)", low=1

@@ -4,6 +4,8 @@
     1. prepare           prepare.py          preprocess, noise, neighbourhoods, detection signal
     2. training sample   sample.py           a bounded sample of spikes spread over the recording
     3. fit localizer     localize/fit.py     the amortized encoder (or centre of mass)
+    3b. motion           motion.py           drift from every spike's posterior depth; the
+                                             recording registered, stages 2-3 drawn again
     4. initial clusters  sort/initial.py     HDBSCAN, splits, merges, late copies, adoption
     5. train network     sort/training.py    the neural sorter (own clusters or a user's labels)
     6. main pass         mainpass.py         detect, localize, assign (sort/assign.py) per chunk
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +29,13 @@ from .chunks import make_chunks
 from .errors import UsageError
 from .io import check_output_folder
 from .localize import make_localizer
+from . import motion as motion_stage
 from .localize.fit import fit_localizer, refined_localizer
 from .mainpass import main_pass
 from .models import Models
+from .motion import MOTION_MODES, MotionInfo
 from .output import RunResult, sorting_from_spikes, write_run
-from .params import Params
+from .params import Params, resolve_device
 from .prepare import Prepared, Timer, prepare
 from .runners import open_runner, thread_budget
 from .sample import chunks_before, denoised_sample, training_sample
@@ -46,7 +51,28 @@ from .workarea import WorkArea, digest, recording_identity
 SORTERS = ("neural", "cluster")
 
 
-def fit_models(
+@dataclass
+class Located:
+    """Stages 2-3: the training sample and the localizer and waveform basis fitted on it.
+
+    sample : the training sample (with the neural sorter's windows for a sort)
+    unlabelled : with few labels, a sample of the whole recording (None otherwise)
+    localizer, basis : the fitted localizer and (T, P) temporal PCs of centre-channel waveforms
+    amplitudes : how the sample's amplitudes were read
+    """
+
+    sample: object
+    unlabelled: object
+    localizer: object
+    basis: np.ndarray
+    amplitudes: object
+
+    @property
+    def fitted_on(self):
+        return self.unlabelled if self.unlabelled is not None else self.sample
+
+
+def fit_locations(
     prep: Prepared,
     peaks,
     progress: bool,
@@ -54,21 +80,16 @@ def fit_models(
     runner=None,
     localizer=None,
     labels=None,
-    label_source: str = "",
+    neural: bool = False,
     denoise: bool = True,
-) -> Models:
-    """Stages 2-5 on a bounded training sample: the localizer, the waveform basis and, for
-    ``label_source`` "clustering" or "labels", the neural sorter. ``labels``: sort/labels.Labels
-    (``label_source`` "labels"); ``denoise``: read amplitudes with a fitted denoiser."""
+) -> Located:
+    """Stages 2-3 on a bounded training sample. ``labels``: sort/labels.Labels; ``neural``:
+    keep the neural sorter's windows; ``denoise``: read amplitudes with a fitted denoiser."""
     params = prep.params
     if localizer is None:
         localizer = make_localizer(params.constants.localization_method, params)
-    models = Models(
-        localizer, notes=list(labels.notes) if labels is not None else [], label_source=label_source
-    )
     chunks = chunks_before(prep, labels.end) if labels is not None else None
-    few_labels = label_source == "labels" and params.label_max_spikes_per_unit is not None
-    neural = bool(label_source)
+    few_labels = labels is not None and params.label_max_spikes_per_unit is not None
     # a sort fits its denoiser after clustering (refined_localizer), localization at once
     keep = denoise and prep.denoise
     with prep.timer.stage("fit"):
@@ -104,11 +125,33 @@ def fit_models(
         )
         fit_on = unlabelled if unlabelled is not None else sample
         localizer = fit_localizer(prep, localizer, fit_on, progress)
-        models.localizer = localizer
-        models.basis = fit_waveform_basis(fit_on.centre_waveforms, params.constants.waveform_pcs)
-        models.amplitudes = reader
-    if not neural:
+        basis = fit_waveform_basis(fit_on.centre_waveforms, params.constants.waveform_pcs)
+    return Located(sample, unlabelled, localizer, basis, reader)
+
+
+def fit_units(
+    prep: Prepared,
+    located: Located,
+    progress: bool,
+    *,
+    runner=None,
+    labels=None,
+    label_source: str = "",
+) -> Models:
+    """Stages 4-5: the neural sorter trained on the sample's clustering ("clustering") or on
+    ``labels`` ("labels"); only the localizer for ``label_source`` ""."""
+    params = prep.params
+    models = Models(
+        located.localizer,
+        located.basis,
+        notes=list(labels.notes) if labels is not None else [],
+        label_source=label_source,
+        amplitudes=located.amplitudes,
+    )
+    if not label_source:
         return models
+    few_labels = located.unlabelled is not None
+    sample, unlabelled, localizer = located.sample, located.unlabelled, located.localizer
     backbone = (
         adapted_backbone(prep, unlabelled, localizer, models.basis, models.notes)
         if few_labels
@@ -137,18 +180,129 @@ def fit_models(
         )
     if labels is not None:
         models.notes.append(f"neural sorter trained on {labels.num_units} labelled units")
-    if fit_on.neighbourhood_waveforms is not None:
+    if located.fitted_on.neighbourhood_waveforms is not None:
         with prep.timer.stage("fit"):
             models.localizer, models.amplitudes = refined_localizer(
-                prep, localizer, fit_on, progress, runner
+                prep, localizer, located.fitted_on, progress, runner
             )
     return models
 
 
+def fit_models(
+    prep: Prepared,
+    peaks,
+    progress: bool,
+    *,
+    runner=None,
+    localizer=None,
+    labels=None,
+    label_source: str = "",
+    denoise: bool = True,
+) -> Models:
+    """Stages 2-5 on the recording as it is (no motion correction): the localizer, the waveform
+    basis and, for ``label_source`` "clustering" or "labels", the neural sorter. ``labels``:
+    sort/labels.Labels (``label_source`` "labels"); ``denoise``: read amplitudes with a fitted
+    denoiser."""
+    located = fit_locations(
+        prep,
+        peaks,
+        progress,
+        runner=runner,
+        localizer=localizer,
+        labels=labels,
+        neural=bool(label_source),
+        denoise=denoise,
+    )
+    return fit_units(
+        prep, located, progress, runner=runner, labels=labels, label_source=label_source
+    )
+
+
+def register(
+    prep: Prepared, located: Located, progress: bool, runner=None
+) -> tuple[Prepared, object, MotionInfo]:
+    """Stage 3b: (prep registered, SpikeInterface Motion, MotionInfo) for ``params.motion``
+    "auto", "rigid" or "nonrigid", from the spikes of a pass over the recording localized with
+    ``located``'s localizer ("auto" first screens ``located``'s sample for drift). ``prep``
+    itself and no Motion when the motion is not corrected (MotionInfo says why)."""
+    params, constants = prep.params, prep.params.constants
+    mode, recording = params.motion, prep.recording
+    info = MotionInfo(mode)
+    if mode is None:
+        return prep, None, info
+    rigid, info.note = motion_stage.plan(recording, mode, constants)
+    if rigid is None:
+        return prep, None, info
+    device = resolve_device(params.device)
+    with prep.timer.stage("motion"):
+        if mode == "auto":
+            sample = located.fitted_on
+            location = located.localizer.transform(sample.observations, prep.neighbourhood)
+            largest = motion_stage.screen(
+                recording,
+                sample.peaks,
+                np.asarray(location["y"], float),
+                motion_stage.spike_weights(
+                    sample.peaks["amplitude"], np.asarray(location["y_std"]), constants
+                ),
+                prep.counts.chunk_size,
+                constants,
+                device,
+            )
+            if largest < constants.motion_min_um:
+                info.note = _joined(
+                    info.note,
+                    f"no drift found: the largest displacement on the training sample is "
+                    f"{largest:.1f} µm (below {constants.motion_min_um:g} µm); not corrected",
+                )
+                return prep, None, info
+    spikes = motion_spikes(prep, located, progress, runner)
+    with prep.timer.stage("motion"):
+        too_few = motion_stage.too_few_spikes(recording, spikes, constants)
+        if too_few:
+            info.note = _joined(info.note, too_few)
+            return prep, None, info
+        motion = motion_stage.estimate(
+            recording,
+            spikes,
+            spikes["y"].astype(float),
+            motion_stage.spike_weights(spikes["amplitude"], spikes["y_std"], constants),
+            rigid,
+            constants,
+            device,
+        )
+        info.applied, info.method, info.rigid = True, motion_stage.METHOD, rigid
+        info.max_um, info.rms_um = motion_stage.summary(motion)
+    return motion_stage.with_registered(prep, motion, prep.timer), motion, info
+
+
+def motion_spikes(prep: Prepared, located: Located, progress: bool, runner=None) -> np.ndarray:
+    """Every spike of the recording as recorded, localized with ``located``'s localizer: what
+    the motion is estimated from (one pass, timed as "motion")."""
+    models = Models(located.localizer, amplitudes=located.amplitudes)
+    spikes, _ = main_pass(prep, models, None, progress, runner, keep_pcs=False, stage="motion")
+    return spikes
+
+
+def registered_with_saved(prep: Prepared) -> tuple[Prepared, object, MotionInfo]:
+    """Stage 3b with ``params.motion`` a saved motion folder: (prep registered, Motion,
+    MotionInfo)."""
+    folder = prep.params.motion
+    motion = motion_stage.load(folder, prep.recording)
+    info = MotionInfo(folder, True, f"loaded from {folder}")
+    info.max_um, info.rms_um = motion_stage.summary(motion)
+    return motion_stage.with_registered(prep, motion, prep.timer), motion, info
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def sort_spikes(
     prep: Prepared, progress: bool, labels=None, runner=None, work=None
-) -> tuple[np.ndarray, Models]:
-    """Spike records with locations and units, and the models that made them.
+) -> tuple[np.ndarray, Models, Prepared]:
+    """Spike records with locations and units, the models that made them and ``prep`` as the
+    main pass read it (registered when the motion was corrected).
 
     "neural" (``constants.sorter``): models fitted on a bounded training sample (the neural
     sorter on ``labels`` or on the sample's clustering), then one streaming pass assigns every
@@ -163,35 +317,57 @@ def sort_spikes(
         if labels is not None and constants.sorter != "neural":
             raise UsageError("labels train the neural sorter: use sorter=neural")
         if work is not None and work.has_models():
-            models = Models.load(work.models_dir, prep)
+            prep, models = _resumed(prep, work)
         else:
             label_set = (
                 labels_from_sorting(labels, prep.recording, params.label_max_spikes_per_unit or 0)
                 if labels is not None
                 else None
             )
-            source = "labels" if labels is not None else "clustering"
-            if constants.sorter != "neural":
-                source = ""
+            neural = constants.sorter == "neural"
+            source = ("labels" if labels is not None else "clustering") if neural else ""
             # every spike is clustered on locations read without a denoiser (refined_localizer)
-            models = fit_models(
+            saved = params.motion is not None and params.motion not in MOTION_MODES
+            if saved:
+                prep, motion, motion_info = registered_with_saved(prep)
+            located = fit_locations(
                 prep,
                 None,
                 progress,
                 runner=runner,
                 labels=label_set,
-                label_source=source,
-                denoise=constants.sorter != "cluster",
+                neural=neural,
+                denoise=neural,
             )
+            if not saved:
+                prep, motion, motion_info = register(prep, located, progress, runner)
+            if motion is not None and not saved:  # the same localizer reads the new traces
+                located = fit_locations(
+                    prep,
+                    None,
+                    progress,
+                    runner=runner,
+                    localizer=located.localizer,
+                    labels=label_set,
+                    neural=neural,
+                    denoise=neural,
+                )
+            models = fit_units(
+                prep, located, progress, runner=runner, labels=label_set, label_source=source
+            )
+            models.motion, models.motion_info = motion, motion_info
             if work is not None:
                 models.save(work.clear_models())
                 models = Models.load(work.models_dir, prep)
         spikes, pcs = main_pass(
             prep, models, None, progress, runner, work, keep_pcs=models.neural is None
         )
+        if models.motion is not None:
+            spikes["y_registered"] = spikes["y"]
+            spikes["y"] = motion_stage.recorded_depths(spikes, models.motion, prep.recording)
         if models.neural is None:
             spikes["unit_index"] = cluster_spikes(
-                prep, spikes["x"], spikes["y"], spikes["amplitude"], pcs
+                prep, spikes["x"], spikes["y_registered"], spikes["amplitude"], pcs
             )
         else:
             spikes["unit_index"] = drop_border_duplicates(
@@ -201,7 +377,15 @@ def sort_spikes(
                 prep.counts.refractory,
             )
         spikes["unit_index"] = _without_copies(prep, spikes, models)
-        return spikes, models
+        return spikes, models, prep
+
+
+def _resumed(prep: Prepared, work) -> tuple[Prepared, Models]:
+    """(prep registered as the interrupted run registered it, the models it kept)."""
+    motion = Models.saved_motion(work.models_dir)
+    if motion is not None:
+        prep = motion_stage.with_registered(prep, motion, prep.timer)
+    return prep, Models.load(work.models_dir, prep)
 
 
 def _without_copies(prep: Prepared, spikes: np.ndarray, models: Models) -> np.ndarray:
@@ -312,7 +496,7 @@ def sort(
     with thread_budget(params.n_jobs):
         prep = prepare(recording, params)
         with open_runner(workers, scheduler, connect_timeout, params) as runner:
-            spikes, _ = sort_spikes(prep, progress, labels, runner)
+            spikes, _, prep = sort_spikes(prep, progress, labels, runner)
     return sorting_from_spikes(spikes, prep.recording)
 
 
@@ -371,7 +555,7 @@ def run(
                     f"{resumed['chunks']} of {num_chunks} chunks done)",
                     file=sys.stderr,
                 )
-            spikes, models = sort_spikes(prep, progress, labels, runner, work)
+            spikes, models, prep = sort_spikes(prep, progress, labels, runner, work)
             execution = {
                 "runner": runner.description,
                 "workers": runner.workers,

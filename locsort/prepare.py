@@ -14,6 +14,8 @@ import numpy as np
 from .detect import fit_matched_filter, peaks_in_slices
 from .errors import UsageError
 from .io import check_recording
+from .motion import MOTION_MODES
+from .motion import load as load_motion
 from .neighbourhood import AmplitudeReader, Neighbourhood, fit_amplitude_basis, gather_windows
 from .params import Params, resolve_device
 from .preprocess import (
@@ -109,12 +111,26 @@ def prepare(recording, params: Params | None = None, timer: Timer | None = None)
     resolve_device(params.device)  # refuse --device cuda without a GPU before any work
     if constants.detect_method not in DETECT_METHODS:
         raise UsageError(f"unknown detect_method {constants.detect_method!r}: use matched or peak")
+    if params.motion is not None and params.motion not in MOTION_MODES:
+        load_motion(params.motion, recording)  # a saved motion that does not fit: fail now
     with timer.stage("preprocess"):
         filtered = band_pass(recording, params)
         slices = noise_slices(filtered, params)
         bad_channels = find_bad_channels(filtered, params, slices)
         processed = referenced(filtered, params, bad_channels)
         slices = referenced_slices(slices, filtered, params, bad_channels)
+    return measured(processed, params, timer, bad_channels, slices)
+
+
+def measured(
+    processed, params: Params, timer: Timer, bad_channels: dict, slices: list | None = None
+) -> Prepared:
+    """The preprocessed recording ``processed`` with everything measured on its traces: noise,
+    noise correlations, neighbourhoods, the detection filter and the amplitude basis
+    (``slices``: its noise slices, read here when not given)."""
+    constants = params.constants
+    with timer.stage("preprocess"):
+        slices = slices if slices is not None else noise_slices(processed, params)
         noise = noise_levels(processed, params, slices)
         counts = SampleCounts.from_params(params, processed.get_sampling_frequency())
         covariance, autocorrelation = noise_correlations(

@@ -64,6 +64,7 @@ def write_report(
     max_spikes_plotted: int = 50_000,
     seed: int = 0,
     run_notes: list[str] | None = None,
+    motion=None,
 ) -> Path:
     """Write ``folder/report.html`` and its figures (``folder/figures/*.png``); return the html
     path.
@@ -74,6 +75,8 @@ def write_report(
     row i for ``sorting.unit_ids[i]``). ``evaluation`` (optional) is rendered as tables, and
     ``evaluation["sorting"]["accuracy_per_unit"]`` drawn when ground truth is given. ``run_notes``
     (optional) are what the run itself has to say (interpolated channels, fallbacks), shown first.
+    ``motion`` (optional): the SpikeInterface Motion the recording was registered with, drawn on
+    the drift map; spike locations are then drawn at their registered depth (``y_registered``).
     """
     folder = Path(folder)
     fig_dir = folder / "figures"
@@ -106,10 +109,11 @@ def write_report(
     elif not ctx.finite_xy.any():
         notes.append("No spike has a finite (x, y) location.")
 
+    registered = " (y with the probe's motion removed)" if motion is not None else ""
     attempt(
         "locations.png",
         _figure_locations,
-        "Spike locations (x, y) on the probe, coloured by unit (grey: unassigned)"
+        f"Spike locations (x, y{registered}) on the probe, coloured by unit (grey: unassigned)"
         + (", black crosses: true unit positions" if ground_truth is not None else "")
         + f"; a random subset of at most {ctx.max_plotted:,} spikes.",
         "spike locations on the probe",
@@ -135,6 +139,20 @@ def write_report(
             "(units sorted by mean y, top = largest y) "
             "and spike |amplitude| coloured by unit (subsampled).",
             "firing rates and amplitudes over time",
+        )
+    if n_spikes > 0:
+        attempt(
+            "drift.png",
+            _figure_drift,
+            "Drift map: each spike's depth against time, darker for larger spikes"
+            + (
+                ", as recorded (left, with the estimated motion drawn in red at the depths "
+                "where it was estimated) and with the motion removed (right)."
+                if motion is not None
+                else "; no motion was corrected."
+            ),
+            "spike depth against time (drift map)",
+            motion,
         )
     if ground_truth is not None:
         accuracy = _accuracy_per_unit(evaluation)
@@ -212,7 +230,9 @@ class _Context:
         self.spike_seg = seg
         self.times_s = spikes["sample_index"] / self.fs + (self.segment_offset_s[seg] if n else 0.0)
         self.x = spikes["x"].astype(float)
-        self.y = spikes["y"].astype(float)
+        self.recorded_y = spikes["y"].astype(float)
+        names = spikes.dtype.names
+        self.y = spikes["y_registered" if "y_registered" in names else "y"].astype(float)
         self.finite_xy = np.isfinite(self.x) & np.isfinite(self.y)
         self.abs_amp = np.abs(spikes["amplitude"].astype(float))
         units = spikes["unit_index"].astype(np.int64)
@@ -264,6 +284,7 @@ def _as_spike_array(spikes) -> np.ndarray:
         "amplitude": np.float32,
         "x": np.float32,
         "y": np.float32,
+        "y_registered": np.float32,
         "unit_index": np.int32,
     }
     missing = [name for name in needed if name not in spikes.dtype.names]
@@ -274,7 +295,9 @@ def _as_spike_array(spikes) -> np.ndarray:
     for name in needed:
         if name in spikes.dtype.names:
             out[name] = spikes[name].reshape(-1)
-        elif name in ("x", "y", "amplitude"):
+        elif name == "y_registered" and "y" in spikes.dtype.names:
+            out[name] = spikes["y"].reshape(-1)
+        elif name in ("x", "y", "y_registered", "amplitude"):
             out[name] = np.nan
         elif name == "unit_index":
             out[name] = -1
@@ -848,6 +871,47 @@ def _figure_templates(path: Path, ctx: _Context):
 # --------------------------------------------------------------------------------------------
 # activity.png
 # --------------------------------------------------------------------------------------------
+
+
+def _figure_drift(path: Path, ctx: _Context, motion) -> bool:
+    from matplotlib.colors import LogNorm
+
+    shown = ctx.plot_subset[np.isfinite(ctx.recorded_y[ctx.plot_subset])]
+    if not len(shown):
+        return False
+    # small spikes first, so that the large ones that show the drift are drawn on top
+    shown = shown[np.argsort(ctx.abs_amp[shown])]
+    panels = [("as recorded", ctx.recorded_y)] + (
+        [("motion removed", ctx.y)] if motion is not None else []
+    )
+    fig = _new_figure(6.0 * len(panels), 4.5)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    amplitude = np.maximum(ctx.abs_amp[shown], 1e-3)
+    norm = LogNorm(vmin=np.percentile(amplitude, 5), vmax=np.percentile(amplitude, 99.5))
+    for ax, (title, depth) in zip(axes, panels):
+        points = ax.scatter(
+            ctx.times_s[shown],
+            depth[shown],
+            c=amplitude,
+            cmap="Greys",
+            norm=norm,
+            s=1,
+            linewidths=0,
+            rasterized=True,
+        )
+        ax.set_title(title)
+        ax.set_xlabel("time (s)")
+    axes[0].set_ylabel("depth y (µm)")
+    if motion is not None:
+        for segment in range(min(motion.num_segments, ctx.num_segments)):
+            start = float(ctx.recording.sample_index_to_time(0, segment_index=segment))
+            times = np.asarray(motion.temporal_bins_s[segment]) - start
+            times = times + ctx.segment_offset_s[segment]
+            for column, depth in enumerate(motion.spatial_bins_um):
+                axes[0].plot(times, depth + motion.displacement[segment][:, column], "r", lw=1)
+    fig.colorbar(points, ax=list(axes), label="|amplitude| (µV)", shrink=0.8)
+    _save(fig, path)
+    return True
 
 
 def _time_bin(duration: float, typical_count: float) -> float:

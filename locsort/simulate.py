@@ -128,3 +128,80 @@ def read_mearec_ground_truth(path: str | Path):
     # unit "#i" is spike train i, in the order of template_locations
     order = [int(str(u).lstrip("#")) for u in sorting.unit_ids]
     return recording, GroundTruth(sorting=sorting, unit_locations=locations[order])
+
+
+DRIFT_SCENARIOS = ("zigzag", "nonrigid", "jumps", "random_walk")
+
+
+@dataclass
+class Drifting:
+    """The same spikes recorded with and without drift (SpikeInterface's
+    ``generate_drifting_recording``), and the truth about both.
+
+    static, drifting : the two recordings
+    truth : the spike trains and each unit's position at the start (no displacement)
+    unit_displacements : (T, U) µm each unit's displacement along the depth (y) at ``times``
+    times : (T,) s
+    """
+
+    static: object
+    drifting: object
+    truth: GroundTruth
+    unit_displacements: np.ndarray
+    times: np.ndarray
+
+    def true_motion(self, temporal_bins: np.ndarray, spatial_bins: np.ndarray) -> np.ndarray:
+        """(len(temporal_bins), len(spatial_bins)) µm: the units' displacement at those times,
+        at each depth the displacement of the units nearest in depth (a Motion's bins)."""
+        rows = np.clip(np.searchsorted(self.times, temporal_bins), 0, len(self.times) - 1)
+        depth = self.truth.unit_locations[:, 1]
+        nearest = np.argmin(np.abs(depth[None, :] - np.asarray(spatial_bins)[:, None]), axis=1)
+        return self.unit_displacements[rows][:, nearest]
+
+
+def generate_drifting(
+    scenario: str = "zigzag",
+    duration: float = 300.0,
+    num_units: int = 100,
+    num_channels: int = 128,
+    seed: int = 0,
+    amplitude_um: float = 20.0,
+    drift_start_s: float | None = None,
+) -> Drifting:
+    """A static and a drifting recording of the same spikes on a Neuropixels-like probe built
+    here (nothing is downloaded). ``scenario``: "zigzag" (rigid, ±``amplitude_um``, a 200 s
+    period or shorter on short recordings), "nonrigid" (the zigzag, twice as large at the top
+    of the probe as at its bottom), "jumps" (steps of up to 2 x ``amplitude_um`` every 30 to
+    90 s, shorter on short recordings) or "random_walk". The drift starts at
+    ``drift_start_s`` (default: a sixth of the recording)."""
+    from spikeinterface.generation import generate_drifting_recording
+
+    if scenario not in DRIFT_SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}: use {', '.join(DRIFT_SCENARIOS)}")
+    start = duration / 6 if drift_start_s is None else drift_start_s
+    motion = {"drift_mode": "zigzag", "t_start_drift": start, "period_s": min(200.0, duration / 2)}
+    if scenario == "nonrigid":
+        motion["non_rigid_gradient"] = 0.5
+    elif scenario == "jumps":
+        low = min(30.0, duration / 8)
+        motion = {"drift_mode": "bump", "t_start_drift": start, "bump_interval_s": (low, 3 * low)}
+    elif scenario == "random_walk":
+        motion = {"drift_mode": "random_walk", "t_start_drift": start}
+    static, drifting, sorting, extra = generate_drifting_recording(
+        num_units=num_units,
+        duration=float(duration),
+        probe=neuropixels_like_probe(num_channels),
+        generate_displacement_vector_kwargs=dict(
+            displacement_sampling_frequency=5.0,
+            drift_start_um=[0, amplitude_um],
+            drift_stop_um=[0, -amplitude_um],
+            drift_step_um=1,
+            motion_list=[motion],
+        ),
+        extra_outputs=True,
+        seed=seed,
+    )
+    locations = np.asarray(extra["unit_locations"], dtype=float)
+    displacements = np.asarray(extra["unit_displacements"])[:, :, 1]
+    times = np.arange(len(displacements)) / extra["displacement_sampling_frequency"]
+    return Drifting(static, drifting, GroundTruth(sorting, locations), displacements, times)

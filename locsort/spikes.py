@@ -7,6 +7,12 @@ model (µV at zero distance for the exponential law, µV·µm for the monopole l
 negative spikes locsort detects, as in SpikeInterface's peaks).
 ``*_std`` are posterior standard deviations where the method gives a posterior, NaN
 otherwise. ``unit_index`` is -1 where the spike was not assigned to a unit.
+
+``x, y, z`` are where the spike was on the probe when it fired (the recorded position).
+``y_registered`` is its depth with the probe's motion removed (``locsort.motion``): the depth
+it would have had without drift, at the reference position of the probe (the motion's median).
+It equals ``y`` when no motion was corrected. Motion is along the depth only, so x and z need
+no registered twin.
 """
 
 import numpy as np
@@ -24,6 +30,7 @@ SPIKE_DTYPE = np.dtype(
         ("x_std", "float32"),
         ("y_std", "float32"),
         ("z_std", "float32"),
+        ("y_registered", "float32"),
         ("unit_index", "int32"),
     ]
 )
@@ -44,7 +51,7 @@ LOCATION_FIELDS = ("x", "y", "z", "alpha", "x_std", "y_std", "z_std")
 def empty_spikes(n: int) -> np.ndarray:
     """``n`` spike records with NaN locations and no unit."""
     spikes = np.zeros(n, dtype=SPIKE_DTYPE)
-    for name in LOCATION_FIELDS:
+    for name in LOCATION_FIELDS + ("y_registered",):
         spikes[name] = np.nan
     spikes["unit_index"] = -1
     return spikes

@@ -117,7 +117,7 @@ def test_labels_from_another_recording_are_refused(ground_truth_recording):
 def trained_on_truth(ground_truth_recording):
     recording, truth = ground_truth_recording
     prep = prepare(recording, params_with(**FAST))
-    spikes, result = sort_spikes(prep, progress=False, labels=truth.sorting)
+    spikes, result, _ = sort_spikes(prep, progress=False, labels=truth.sorting)
     return spikes, result, sorting_from_spikes(spikes, prep.recording)
 
 
@@ -540,7 +540,7 @@ def test_default_sort_trains_on_its_own_clustering_and_reports_denoised_location
 ):
     recording, truth = ground_truth_recording
     prep = prepare(recording, params_with(**FAST))
-    spikes, result = sort_spikes(prep, progress=False)
+    spikes, result, _ = sort_spikes(prep, progress=False)
     assert result.label_source == "clustering" and result.neural is not None
     score = sorting_accuracy(sorting_from_spikes(spikes, prep.recording), truth)
     assert score["well_detected"] >= 10, score
@@ -553,7 +553,7 @@ def test_default_sort_trains_on_its_own_clustering_and_reports_denoised_location
     # the units are those of a sort that reports the clustering's own locations: only the locations
     # change
     plain = prepare(recording, params_with(encoder_refine_epochs=0, **FAST))
-    plain_spikes, plain_result = sort_spikes(plain, progress=False)
+    plain_spikes, plain_result, _ = sort_spikes(plain, progress=False)
     assert (
         plain_result.amplitudes.components is None
         and "refined_from" not in plain_result.localizer.history

@@ -1,0 +1,440 @@
+"""Drift (issue 43): how well locsort finds the probe's motion, and how well it sorts while the
+probe moves, against SpikeInterface's motion presets and the peers' own corrections.
+
+Recordings: SpikeInterface's ``generate_drifting_recording`` on a 128-channel
+Neuropixels-1.0-like probe built here (``locsort.simulate.generate_drifting``; nothing is
+downloaded), 300 s, 100 units, the same spikes static and drifting. Scenarios: a rigid ±20 µm
+zigzag, the zigzag non-rigid (twice as large at the top as at the bottom), jumps (steps of
+20 µm every 30 to 90 s) and a random walk (±20 µm); seeds 0, 1, 2. Each drifting recording is
+saved once to a binary folder (every method then reads the same file), and removed afterwards.
+
+Part ``motion`` (every scenario and seed):
+- locsort: its localizer fitted on the training sample, then the motion stage's two steps called
+  here one by one so that the variants share one pass: the pass that localizes every spike, then
+  DREDge on their posterior depths with locsort's weights (amplitude x depth precision), rigid or
+  non-rigid as ``motion="auto"`` chooses for the probe. Variants on the same spikes: plain
+  DREDge (amplitude weights only, as SpikeInterface weights its peaks), and the other of rigid /
+  non-rigid.
+- SpikeInterface's ``compute_motion`` presets on locsort's preprocessed recording: dredge_fast,
+  rigid_fast, kilosort_like, nonrigid_fast_and_accurate, and dredge with
+  ``batching_mode="full"``.
+- Error, as SpikeInterface's motion benchmark scores it: the true displacement of the units
+  nearest each of the estimate's depth bins, at its time bins; both without their median;
+  RMS and 95th percentile of |error| over the bins after the drift starts.
+- Time: locsort's pass + DREDge against each preset's whole ``compute_motion`` (detection,
+  localization, estimation); locsort's DREDge step alone is given too.
+
+Part ``sorting`` (zigzag and jumps, seed 0 by default): locsort on the static recording, and on
+the drifting one with motion off, with motion (auto) and with the true motion (the oracle: a
+motion folder made from the truth); spykingcircus2 (its default DREDge correction) and
+tridesclous2 (``apply_motion_correction=True``) on the drifting one; kilosort4 on request
+(``--peers``; about 25 min per minute of 128 channels on this CPU).
+
+Part ``still``: the bench_sorting recordings (no drift), locsort with ``motion="auto"`` (the
+default) against motion off: accuracy and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+
+import numpy as np
+
+from _common import DATA, command_line, load_results, machine, save_results, verdict, write_section
+
+SCENARIOS = ("zigzag", "nonrigid", "jumps", "random_walk")
+AMPLITUDE_UM = {"zigzag": 20.0, "nonrigid": 20.0, "jumps": 10.0, "random_walk": 20.0}
+PRESETS = {
+    "dredge_fast": {},
+    "rigid_fast": {},
+    "kilosort_like": {},
+    "nonrigid_fast_and_accurate": {},
+    "dredge": {"estimate_motion_kwargs": {"batching_mode": "full"}},
+}
+LOCSORT = "locsort (auto)"
+PEERS = ("spykingcircus2", "tridesclous2")
+STILL = ("np64_generated", "np128_mearec_10uV")
+
+
+def drifting_recording(scenario: str, seed: int, duration: float, units: int):
+    """(Drifting truth, the drifting recording read back from its binary folder, folder)."""
+    from spikeinterface.core import load
+
+    from locsort.simulate import generate_drifting
+
+    truth = generate_drifting(
+        scenario,
+        duration=duration,
+        num_units=units,
+        num_channels=128,
+        seed=seed,
+        amplitude_um=AMPLITUDE_UM[scenario],
+    )
+    folder = DATA / "drift" / f"{scenario}_{seed}_{duration:g}s"
+    if not (folder / "si_folder.json").exists():
+        truth.drifting.save(
+            folder=folder, n_jobs=2, chunk_duration="1s", progress_bar=False, overwrite=True
+        )
+    return truth, load(folder), folder
+
+
+def motion_error(motion, truth, start_s: float) -> dict:
+    bins = np.asarray(motion.temporal_bins_s[0])
+    estimate = np.asarray(motion.displacement[0])
+    true = truth.true_motion(bins, np.asarray(motion.spatial_bins_um))
+    error = np.abs((estimate - np.median(estimate)) - (true - np.median(true)))[bins >= start_s]
+    return {
+        "rms_um": float(np.sqrt(np.mean(error**2))),
+        "p95_um": float(np.percentile(error, 95)),
+    }
+
+
+def run_motion(recording, truth, start_s: float) -> dict:
+    from locsort import motion as motion_stage
+    from locsort.params import params_with
+    from locsort.pipeline import fit_locations, motion_spikes
+    from locsort.prepare import prepare
+    from locsort.runners import thread_budget
+    from spikeinterface.preprocessing import compute_motion
+
+    rows = {}
+    params = params_with(motion="auto")
+    constants = params.constants
+    with thread_budget(params.n_jobs):
+        prep = prepare(recording, params)
+        located = fit_locations(prep, None, False, neural=True)
+        rigid, _ = motion_stage.plan(prep.recording, "auto", constants)
+        start = time.perf_counter()
+        spikes = motion_spikes(prep, located, False)
+        passed = time.perf_counter() - start
+        depths = spikes["y"].astype(float)
+        weights = {
+            "locsort": motion_stage.spike_weights(spikes["amplitude"], spikes["y_std"], constants),
+            "plain": np.abs(spikes["amplitude"]).astype(float),
+        }
+        for name, weight, is_rigid in (
+            (LOCSORT, "locsort", rigid),
+            ("locsort, plain DREDge weights", "plain", rigid),
+            (f"locsort, {'non-rigid' if rigid else 'rigid'}", "locsort", not rigid),
+        ):
+            start = time.perf_counter()
+            motion = motion_stage.estimate(
+                prep.recording, spikes, depths, weights[weight], is_rigid, constants
+            )
+            dredge = time.perf_counter() - start
+            rows[name] = {
+                **motion_error(motion, truth, start_s),
+                "wall_s": passed + dredge,
+                "dredge_s": dredge,
+                "rigid": bool(is_rigid),
+            }
+    for preset, kwargs in PRESETS.items():
+        start = time.perf_counter()
+        try:
+            motion = compute_motion(
+                prep.recording,
+                preset=preset,
+                n_jobs=2,
+                chunk_duration="1s",
+                progress_bar=False,
+                **kwargs,
+            )
+        except Exception as exc:  # a preset failing is a result to report
+            rows[preset] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+            continue
+        rows[preset] = {
+            **motion_error(motion, truth, start_s),
+            "wall_s": time.perf_counter() - start,
+        }
+    return rows
+
+
+def oracle_motion(truth, recording, folder):
+    """A motion folder of the true displacement (1 s bins, depths every 40 µm)."""
+    from spikeinterface.core.motion import Motion
+
+    duration = recording.get_duration()
+    bins = np.arange(0.5, duration, 1.0)
+    locations = recording.get_channel_locations()[:, 1]
+    depths = np.arange(locations.min(), locations.max() + 1, 40.0)
+    Motion([truth.true_motion(bins, depths)], [bins], depths).save(folder, overwrite=True)
+    return folder
+
+
+def run_sorting(truth, recording, folder, peers) -> dict:
+    from bench_sorting import run_locsort, run_peer, score  # noqa: F401
+
+    static_folder = folder.with_name(folder.name + "_static")
+    if not (static_folder / "si_folder.json").exists():
+        truth.static.save(
+            folder=static_folder, n_jobs=2, chunk_duration="1s", progress_bar=False, overwrite=True
+        )
+    from spikeinterface.core import load
+
+    static = load(static_folder)
+    oracle = oracle_motion(truth, recording, folder.with_name(folder.name + "_oracle"))
+    gt = truth.truth
+    rows = {
+        "locsort, static recording": run_locsort(static, gt, {}),
+        "locsort, motion off": run_locsort(recording, gt, {"motion": None}),
+        LOCSORT: run_locsort(recording, gt, {}),
+        "locsort, true motion": run_locsort(recording, gt, {"motion": str(oracle)}),
+    }
+    workdir = DATA / "sorter_runs"
+    for peer in peers:
+        if peer == "tridesclous2":
+            rows[peer] = _peer_with(recording, gt, peer, workdir, apply_motion_correction=True)
+        else:
+            rows[peer] = run_peer(recording, gt, peer, workdir)
+    for row in rows.values():
+        row.pop("locations", None)
+    shutil.rmtree(static_folder, ignore_errors=True)
+    shutil.rmtree(oracle, ignore_errors=True)
+    return rows
+
+
+def _peer_with(recording, truth, name, workdir, **params) -> dict:
+    from bench_sorting import score
+    from spikeinterface.sorters import run_sorter
+
+    start = time.perf_counter()
+    try:
+        sorting = run_sorter(
+            name,
+            recording,
+            folder=workdir / name,
+            remove_existing_folder=True,
+            verbose=False,
+            **params,
+        )
+    except Exception as exc:
+        return {
+            "wall_s": time.perf_counter() - start,
+            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        }
+    return {"wall_s": time.perf_counter() - start, **score(sorting, truth)}
+
+
+def run_still() -> dict:
+    from bench_sorting import load_raw, run_locsort
+
+    rows = {}
+    for name in STILL:
+        recording, truth = load_raw(name, 60.0)
+        run_locsort(recording.frame_slice(0, 300_000), None, {})  # warm-up, not counted
+        rows[name] = {}
+        for label, params in (("motion off", {"motion": None}), ("motion auto", {})):
+            row = run_locsort(recording, truth, params)
+            row.pop("locations", None)
+            rows[name][label] = row
+            print(name, label, json.dumps(row, default=float), flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["motion", "sorting", "still"],
+        choices=["motion", "sorting", "still"],
+    )
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--sorting-scenarios", nargs="+", default=["zigzag", "jumps"], choices=SCENARIOS
+    )
+    parser.add_argument("--peers", nargs="+", default=list(PEERS))
+    parser.add_argument("--duration", type=float, default=300.0)
+    parser.add_argument("--units", type=int, default=100)
+    parser.add_argument("--keep", action="store_true", help="keep the saved recordings")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    results = load_results("drift")
+    if not args.report_only:
+        from spikeinterface.core import set_global_job_kwargs
+
+        import locsort  # noqa: F401  (registers the plug-ins)
+
+        set_global_job_kwargs(n_jobs=2, chunk_duration="1s", progress_bar=False)
+        start_s = args.duration / 6
+        for scenario in args.scenarios if "motion" in args.parts else []:
+            for seed in args.seeds:
+                truth, recording, folder = drifting_recording(
+                    scenario, seed, args.duration, args.units
+                )
+                rows = run_motion(recording, truth, start_s)
+                results.setdefault("motion", {})[f"{scenario} seed {seed}"] = {
+                    "rows": rows,
+                    "command": command_line(),
+                    "machine": machine(),
+                }
+                print(scenario, seed, json.dumps(rows, default=float), flush=True)
+                save_results("drift", results)
+                if not args.keep and not (
+                    "sorting" in args.parts and scenario in args.sorting_scenarios and seed == 0
+                ):
+                    shutil.rmtree(folder, ignore_errors=True)
+        for scenario in args.sorting_scenarios if "sorting" in args.parts else []:
+            truth, recording, folder = drifting_recording(scenario, 0, args.duration, args.units)
+            rows = run_sorting(truth, recording, folder, args.peers)
+            results.setdefault("sorting", {})[f"{scenario} seed 0"] = {
+                "rows": rows,
+                "command": command_line(),
+                "machine": machine(),
+            }
+            print(scenario, json.dumps(rows, default=float), flush=True)
+            save_results("drift", results)
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        if "still" in args.parts:
+            results["still"] = {
+                "rows": run_still(),
+                "command": command_line(),
+                "machine": machine(),
+            }
+            save_results("drift", results)
+    write_report(results)
+
+
+def write_report(results: dict) -> None:
+    lines = ["## Drift: motion and sorting while the probe moves (issue 43)", ""]
+    motion = results.get("motion", {})
+    if motion:
+        first = next(iter(motion.values()))
+        lines += [
+            f"Command: `{first['command']}`. Machine: {first['machine']}.",
+            "",
+            "### Motion error (µm, after the drift starts; RMS / 95th percentile) and wall time",
+            "",
+        ]
+        methods = list(next(iter(motion.values()))["rows"])
+        lines += [
+            "| recording | " + " | ".join(methods) + " |",
+            "|---" * (len(methods) + 1) + "|",
+        ]
+        for name, entry in motion.items():
+            cells = []
+            for method in methods:
+                r = entry["rows"].get(method, {})
+                cells.append(
+                    "failed"
+                    if "error" in r or not r
+                    else f"{r['rms_um']:.2f} / {r['p95_um']:.2f} ({r['wall_s']:.0f} s)"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        met_error, met_time, ratios, dredge_only = [], [], [], []
+        for name, entry in motion.items():
+            rows = entry["rows"]
+            ours = rows[LOCSORT]
+            presets = {k: v for k, v in rows.items() if k in PRESETS and "error" not in v}
+            best = min(presets, key=lambda k: presets[k]["rms_um"])
+            ratio = ours["rms_um"] / presets[best]["rms_um"]
+            met_error.append(ratio <= 0.8)
+            ratios.append(f"{name}: {ratio:.2f} x {best}")
+            if "dredge_fast" in presets:
+                met_time.append(ours["wall_s"] / presets["dredge_fast"]["wall_s"])
+                dredge_only.append(ours["dredge_s"] / presets["dredge_fast"]["wall_s"])
+        lines += [
+            "- Target: locsort's RMS error at most 0.8 x the best preset's on every recording: "
+            f"{verdict(all(met_error))} ({'; '.join(ratios)}).",
+        ]
+        if met_time:
+            lines.append(
+                "- Target: estimation at most 0.25 x dredge_fast's wall time: "
+                f"{verdict(max(met_time) <= 0.25)} (locsort's pass + DREDge: "
+                f"{min(met_time):.2f}-{max(met_time):.2f} x; its DREDge step alone, on "
+                f"locations that exist: {min(dredge_only):.3f}-{max(dredge_only):.3f} x)."
+            )
+        lines.append("")
+    sorting = results.get("sorting", {})
+    if sorting:
+        first = next(iter(sorting.values()))
+        lines += [
+            "### Sorting under drift",
+            "",
+            f"Command: `{first['command']}`. Accuracy: SpikeInterface "
+            "`compare_sorter_to_ground_truth` (exhaustive); well detected = accuracy >= 0.8.",
+            "",
+        ]
+        for name, entry in sorting.items():
+            rows = entry["rows"]
+            lines += [
+                f"#### {name}",
+                "",
+                "| run | wall s | mean accuracy | units >= 0.8 | false-positive units |",
+                "|---|---|---|---|---|",
+            ]
+            for run, r in rows.items():
+                if "error" in r:
+                    lines.append(f"| {run} | {r['wall_s']:.0f} | failed: {r['error']} | | |")
+                    continue
+                lines.append(
+                    f"| {run} | {r['wall_s']:.0f} | {r['mean_accuracy']:.3f} | "
+                    f"{r['well_detected']}/{r['num_gt_units']} | {r['false_positive_units']} |"
+                )
+            ours, static = rows[LOCSORT], rows["locsort, static recording"]
+            ratio = ours["mean_accuracy"] / static["mean_accuracy"]
+            lines += [
+                "",
+                f"- Target: drifting accuracy at least 0.97 x static: "
+                f"{verdict(ratio >= 0.97)} ({ratio:.3f}).",
+            ]
+            peers = {
+                k: v
+                for k, v in rows.items()
+                if k in ("spykingcircus2", "tridesclous2", "kilosort4") and "error" not in v
+            }
+            if peers:
+                best = max(peers, key=lambda k: peers[k]["mean_accuracy"])
+                met = (
+                    ours["mean_accuracy"] >= peers[best]["mean_accuracy"]
+                    and ours["false_positive_units"] <= peers[best]["false_positive_units"]
+                )
+                lines.append(
+                    f"- Target: at least the best peer ({best}, "
+                    f"{peers[best]['mean_accuracy']:.3f}, "
+                    f"{peers[best]['false_positive_units']} false-positive units), with no more "
+                    f"false-positive units: {verdict(met)}."
+                )
+            not_run = [p for p in ("kilosort4",) if p not in rows]
+            if not_run:
+                lines.append(f"- Not run: {', '.join(not_run)} (`--peers` adds it).")
+            lines.append("")
+    still = results.get("still")
+    if still:
+        lines += [
+            "### No drift: motion auto against off",
+            "",
+            f"Command: `{still['command']}`.",
+            "",
+            "| recording | off: accuracy / wall s | auto: accuracy / wall s | "
+            "accuracy change | wall ratio | what auto did |",
+            "|---|---|---|---|---|---|",
+        ]
+        oks = []
+        for name, rows in still["rows"].items():
+            off, auto = rows["motion off"], rows["motion auto"]
+            change = auto["mean_accuracy"] - off["mean_accuracy"]
+            ratio = auto["wall_s"] / off["wall_s"]
+            oks.append(abs(change) <= 0.005 and ratio <= 1.10)
+            lines.append(
+                f"| {name} | {off['mean_accuracy']:.3f} / {off['wall_s']:.1f} | "
+                f"{auto['mean_accuracy']:.3f} / {auto['wall_s']:.1f} | {change:+.3f} | "
+                f"{ratio:.2f} | motion stage {auto['stages_s'].get('motion', 0):.2f} s |"
+            )
+        lines += [
+            "",
+            f"- Target: within ±0.005 accuracy and at most 1.10 x wall time: {verdict(all(oks))}.",
+            "",
+        ]
+    write_section("drift", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
