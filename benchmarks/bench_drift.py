@@ -11,10 +11,9 @@ saved once to a binary folder (every method then reads the same file), and remov
 Part ``motion`` (every scenario and seed):
 - locsort: its localizer fitted on the training sample, then the motion stage's two steps called
   here one by one so that the variants share one pass: the pass that localizes every spike, then
-  DREDge on their posterior depths with locsort's weights (amplitude x depth precision), rigid or
-  non-rigid as ``motion="auto"`` chooses for the probe. Variants on the same spikes: plain
-  DREDge (amplitude weights only, as SpikeInterface weights its peaks), and the other of rigid /
-  non-rigid.
+  DREDge on their posterior depths, rigid or non-rigid as ``motion="auto"`` chooses for the
+  probe. Variants on the same spikes: DREDge with its own temporal smoothing (1 s, locsort
+  uses 0.5 s), and the other of rigid / non-rigid.
 - SpikeInterface's ``compute_motion`` presets on locsort's preprocessed recording: dredge_fast,
   rigid_fast, kilosort_like, nonrigid_fast_and_accurate, and dredge with
   ``batching_mode="full"``.
@@ -111,24 +110,20 @@ def run_motion(recording, truth, start_s: float) -> dict:
         spikes = motion_spikes(prep, located, False)
         passed = time.perf_counter() - start
         depths = spikes["y"].astype(float)
-        weights = {
-            "locsort": motion_stage.spike_weights(spikes["amplitude"], spikes["y_std"], constants),
-            "plain": np.abs(spikes["amplitude"]).astype(float),
-        }
-        for name, weight, is_rigid in (
-            (LOCSORT, "locsort", rigid),
-            ("locsort, plain DREDge weights", "plain", rigid),
-            (f"locsort, {'non-rigid' if rigid else 'rigid'}", "locsort", not rigid),
+        for name, is_rigid, dredge in (
+            (LOCSORT, rigid, {}),
+            ("locsort spikes, DREDge's own smoothing", rigid, {"histogram_time_smooth_s": 1.0}),
+            (f"locsort, {'non-rigid' if rigid else 'rigid'}", not rigid, {}),
         ):
             start = time.perf_counter()
             motion = motion_stage.estimate(
-                prep.recording, spikes, depths, weights[weight], is_rigid, constants
+                prep.recording, spikes, depths, is_rigid, constants, **dredge
             )
-            dredge = time.perf_counter() - start
+            estimated = time.perf_counter() - start
             rows[name] = {
                 **motion_error(motion, truth, start_s),
-                "wall_s": passed + dredge,
-                "dredge_s": dredge,
+                "wall_s": passed + estimated,
+                "dredge_s": estimated,
                 "rigid": bool(is_rigid),
             }
     for preset, kwargs in PRESETS.items():
@@ -165,7 +160,7 @@ def oracle_motion(truth, recording, folder):
 
 
 def run_sorting(truth, recording, folder, peers) -> dict:
-    from bench_sorting import run_locsort, run_peer, score  # noqa: F401
+    from bench_sorting import run_locsort, run_peer, warm_up
 
     static_folder = folder.with_name(folder.name + "_static")
     if not (static_folder / "si_folder.json").exists():
@@ -177,13 +172,14 @@ def run_sorting(truth, recording, folder, peers) -> dict:
     static = load(static_folder)
     oracle = oracle_motion(truth, recording, folder.with_name(folder.name + "_oracle"))
     gt = truth.truth
+    workdir = DATA / "sorter_runs"
+    warm_up(["locsort", *peers], recording, workdir)
     rows = {
         "locsort, static recording": run_locsort(static, gt, {}),
         "locsort, motion off": run_locsort(recording, gt, {"motion": None}),
         LOCSORT: run_locsort(recording, gt, {}),
         "locsort, true motion": run_locsort(recording, gt, {"motion": str(oracle)}),
     }
-    workdir = DATA / "sorter_runs"
     for peer in peers:
         if peer == "tridesclous2":
             rows[peer] = _peer_with(recording, gt, peer, workdir, apply_motion_correction=True)

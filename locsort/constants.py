@@ -64,12 +64,13 @@ class Constants:
 
     # --- motion (§ Motion) ---
     motion_bin_s: float = 1.0  # time bins of the estimate: DREDge's default, follows fast jumps
+    motion_time_smooth_s: float = 0.5  # DREDge's raster smoothing in time: its 1 s blurs motion
     motion_window_um: float = 400.0  # non-rigid depth windows this wide ...
     motion_window_step_um: float = 400.0  # ... this far apart (spykingcircus2's dredge_fast)
     motion_max_um: float = 100.0  # largest displacement between two time bins searched for
+    motion_min_windows: int = 3  # non-rigid on probes this many windows long: fewer were worse
     motion_min_rows: int = 4  # distinct contact depths needed to follow spikes along the probe
     motion_min_spikes_per_bin: int = 20  # fewer spikes in a typical time bin: no estimate
-    motion_depth_sd_um: float = 5.0  # a spike's depth SD at which its raster weight halves
     motion_screen_min_chunks: int = 5  # sample chunks needed to screen for drift
     motion_min_um: float = 5.0  # "auto": a smaller largest displacement on the sample is no drift
     motion_kriging_sigma_um: float = 20.0  # registration's kriging kernel (SpikeInterface's)

@@ -2,8 +2,9 @@
 registered with it.
 
 The estimate is DREDge (SpikeInterface's ``estimate_motion(method="dredge_ap")``, Windolf et
-al. 2023) run on the spikes' posterior depths, each spike weighted by its amplitude and by how
-well its posterior pins its depth (``spike_weights``). Registration is SpikeInterface's
+al. 2023) run on every spike's posterior depth, weighted by its amplitude, with a shorter
+temporal smoothing than DREDge's default (docs/design-decisions.md, § Motion). Registration is
+SpikeInterface's
 ``interpolate_motion`` (kriging of the preprocessed traces in each chunk), after which every
 later stage (sample, localizer, clustering, neural sorter, peeling) sees a still probe.
 
@@ -66,43 +67,42 @@ def plan(recording, mode: str | None, constants) -> tuple[bool | None, str]:
     windows = int((span - constants.motion_window_um) // constants.motion_window_step_um)
     if mode == "rigid":
         return True, ""
-    if windows >= 2:
+    if windows >= constants.motion_min_windows:
         return False, ""
     if mode == "nonrigid":
         return True, (
-            f"non-rigid motion needs at least two {constants.motion_window_um:g} µm depth windows "
-            f"{constants.motion_window_step_um:g} µm apart; the probe spans {span:g} µm: "
-            "rigid motion instead"
+            f"non-rigid motion needs {constants.motion_min_windows} depth windows of "
+            f"{constants.motion_window_um:g} µm, {constants.motion_window_step_um:g} µm apart; "
+            f"the probe spans {span:g} µm: rigid motion instead"
         )
     return True, ""
-
-
-def spike_weights(amplitude: np.ndarray, y_std: np.ndarray, constants) -> np.ndarray:
-    """Each spike's weight in the depth-time raster: its amplitude, times the share of its
-    depth posterior's precision against a spike pinned to ``motion_depth_sd_um``
-    (spikes whose posterior leaves their depth uncertain blur the raster)."""
-    sd = np.where(np.isfinite(y_std), y_std, constants.motion_depth_sd_um)
-    scale = constants.motion_depth_sd_um**2
-    return np.abs(amplitude) * scale / (scale + sd**2)
 
 
 def estimate(
     recording,
     peaks: np.ndarray,
     depths: np.ndarray,
-    weights: np.ndarray,
     rigid: bool,
     constants,
     device: str = "cpu",
+    **dredge,
 ):
-    """SpikeInterface Motion of ``recording`` from spikes at ``peaks`` (PEAK_DTYPE: sample and
-    segment) with posterior ``depths`` (µm) and ``weights``. Segments are laid end to end so
-    that all share one reference depth."""
+    """SpikeInterface Motion of ``recording`` from spikes at ``peaks`` (PEAK_DTYPE: sample,
+    segment and amplitude) with posterior ``depths`` (µm). Segments are laid end to end so that
+    all share one reference depth. ``dredge``: other arguments for ``dredge_ap``."""
     offsets = segment_offsets(recording)
     total = int(offsets[-1] + recording.get_num_samples(recording.get_num_segments() - 1))
     times = peaks["sample_index"] + offsets[peaks["segment_index"]]
     bins, displacement, spatial = _dredge(
-        recording, times, total, depths, weights, rigid, constants, device
+        recording,
+        times,
+        total,
+        depths,
+        np.abs(peaks["amplitude"]),
+        rigid,
+        constants,
+        device,
+        **dredge,
     )
     fs = recording.get_sampling_frequency()
     displacements, temporal = [], []
@@ -117,7 +117,7 @@ def estimate(
     return _motion(displacements, temporal, spatial)
 
 
-def screen(recording, peaks: np.ndarray, depths, weights, chunk_size: int, constants, device):
+def screen(recording, peaks: np.ndarray, depths, chunk_size: int, constants, device):
     """The largest rigid displacement (µm, after removing the median) on spikes from a few
     chunks spread over the recording (a training sample), their chunks laid side by side:
     whether the full estimate is worth a pass over the recording."""
@@ -129,7 +129,14 @@ def screen(recording, peaks: np.ndarray, depths, weights, chunk_size: int, const
         return 0.0
     compact = rank * chunk_size + times % chunk_size
     _, displacement, _ = _dredge(
-        recording, compact, len(kept) * chunk_size, depths, weights, True, constants, device
+        recording,
+        compact,
+        len(kept) * chunk_size,
+        depths,
+        np.abs(peaks["amplitude"]),
+        True,
+        constants,
+        device,
     )
     return float(np.max(np.abs(displacement - np.median(displacement))))
 
@@ -228,9 +235,9 @@ def save(motion, folder: Path) -> None:
     motion.save(folder, overwrite=True)
 
 
-def _dredge(recording, times, total, depths, weights, rigid, constants, device):
+def _dredge(recording, times, total, depths, weights, rigid, constants, device, **dredge):
     """(bin centres s, (T, W) displacement µm, (W,) window centres µm) from spikes at global
-    sample ``times`` on a timeline of ``total`` samples."""
+    sample ``times`` on a timeline of ``total`` samples, weighted by ``weights``."""
     from spikeinterface.generation import NoiseGeneratorRecording
     from spikeinterface.sortingcomponents.motion import estimate_motion
 
@@ -260,10 +267,14 @@ def _dredge(recording, times, total, depths, weights, rigid, constants, device):
         win_shape="gaussian",
         win_step_um=constants.motion_window_step_um,
         win_scale_um=constants.motion_window_um,
-        bin_s=constants.motion_bin_s,
-        max_disp_um=constants.motion_max_um,
-        device=device,
-        progress_bar=False,
+        **{
+            "bin_s": constants.motion_bin_s,
+            "histogram_time_smooth_s": constants.motion_time_smooth_s,
+            "max_disp_um": constants.motion_max_um,
+            "device": device,
+            "progress_bar": False,
+            **dredge,
+        },
     )
     return (
         np.asarray(motion.temporal_bins_s[0]),

@@ -242,9 +242,6 @@ def register(
                 recording,
                 sample.peaks,
                 np.asarray(location["y"], float),
-                motion_stage.spike_weights(
-                    sample.peaks["amplitude"], np.asarray(location["y_std"]), constants
-                ),
                 prep.counts.chunk_size,
                 constants,
                 device,
@@ -263,13 +260,7 @@ def register(
             info.note = _joined(info.note, too_few)
             return prep, None, info
         motion = motion_stage.estimate(
-            recording,
-            spikes,
-            spikes["y"].astype(float),
-            motion_stage.spike_weights(spikes["amplitude"], spikes["y_std"], constants),
-            rigid,
-            constants,
-            device,
+            recording, spikes, spikes["y"].astype(float), rigid, constants, device
         )
         info.applied, info.method, info.rigid = True, motion_stage.METHOD, rigid
         info.max_um, info.rms_um = motion_stage.summary(motion)

@@ -151,12 +151,15 @@ class Drifting:
     times: np.ndarray
 
     def true_motion(self, temporal_bins: np.ndarray, spatial_bins: np.ndarray) -> np.ndarray:
-        """(len(temporal_bins), len(spatial_bins)) µm: the units' displacement at those times,
-        at each depth the displacement of the units nearest in depth (a Motion's bins)."""
-        rows = np.clip(np.searchsorted(self.times, temporal_bins), 0, len(self.times) - 1)
+        """(len(temporal_bins), len(spatial_bins)) µm: the units' displacement at those times
+        (interpolated), at each depth the displacement of the unit nearest in depth (a Motion's
+        bins)."""
         depth = self.truth.unit_locations[:, 1]
         nearest = np.argmin(np.abs(depth[None, :] - np.asarray(spatial_bins)[:, None]), axis=1)
-        return self.unit_displacements[rows][:, nearest]
+        return np.stack(
+            [np.interp(temporal_bins, self.times, self.unit_displacements[:, u]) for u in nearest],
+            axis=1,
+        )
 
 
 def generate_drifting(

@@ -182,8 +182,7 @@ def test_motion_of_a_multi_segment_recording_shares_one_reference():
     recording = _recording(durations)
     true = lambda t: 15.0 * np.sin(2 * np.pi * t / 35.0)  # noqa: E731
     peaks, depths = _spike_cloud(durations, true)
-    weights = motion_stage.spike_weights(peaks["amplitude"], np.full(len(peaks), 3.0), C)
-    motion = motion_stage.estimate(recording, peaks, depths, weights, True, C)
+    motion = motion_stage.estimate(recording, peaks, depths, True, C)
     assert motion.num_segments == 2
     errors = []
     for segment, offset in enumerate((0.0, 40.0)):
@@ -231,6 +230,7 @@ def test_a_short_probe_falls_back_to_rigid_motion_and_says_so():
     rigid, note = motion_stage.plan(recording, "nonrigid", C)
     assert rigid is True and "rigid motion instead" in note
     assert motion_stage.plan(recording, "auto", C) == (True, "")
+    assert motion_stage.plan(_recording([1.0], neuropixels_like_probe(128)), "auto", C)[0]
     long_probe = _recording([1.0], neuropixels_like_probe(192))
     assert motion_stage.plan(long_probe, "auto", C) == (False, "")
 
@@ -242,8 +242,7 @@ def test_shanks_share_one_motion():
     assert motion_stage.plan(recording, "auto", C) == (True, "")
     true = lambda t: 10.0 * np.sign(t - 20.0)  # noqa: E731
     peaks, depths = _spike_cloud([40.0], true)
-    weights = np.abs(peaks["amplitude"])
-    motion = motion_stage.estimate(recording, peaks, depths, weights, True, C)
+    motion = motion_stage.estimate(recording, peaks, depths, True, C)
     jump = np.median(motion.displacement[0][25:, 0]) - np.median(motion.displacement[0][:15, 0])
     assert abs(jump - 20.0) < 2.0
 
