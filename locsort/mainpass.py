@@ -122,8 +122,8 @@ def main_pass(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One pass over every chunk (ChunkJob). Returns spike records (spikes.SPIKE_DTYPE, with
     ``unit_index`` when the models hold a neural sorter; ``y_registered`` is ``y``) and (n, P)
-    centre-channel PCs (None without ``keep_pcs``). ``stage``: the timer stage the whole pass counts
-for (default: detect, localize and neural, each its share)."""
+    centre-channel PCs (None without ``keep_pcs``). ``stage``: the timer stage the whole pass
+    counts for (default: detect, localize and neural, each its share)."""
     constants, timer = prep.params.constants, prep.timer
     scanner = prep.scanner(peaks, models.amplitudes, last_pass=True)
     assigner = None
@@ -152,14 +152,14 @@ for (default: detect, localize and neural, each its share)."""
     finally:
         if prep.trace_cache is not None:
             prep.trace_cache.clear()
-    # the pass's wall time, shared between stages in proportion to their time in the chunks
     seconds = np.sum([part.pop("seconds") for part in parts], axis=0) if parts else np.zeros(3)
     wall = time.perf_counter() - started
     if stage is not None:
         timer[stage] = timer.get(stage, 0.0) + wall
-    for name, spent in zip(STAGES, seconds) if stage is None else ():
-        if name != "neural" or models.neural is not None:
-            timer[name] = timer.get(name, 0.0) + float(spent * wall / max(seconds.sum(), 1e-9))
+    else:  # shared between stages in proportion to their time in the chunks
+        for name, spent in zip(STAGES, seconds):
+            if name != "neural" or models.neural is not None:
+                timer[name] = timer.get(name, 0.0) + float(spent * wall / max(seconds.sum(), 1e-9))
     found = concatenate_parts([p for p in parts if len(p["peaks"])], reorder=peaks is not None)
     if not found:
         pcs = np.zeros((0, constants.waveform_pcs), np.float32) if keep_pcs else None

@@ -4,9 +4,9 @@ registered with it.
 The estimate is DREDge (SpikeInterface's ``estimate_motion(method="dredge_ap")``, Windolf et
 al. 2023) run on every spike's posterior depth, weighted by its amplitude, with a shorter
 temporal smoothing than DREDge's default (docs/design-decisions.md, § Motion). Registration is
-SpikeInterface's
-``interpolate_motion`` (kriging of the preprocessed traces in each chunk), after which every
-later stage (sample, localizer, clustering, neural sorter, peeling) sees a still probe.
+SpikeInterface's ``interpolate_motion`` (kriging of the preprocessed traces in each chunk),
+after which every later stage (sample, localizer, clustering, neural sorter, peeling) sees a
+still probe.
 
 Motion is along the probe's depth (y) and follows SpikeInterface's convention: a spike
 recorded at depth ``y`` at time ``t`` sits at ``y - d(t, y)`` in the registered frame, and
@@ -120,13 +120,14 @@ def estimate(
 def screen(recording, peaks: np.ndarray, depths, chunk_size: int, constants, device):
     """The largest rigid displacement (µm, after removing the median) on spikes from a few
     chunks spread over the recording (a training sample), their chunks laid side by side:
-    whether the full estimate is worth a pass over the recording."""
+    whether the full estimate is worth a pass over the recording. None when the spikes come
+    from fewer than ``motion_screen_min_chunks`` chunks (too short a recording to drift)."""
     offsets = segment_offsets(recording)
     times = peaks["sample_index"] + offsets[peaks["segment_index"]]
     chunk = times // chunk_size
     kept, rank = np.unique(chunk, return_inverse=True)
     if len(kept) < constants.motion_screen_min_chunks:
-        return 0.0
+        return None
     compact = rank * chunk_size + times % chunk_size
     _, displacement, _ = _dredge(
         recording,

@@ -246,11 +246,14 @@ def register(
                 constants,
                 device,
             )
-            if largest < constants.motion_min_um:
+            if largest is None or largest < constants.motion_min_um:
                 info.note = _joined(
                     info.note,
                     f"no drift found: the largest displacement on the training sample is "
-                    f"{largest:.1f} µm (below {constants.motion_min_um:g} µm); not corrected",
+                    f"{largest:.1f} µm (below {constants.motion_min_um:g} µm); not corrected"
+                    if largest is not None
+                    else "motion not estimated: the recording is too short to follow drift "
+                    f"(fewer than {constants.motion_screen_min_chunks} chunks)",
                 )
                 return prep, None, info
     spikes = motion_spikes(prep, located, progress, runner)
@@ -315,34 +318,9 @@ def sort_spikes(
                 if labels is not None
                 else None
             )
-            neural = constants.sorter == "neural"
-            source = ("labels" if labels is not None else "clustering") if neural else ""
-            # every spike is clustered on locations read without a denoiser (refined_localizer)
-            saved = params.motion is not None and params.motion not in MOTION_MODES
-            if saved:
-                prep, motion, motion_info = registered_with_saved(prep)
-            located = fit_locations(
-                prep,
-                None,
-                progress,
-                runner=runner,
-                labels=label_set,
-                neural=neural,
-                denoise=neural,
-            )
-            if not saved:
-                prep, motion, motion_info = register(prep, located, progress, runner)
-            if motion is not None and not saved:  # the same localizer reads the new traces
-                located = fit_locations(
-                    prep,
-                    None,
-                    progress,
-                    runner=runner,
-                    localizer=located.localizer,
-                    labels=label_set,
-                    neural=neural,
-                    denoise=neural,
-                )
+            source = "labels" if labels is not None else "clustering"
+            source = source if constants.sorter == "neural" else ""
+            prep, located, motion, motion_info = _located(prep, progress, runner, label_set)
             models = fit_units(
                 prep, located, progress, runner=runner, labels=label_set, label_source=source
             )
@@ -369,6 +347,36 @@ def sort_spikes(
             )
         spikes["unit_index"] = _without_copies(prep, spikes, models)
         return spikes, models, prep
+
+
+def _located(
+    prep: Prepared, progress: bool, runner, labels
+) -> tuple[Prepared, Located, object, MotionInfo]:
+    """Stages 2-3b of a sort: (prep, registered when the motion is corrected; stages 2-3 on it;
+    the Motion or None; MotionInfo)."""
+    neural = prep.params.constants.sorter == "neural"
+
+    def locations(prep: Prepared, localizer=None) -> Located:
+        # every spike is clustered on locations read without a denoiser (refined_localizer)
+        return fit_locations(
+            prep,
+            None,
+            progress,
+            runner=runner,
+            localizer=localizer,
+            labels=labels,
+            neural=neural,
+            denoise=neural,
+        )
+
+    if prep.params.motion is not None and prep.params.motion not in MOTION_MODES:
+        prep, motion, info = registered_with_saved(prep)
+        return prep, locations(prep), motion, info
+    located = locations(prep)
+    prep, motion, info = register(prep, located, progress, runner)
+    if motion is not None:  # the same localizer reads the registered traces
+        located = locations(prep, located.localizer)
+    return prep, located, motion, info
 
 
 def _resumed(prep: Prepared, work) -> tuple[Prepared, Models]:
