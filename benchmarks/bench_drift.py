@@ -70,7 +70,6 @@ MIN_COMPARABLE_UM = 0.01  # a preset this exact leaves no ratio to state
 
 def drifting_recording(scenario: str, seed: int, duration: float, units: int):
     """(Drifting truth, the drifting recording read back from its binary folder, folder)."""
-    from spikeinterface.core import load
 
     from locsort.simulate import generate_drifting
 
@@ -83,11 +82,18 @@ def drifting_recording(scenario: str, seed: int, duration: float, units: int):
         amplitude_um=AMPLITUDE_UM[scenario],
     )
     folder = DATA / "drift" / f"{scenario}_{seed}_{duration:g}s"
+    return truth, saved(truth.drifting, folder), folder
+
+
+def saved(recording, folder):
+    """``recording`` read back from a binary folder, written there once."""
+    from spikeinterface.core import load
+
     if not (folder / "si_folder.json").exists():
-        truth.drifting.save(
+        recording.save(
             folder=folder, n_jobs=2, chunk_duration="1s", progress_bar=False, overwrite=True
         )
-    return truth, load(folder), folder
+    return load(folder)
 
 
 def motion_error(motion, truth, start_s: float) -> dict:
@@ -173,13 +179,7 @@ def run_sorting(truth, recording, folder, peers) -> dict:
     from bench_sorting import run_locsort, run_peer, warm_up
 
     static_folder = folder.with_name(folder.name + "_static")
-    if not (static_folder / "si_folder.json").exists():
-        truth.static.save(
-            folder=static_folder, n_jobs=2, chunk_duration="1s", progress_bar=False, overwrite=True
-        )
-    from spikeinterface.core import load
-
-    static = load(static_folder)
+    static = saved(truth.static, static_folder)
     oracle = oracle_motion(truth, recording, folder.with_name(folder.name + "_oracle"))
     gt = truth.truth
     workdir = DATA / "sorter_runs"
@@ -191,37 +191,13 @@ def run_sorting(truth, recording, folder, peers) -> dict:
         "locsort, true motion": run_locsort(recording, gt, {"motion": str(oracle)}),
     }
     for peer in peers:
-        if peer == "tridesclous2":
-            rows[peer] = _peer_with(recording, gt, peer, workdir, apply_motion_correction=True)
-        else:
-            rows[peer] = run_peer(recording, gt, peer, workdir)
+        extra = {"apply_motion_correction": True} if peer == "tridesclous2" else {}
+        rows[peer] = run_peer(recording, gt, peer, workdir, **extra)
     for row in rows.values():
         row.pop("locations", None)
     shutil.rmtree(static_folder, ignore_errors=True)
     shutil.rmtree(oracle, ignore_errors=True)
     return rows
-
-
-def _peer_with(recording, truth, name, workdir, **params) -> dict:
-    from bench_sorting import score
-    from spikeinterface.sorters import run_sorter
-
-    start = time.perf_counter()
-    try:
-        sorting = run_sorter(
-            name,
-            recording,
-            folder=workdir / name,
-            remove_existing_folder=True,
-            verbose=False,
-            **params,
-        )
-    except Exception as exc:
-        return {
-            "wall_s": time.perf_counter() - start,
-            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-        }
-    return {"wall_s": time.perf_counter() - start, **score(sorting, truth)}
 
 
 def run_still() -> dict:

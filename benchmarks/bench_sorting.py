@@ -127,12 +127,14 @@ def run_preprocessing(recording) -> dict:
     return {"wall_s": time.perf_counter() - start}
 
 
-def run_peer(recording, truth, name: str, workdir) -> dict:
+def run_peer(recording, truth, name: str, workdir, **params) -> dict:
+    """``name`` through ``run_sorter`` with ``params`` besides its defaults (kilosort4 on the
+    CPU)."""
     from spikeinterface.sorters import run_sorter
 
     folder = workdir / name
     shutil.rmtree(folder, ignore_errors=True)
-    extra = {"torch_device": "cpu"} if name == "kilosort4" else {}
+    extra = {"torch_device": "cpu", **params} if name == "kilosort4" else params
     start = time.perf_counter()
     try:
         sorting = run_sorter(

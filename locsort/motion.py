@@ -232,10 +232,6 @@ def recorded_depths(spikes: np.ndarray, motion, recording) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def save(motion, folder: Path) -> None:
-    motion.save(folder, overwrite=True)
-
-
 def _dredge(recording, times, total, depths, weights, rigid, constants, device, **dredge):
     """(bin centres s, (T, W) displacement µm, (W,) window centres µm) from spikes at global
     sample ``times`` on a timeline of ``total`` samples, weighted by ``weights``."""
