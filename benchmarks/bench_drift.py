@@ -27,10 +27,21 @@ Part ``sorting`` (zigzag and jumps, seed 0 by default): locsort on the static re
 the drifting one with motion off, with motion (auto) and with the true motion (the oracle: a
 motion folder made from the truth); spykingcircus2 (its default DREDge correction) and
 tridesclous2 (``apply_motion_correction=True``) on the drifting one; kilosort4 on request
-(``--peers``; about 25 min per minute of 128 channels on this CPU).
+(``--peers``; about 25 min per minute of 128 channels on this CPU, so it runs on a 60 s zigzag:
+``--parts sorting --sorting-scenarios zigzag --duration 60 --peers spykingcircus2 tridesclous2
+kilosort4``).
 
 Part ``still``: the bench_sorting recordings (no drift), locsort with ``motion="auto"`` (the
 default) against motion off: accuracy and wall time.
+
+Part ``biophysical``: MEArec recordings made from drifting templates (a Neuropixels 1.0
+128-channel library simulated with NEURON by the shared ``make_templates.py``, 6 positions per
+cell model, seed 3, made once under benchmarks/data: about 15 min, needs
+``pip install neuron==9.0.2 LFPy`` and gcc), 30 cells, 120 s, noise 10 µV: a slow rigid
+triangular drift (20 µm/min, 30 µm wide) and sudden jumps (5 to 20 µm every 30 s), and the same
+spikes with no drift. Motion error as in part ``motion`` (the truth: each cell's depth over time
+from MEArec's drift vectors, ``extract_units_drift_vector``); sorting: locsort on the recording
+without drift, and on the drifting one with motion off and auto; spykingcircus2.
 """
 
 from __future__ import annotations
@@ -38,12 +49,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
 
 from _common import (
     DATA,
+    SHARED,
     command_line,
     command_lines,
     load_results,
@@ -66,6 +80,12 @@ LOCSORT = "locsort (auto)"
 PEERS = ("spykingcircus2", "tridesclous2")
 STILL = ("np64_generated", "np128_mearec_10uV")
 MIN_COMPARABLE_UM = 0.01  # a preset this exact leaves no ratio to state
+TEMPLATES = ("Neuropixels-128", "6", "3")  # make_templates.py: probe, positions per cell, seed
+BIOPHYSICAL = {
+    "slow drift": ["--drifting", "slow", "--drift-velocity", "20", "--drift-amplitude", "30"],
+    "jumps": ["--drifting", "fast", "--jump-period", "30", "--jump-max", "20"],
+}
+BIOPHYSICAL_S = 120.0
 
 
 def drifting_recording(scenario: str, seed: int, duration: float, units: int):
@@ -175,28 +195,101 @@ def oracle_motion(truth, recording, folder):
     return folder
 
 
-def run_sorting(truth, recording, folder, peers) -> dict:
+def sorting_rows(still, recording, gt, peers, still_label: str, extra: dict) -> dict:
+    """locsort on the recording without drift (``still``) and on the drifting one with motion off,
+    auto and each of ``extra`` (label: parameters); the peers with their motion correction on."""
     from bench_sorting import run_locsort, run_peer, warm_up
 
-    static_folder = folder.with_name(folder.name + "_static")
-    static = saved(truth.static, static_folder)
-    oracle = oracle_motion(truth, recording, folder.with_name(folder.name + "_oracle"))
-    gt = truth.truth
     workdir = DATA / "sorter_runs"
     warm_up(["locsort", *peers], recording, workdir)
     rows = {
-        "locsort, static recording": run_locsort(static, gt, {}),
+        still_label: run_locsort(still, gt, {}),
         "locsort, motion off": run_locsort(recording, gt, {"motion": None}),
         LOCSORT: run_locsort(recording, gt, {}),
-        "locsort, true motion": run_locsort(recording, gt, {"motion": str(oracle)}),
+        **{label: run_locsort(recording, gt, params) for label, params in extra.items()},
     }
     for peer in peers:
-        extra = {"apply_motion_correction": True} if peer == "tridesclous2" else {}
-        rows[peer] = run_peer(recording, gt, peer, workdir, **extra)
+        params = {"apply_motion_correction": True} if peer == "tridesclous2" else {}
+        rows[peer] = run_peer(recording, gt, peer, workdir, **params)
     for row in rows.values():
         row.pop("locations", None)
+    return rows
+
+
+def run_sorting(truth, recording, folder, peers) -> dict:
+    static_folder = folder.with_name(folder.name + "_static")
+    static = saved(truth.static, static_folder)
+    oracle = oracle_motion(truth, recording, folder.with_name(folder.name + "_oracle"))
+    rows = sorting_rows(
+        static,
+        recording,
+        truth.truth,
+        peers,
+        "locsort, static recording",
+        {"locsort, true motion": {"motion": str(oracle)}},
+    )
     shutil.rmtree(static_folder, ignore_errors=True)
     shutil.rmtree(oracle, ignore_errors=True)
+    return rows
+
+
+def mearec_file(name: str, arguments: list) -> str:
+    """A MEArec recording from the drifting template library, made once (both files cached)."""
+    mearec = SHARED / "data" / "mearec"
+    templates = DATA / "mearec" / f"np1_drift_templates_{'_'.join(TEMPLATES[1:])}.h5"
+    if not templates.exists():
+        templates.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, str(mearec / "make_templates.py"), *TEMPLATES, str(templates)]
+            + ["--drifting"],
+            check=True,
+        )
+    path = DATA / "mearec" / f"np1_{name.replace(' ', '_')}_{BIOPHYSICAL_S:g}s.h5"
+    subprocess.run(
+        [sys.executable, str(mearec / "make_recording.py"), str(templates), str(path)]
+        + ["--duration", f"{BIOPHYSICAL_S:g}", "--n-exc", "16", "--n-inh", "14", "--seed", "0"]
+        + arguments,
+        check=True,
+        capture_output=True,
+    )
+    return str(path)
+
+
+def mearec_drifting(name: str):
+    """(Drifting truth, the drifting recording in a binary folder, folder) for one of
+    BIOPHYSICAL; the static recording is the same spikes made without drift."""
+    from MEArec import load_recordings
+    from MEArec.tools import extract_units_drift_vector
+
+    from locsort.simulate import Drifting, read_mearec_ground_truth
+
+    drifting, truth = read_mearec_ground_truth(mearec_file(name, BIOPHYSICAL[name]))
+    static, _ = read_mearec_ground_truth(mearec_file("no drift", []))
+    depths, times = extract_units_drift_vector(
+        recgen=load_recordings(
+            mearec_file(name, BIOPHYSICAL[name]),
+            load=["spiketrains", "templates"],
+            load_waveforms=False,
+            return_h5_objects=False,
+        )
+    )
+    order = [int(str(u).lstrip("#")) for u in truth.sorting.unit_ids]
+    displacements = depths[:, order] - truth.unit_locations[:, 1]
+    folder = DATA / "drift" / f"mearec_{name.replace(' ', '_')}_{BIOPHYSICAL_S:g}s"
+    recording = saved(drifting, folder)
+    return Drifting(static, recording, truth, displacements, times), recording, folder
+
+
+def run_biophysical(peers) -> dict:
+    rows = {}
+    for name in BIOPHYSICAL:
+        truth, recording, _ = mearec_drifting(name)
+        still = saved(truth.static, DATA / "drift" / f"mearec_no_drift_{BIOPHYSICAL_S:g}s")
+        rows[name] = {
+            "motion": run_motion(recording, truth, 0.0),
+            "sorting": sorting_rows(still, recording, truth.truth, peers, "locsort, no drift", {}),
+        }
+        print(name, json.dumps(rows[name], default=float), flush=True)
     return rows
 
 
@@ -221,8 +314,8 @@ def main():
     parser.add_argument(
         "--parts",
         nargs="+",
-        default=["motion", "sorting", "still"],
-        choices=["motion", "sorting", "still"],
+        default=["motion", "sorting", "biophysical", "still"],
+        choices=["motion", "sorting", "biophysical", "still"],
     )
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -268,7 +361,8 @@ def main():
         for scenario in args.sorting_scenarios if "sorting" in args.parts else []:
             truth, recording, folder = drifting_recording(scenario, 0, args.duration, args.units)
             rows = run_sorting(truth, recording, folder, args.peers)
-            results.setdefault("sorting", {})[f"{scenario} seed 0"] = {
+            name = f"{scenario} seed 0, {args.duration:g} s"
+            results.setdefault("sorting", {})[name] = {
                 "rows": rows,
                 "command": command_line(),
                 "machine": machine(),
@@ -277,6 +371,13 @@ def main():
             save_results("drift", results)
             if not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)
+        if "biophysical" in args.parts:
+            results["biophysical"] = {
+                "rows": run_biophysical(args.peers),
+                "command": command_line(),
+                "machine": machine(),
+            }
+            save_results("drift", results)
         if "still" in args.parts:
             results["still"] = {
                 "rows": run_still(),
@@ -285,6 +386,95 @@ def main():
             }
             save_results("drift", results)
     write_report(results)
+
+
+def motion_lines(entries: dict) -> list[str]:
+    """The motion error table of ``entries`` (recording name: {method: row}) and its verdicts."""
+    methods = list(next(iter(entries.values())))
+    lines = [
+        "| recording | " + " | ".join(methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
+    for name, rows in entries.items():
+        cells = []
+        for method in methods:
+            r = rows.get(method, {})
+            cells.append(
+                "failed"
+                if "error" in r or not r
+                else f"{r['rms_um']:.2f} / {r['p95_um']:.2f} ({r['wall_s']:.0f} s)"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    met_error, met_time, ratios, dredge_only = [], [], [], []
+    for name, rows in entries.items():
+        ours = rows[LOCSORT]
+        presets = {k: v for k, v in rows.items() if k in PRESETS and "error" not in v}
+        best = min(presets, key=lambda k: presets[k]["rms_um"])
+        if presets[best]["rms_um"] < MIN_COMPARABLE_UM:
+            met_error.append(False)
+            ratios.append(f"{name}: {ours['rms_um']:.2f} µm against {best}'s 0.00")
+            continue
+        ratio = ours["rms_um"] / presets[best]["rms_um"]
+        met_error.append(ratio <= 0.8)
+        ratios.append(f"{name}: {ratio:.2f} x {best}")
+        if "dredge_fast" in presets:
+            met_time.append(ours["wall_s"] / presets["dredge_fast"]["wall_s"])
+            dredge_only.append(ours["dredge_s"] / presets["dredge_fast"]["wall_s"])
+    lines.append(
+        "- Target: locsort's RMS error at most 0.8 x the best preset's on every recording: "
+        f"{verdict(all(met_error))} ({'; '.join(ratios)})."
+    )
+    if met_time:
+        lines.append(
+            "- Target: estimation at most 0.25 x dredge_fast's wall time: "
+            f"{verdict(max(met_time) <= 0.25)} (locsort's pass + DREDge: "
+            f"{min(met_time):.2f}-{max(met_time):.2f} x; its DREDge step alone, on "
+            f"locations that exist: {min(dredge_only):.3f}-{max(dredge_only):.3f} x)."
+        )
+    return lines + [""]
+
+
+def sorting_lines(name: str, rows: dict, still: str) -> list[str]:
+    """One recording's sorting table and its verdicts against ``rows[still]`` and the peers."""
+    lines = [
+        f"#### {name}",
+        "",
+        "| run | wall s | mean accuracy | units >= 0.8 | false-positive units |",
+        "|---|---|---|---|---|",
+    ]
+    for run, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {run} | {r['wall_s']:.0f} | failed: {r['error']} | | |")
+            continue
+        lines.append(
+            f"| {run} | {r['wall_s']:.0f} | {r['mean_accuracy']:.3f} | "
+            f"{r['well_detected']}/{r['num_gt_units']} | {r['false_positive_units']} |"
+        )
+    ours = rows[LOCSORT]
+    ratio = ours["mean_accuracy"] / rows[still]["mean_accuracy"]
+    lines += [
+        "",
+        f"- Target: drifting accuracy at least 0.97 x without drift: "
+        f"{verdict(ratio >= 0.97)} ({ratio:.3f}).",
+    ]
+    peers = {
+        k: v
+        for k, v in rows.items()
+        if k in ("spykingcircus2", "tridesclous2", "kilosort4") and "error" not in v
+    }
+    if peers:
+        best = max(peers, key=lambda k: peers[k]["mean_accuracy"])
+        met = (
+            ours["mean_accuracy"] >= peers[best]["mean_accuracy"]
+            and ours["false_positive_units"] <= peers[best]["false_positive_units"]
+        )
+        lines.append(
+            f"- Target: at least the best peer ({best}, {peers[best]['mean_accuracy']:.3f}, "
+            f"{peers[best]['false_positive_units']} false-positive units), with no more "
+            f"false-positive units: {verdict(met)}."
+        )
+    return lines + [""]
 
 
 def write_report(results: dict) -> None:
@@ -302,105 +492,47 @@ def write_report(results: dict) -> None:
             "",
             "### Motion error (µm, after the drift starts; RMS / 95th percentile) and wall time",
             "",
+            *motion_lines({name: entry["rows"] for name, entry in motion.items()}),
         ]
-        methods = list(next(iter(motion.values()))["rows"])
-        lines += [
-            "| recording | " + " | ".join(methods) + " |",
-            "|---" * (len(methods) + 1) + "|",
-        ]
-        for name, entry in motion.items():
-            cells = []
-            for method in methods:
-                r = entry["rows"].get(method, {})
-                cells.append(
-                    "failed"
-                    if "error" in r or not r
-                    else f"{r['rms_um']:.2f} / {r['p95_um']:.2f} ({r['wall_s']:.0f} s)"
-                )
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
-        met_error, met_time, ratios, dredge_only = [], [], [], []
-        for name, entry in motion.items():
-            rows = entry["rows"]
-            ours = rows[LOCSORT]
-            presets = {k: v for k, v in rows.items() if k in PRESETS and "error" not in v}
-            best = min(presets, key=lambda k: presets[k]["rms_um"])
-            if presets[best]["rms_um"] < MIN_COMPARABLE_UM:
-                met_error.append(False)
-                ratios.append(f"{name}: {ours['rms_um']:.2f} µm against {best}'s 0.00")
-                continue
-            ratio = ours["rms_um"] / presets[best]["rms_um"]
-            met_error.append(ratio <= 0.8)
-            ratios.append(f"{name}: {ratio:.2f} x {best}")
-            if "dredge_fast" in presets:
-                met_time.append(ours["wall_s"] / presets["dredge_fast"]["wall_s"])
-                dredge_only.append(ours["dredge_s"] / presets["dredge_fast"]["wall_s"])
-        lines += [
-            "- Target: locsort's RMS error at most 0.8 x the best preset's on every recording: "
-            f"{verdict(all(met_error))} ({'; '.join(ratios)}).",
-        ]
-        if met_time:
-            lines.append(
-                "- Target: estimation at most 0.25 x dredge_fast's wall time: "
-                f"{verdict(max(met_time) <= 0.25)} (locsort's pass + DREDge: "
-                f"{min(met_time):.2f}-{max(met_time):.2f} x; its DREDge step alone, on "
-                f"locations that exist: {min(dredge_only):.3f}-{max(dredge_only):.3f} x)."
-            )
-        lines.append("")
     sorting = results.get("sorting", {})
     if sorting:
-        first = next(iter(sorting.values()))
         lines += [
             "### Sorting under drift",
             "",
-            f"Command: `{first['command']}`. Accuracy: SpikeInterface "
-            "`compare_sorter_to_ground_truth` (exhaustive); well detected = accuracy >= 0.8.",
+            *command_lines(entry["command"] for entry in sorting.values()),
+            "",
+            "Accuracy: SpikeInterface `compare_sorter_to_ground_truth` (exhaustive); well "
+            "detected = accuracy >= 0.8.",
             "",
         ]
         for name, entry in sorting.items():
-            rows = entry["rows"]
-            lines += [
-                f"#### {name}",
-                "",
-                "| run | wall s | mean accuracy | units >= 0.8 | false-positive units |",
-                "|---|---|---|---|---|",
-            ]
-            for run, r in rows.items():
-                if "error" in r:
-                    lines.append(f"| {run} | {r['wall_s']:.0f} | failed: {r['error']} | | |")
-                    continue
-                lines.append(
-                    f"| {run} | {r['wall_s']:.0f} | {r['mean_accuracy']:.3f} | "
-                    f"{r['well_detected']}/{r['num_gt_units']} | {r['false_positive_units']} |"
-                )
-            ours, static = rows[LOCSORT], rows["locsort, static recording"]
-            ratio = ours["mean_accuracy"] / static["mean_accuracy"]
-            lines += [
-                "",
-                f"- Target: drifting accuracy at least 0.97 x static: "
-                f"{verdict(ratio >= 0.97)} ({ratio:.3f}).",
-            ]
-            peers = {
-                k: v
-                for k, v in rows.items()
-                if k in ("spykingcircus2", "tridesclous2", "kilosort4") and "error" not in v
-            }
-            if peers:
-                best = max(peers, key=lambda k: peers[k]["mean_accuracy"])
-                met = (
-                    ours["mean_accuracy"] >= peers[best]["mean_accuracy"]
-                    and ours["false_positive_units"] <= peers[best]["false_positive_units"]
-                )
-                lines.append(
-                    f"- Target: at least the best peer ({best}, "
-                    f"{peers[best]['mean_accuracy']:.3f}, "
-                    f"{peers[best]['false_positive_units']} false-positive units), with no more "
-                    f"false-positive units: {verdict(met)}."
-                )
-            not_run = [p for p in ("kilosort4",) if p not in rows]
-            if not_run:
-                lines.append(f"- Not run: {', '.join(not_run)} (`--peers` adds it).")
-            lines.append("")
+            lines += sorting_lines(name, entry["rows"], "locsort, static recording")
+            if "kilosort4" not in entry["rows"]:
+                lines[-1:-1] = [
+                    "- Not run: kilosort4 (about 25 min per minute of 128 channels on this CPU; "
+                    "it runs on the 60 s recording)."
+                ]
+    biophysical = results.get("biophysical")
+    if biophysical:
+        lines += [
+            "### Biophysical drift (MEArec, drifting templates)",
+            "",
+            f"Command: `{biophysical['command']}`. Machine: {biophysical['machine']}. "
+            f"Neuropixels 1.0 128-channel templates simulated with NEURON, 30 cells, "
+            f"{BIOPHYSICAL_S:g} s, noise 10 µV; drift from the start.",
+            "",
+            "Motion error (µm; RMS / 95th percentile) and wall time. The library's cells drift "
+            "along paths 30 to 100 µm long (`make_templates.py`), and MEArec moves each by the "
+            "same number of steps, so each cell moves by its own amount and no single motion "
+            "fits them all; the truth at a depth bin is the nearest cell's, and every method "
+            "shares that floor.",
+            "",
+            *motion_lines({k: v["motion"] for k, v in biophysical["rows"].items()}),
+            "Sorting:",
+            "",
+        ]
+        for name, rows in biophysical["rows"].items():
+            lines += sorting_lines(name, rows["sorting"], "locsort, no drift")
     still = results.get("still")
     if still:
         lines += [

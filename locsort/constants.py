@@ -74,6 +74,8 @@ class Constants:
     motion_screen_min_chunks: int = 5  # sample chunks needed to screen for drift
     motion_min_um: float = 5.0  # "auto": a smaller largest displacement on the sample is no drift
     motion_kriging_sigma_um: float = 20.0  # registration's kriging kernel (SpikeInterface's)
+    motion_merge_max_um: float = 12.0  # a neuron's pieces after registration lie this close ...
+    motion_merge_max_overlap: float = 0.2  # ... over disjoint displacements (0: never merged)
 
     # --- sorting (§ Neural sorter) ---
     sorter: str = "neural"  # "cluster" (every spike clustered) is the benchmarks' baseline

@@ -43,7 +43,12 @@ from .scan import SpikeBatch, scan
 from .sort.cluster import fit_waveform_basis
 from .sort.initial import cluster_spikes
 from .sort.labels import labels_from_sorting
-from .sort.postprocess import drop_border_duplicates, duplicate_units, lagged_copy_spikes
+from .sort.postprocess import (
+    drop_border_duplicates,
+    duplicate_units,
+    lagged_copy_spikes,
+    merge_motion_pieces,
+)
 from .sort.training import adapted_backbone, configured_backbone, self_trained, train_network
 from .spikes import PEAK_DTYPE, check_peaks
 from .workarea import WorkArea, digest, recording_identity
@@ -344,6 +349,16 @@ def sort_spikes(
                 spikes["sample_index"],
                 spikes["unit_index"],
                 prep.counts.refractory,
+            )
+        if models.motion is not None and models.label_source != "labels":
+            spikes["unit_index"] = merge_motion_pieces(
+                spikes["unit_index"],
+                spikes["x"],
+                spikes["y_registered"],
+                spikes["y"] - spikes["y_registered"],
+                constants.motion_merge_max_um,
+                constants.motion_merge_max_overlap,
+                constants.cluster_min_size,
             )
         spikes["unit_index"] = _without_copies(prep, spikes, models)
         return spikes, models, prep

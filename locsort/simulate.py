@@ -120,10 +120,10 @@ def read_mearec_ground_truth(path: str | Path):
         if "template_locations" not in f:
             raise ValueError(f"{path} has no template_locations: not a MEArec recording")
         mearec_xyz = np.asarray(f["template_locations"][()], dtype=float)
-    if (
-        mearec_xyz.ndim == 3
-    ):  # drifting recordings store one position per drift step: take the first
-        mearec_xyz = mearec_xyz[:, 0, :]
+    if mearec_xyz.ndim == 3:
+        # drifting recordings store one position per drift step; MEArec's drift indices count
+        # from the middle step, the position with no displacement
+        mearec_xyz = mearec_xyz[:, mearec_xyz.shape[1] // 2, :]
     locations = np.column_stack([mearec_xyz[:, 1], mearec_xyz[:, 2], np.abs(mearec_xyz[:, 0])])
     # unit "#i" is spike train i, in the order of template_locations
     order = [int(str(u).lstrip("#")) for u in sorting.unit_ids]

@@ -19,6 +19,7 @@ from locsort.params import params_with
 from locsort.pipeline import register, registered_with_saved, sort_spikes
 from locsort.prepare import prepare
 from locsort.simulate import generate_drifting, neuropixels_like_probe
+from locsort.sort.postprocess import merge_motion_pieces
 from locsort.spikes import PEAK_DTYPE
 from locsort.workarea import WorkArea
 
@@ -91,6 +92,34 @@ def test_a_saved_motion_folder_is_reused(drifting, corrected):
     assert motion == Motion.load(corrected.out / "motion")
     assert info.applied and info.method.startswith("loaded from")
     assert type(registered.recording).__name__ == "InterpolateMotionRecording"
+
+
+def test_pieces_of_one_neuron_split_by_the_displacement_merge_and_neighbours_do_not():
+    rng = np.random.default_rng(0)
+    n = 400
+    displacement = np.tile(np.repeat([0.0, 15.0], 50), n // 100 * 3)  # a drift between two levels
+    pieces = {
+        # one neuron whose spikes fell in two units, one per displacement level
+        0: (0.0, 100.0, displacement == 0.0),
+        1: (2.0, 104.0, displacement == 15.0),
+        # two neurons at one place firing throughout: never merged
+        2: (30.0, 300.0, np.ones(len(displacement), bool)),
+        3: (33.0, 303.0, np.ones(len(displacement), bool)),
+        # a unit far from unit 0 whose spikes come only while displaced: a different neuron
+        4: (0.0, 600.0, displacement == 15.0),
+    }
+    units = np.full(len(displacement), -1)
+    x, y = np.zeros(len(displacement)), np.zeros(len(displacement))
+    for unit, (ux, uy, allowed) in pieces.items():
+        rows = rng.choice(np.flatnonzero(allowed & (units < 0)), size=n // 4, replace=False)
+        units[rows], x[rows], y[rows] = unit, ux + rng.normal(0, 2, len(rows)), uy
+    args = (units, x, y, displacement, C.motion_merge_max_um)
+    merged = merge_motion_pieces(*args, C.motion_merge_max_overlap, C.cluster_min_size)
+    assert set(merged[units == 1]) == {0} and set(merged[units == 0]) == {0}
+    for unit in (2, 3, 4):
+        assert set(merged[units == unit]) == {unit}
+    assert np.array_equal(merged[units < 0], units[units < 0])
+    assert np.array_equal(merge_motion_pieces(*args, 0.0, C.cluster_min_size), units)
 
 
 def test_without_drift_auto_changes_nothing(ground_truth_recording):

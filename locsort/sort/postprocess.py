@@ -226,3 +226,78 @@ def lagged_copy_spikes(
             hit[hit] = source_times[after[hit]] <= expected[hit] + COPY_JITTER
             drop[rows[hit]] = True
     return drop
+
+
+DISPLACEMENT_BIN_UM = 2.0  # displacement histogram bins: several across the smallest drift corrected
+
+
+def merge_motion_pieces(
+    units: np.ndarray,
+    x: np.ndarray,
+    y_registered: np.ndarray,
+    displacement: np.ndarray,
+    max_distance_um: float,
+    max_overlap: float,
+    min_spikes: int,
+) -> np.ndarray:
+    """(n,) units with the pieces of one neuron that motion correction left apart merged (ids
+    kept: a merged unit's spikes take the id of the piece it joined; -1 kept).
+
+    Registration by interpolation changes a spike's waveform with the displacement (its channels
+    are rebuilt from neighbours), so a neuron can end up as pieces that each hold the spikes of
+    one range of displacements: at one registered position, with disjoint displacement
+    histograms. Two neurons at one position fire over the same displacements (their firing does
+    not follow the probe's motion), so a pair is merged when their median registered positions
+    are within ``max_distance_um`` and the overlap of their displacement histograms (sum of the
+    smaller share per bin: 1 when alike, 0 when disjoint) is at most ``max_overlap``, most
+    disjoint pair first; units with fewer than ``min_spikes`` spikes are left alone
+    (docs/design-decisions.md, § Motion)."""
+    units = np.asarray(units).copy()
+    if not len(units) or units.max() < 1 or max_overlap <= 0:
+        return units
+    edges = np.arange(
+        displacement.min(), displacement.max() + DISPLACEMENT_BIN_UM, DISPLACEMENT_BIN_UM
+    )
+    if len(edges) < 3:  # the displacement never spans two bins: nothing to tell pieces by
+        return units
+    labelled = np.flatnonzero(units >= 0)
+    order = labelled[np.argsort(units[labelled], kind="stable")]
+    ids, starts, sizes = np.unique(units[order], return_index=True, return_counts=True)
+    rows = {
+        int(u): order[start : start + size]
+        for u, start, size in zip(ids, starts, sizes)
+        if size >= min_spikes
+    }
+    bins = np.clip(np.digitize(displacement, edges) - 1, 0, len(edges) - 2)
+
+    def position(u):
+        return np.array([np.median(x[rows[u]]), np.median(y_registered[rows[u]])])
+
+    def histogram(u):
+        counts = np.bincount(bins[rows[u]], minlength=len(edges) - 1).astype(float)
+        return counts / counts.sum()
+
+    where = {u: position(u) for u in rows}
+    share = {u: histogram(u) for u in rows}
+
+    def pairs_of(u, others):
+        return {
+            (min(u, v), max(u, v)): float(np.minimum(share[u], share[v]).sum())
+            for v in others
+            if v != u and np.linalg.norm(where[u] - where[v]) <= max_distance_um
+        }
+
+    pairs = {}
+    for u in rows:
+        pairs.update(pairs_of(u, [v for v in rows if v > u]))
+    while pairs:
+        (a, b), overlap = min(pairs.items(), key=lambda item: item[1])
+        if overlap > max_overlap:
+            break
+        units[rows[b]] = a
+        rows[a] = np.concatenate([rows[a], rows.pop(b)])
+        where[a], share[a] = position(a), histogram(a)
+        del where[b], share[b]
+        pairs = {pair: value for pair, value in pairs.items() if a not in pair and b not in pair}
+        pairs.update(pairs_of(a, list(where)))
+    return units
