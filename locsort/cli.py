@@ -52,6 +52,12 @@ def _common(parser: argparse.ArgumentParser, default_out: str | None) -> None:
     )
     parser.add_argument("--phy", action="store_true", help="also export a Phy folder (out/phy)")
     parser.add_argument(
+        "--nwb",
+        metavar="FILE.nwb",
+        help="also write the units (spike times, positions, quality metrics, mean waveforms, "
+        "electrodes) to this NWB file",
+    )
+    parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="where torch runs (default: auto)"
     )
     parser.add_argument(
@@ -221,6 +227,7 @@ def _demo(args) -> int:
         ground_truth=ground_truth,
         overwrite=overwrite,
         phy=args.phy,
+        nwb=args.nwb,
         progress=not args.quiet,
         source=f"demo ({args.duration:g} s, {args.units} units, noise {args.noise:g})",
         workers=args.workers,
@@ -246,6 +253,8 @@ def _run(args) -> int:
         raise UsageError(
             "--labels belong to one recording: sort several recordings without --labels"
         )
+    if several and args.nwb:
+        raise UsageError("--nwb names one file: sort several recordings without --nwb")
     with open_runner(args.workers, args.scheduler, args.connect_timeout, params) as runner:
         if not several:
             result = _run_one(args, params, paths[0], Path(args.out), runner)
@@ -274,6 +283,7 @@ def _run_one(args, params, path: str, out: Path, runner):
         ground_truth=ground_truth,
         overwrite=args.overwrite,
         phy=args.phy,
+        nwb=args.nwb,
         progress=not args.quiet,
         source=str(path),
         labels=labels,

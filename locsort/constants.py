@@ -119,6 +119,14 @@ class Constants:
     cluster_adopt_min_fit: float = 0.5  # unclustered spikes go to a template that fits this well
     cluster_adopt_max_residual: float = 1.3  # ... leaving at most this x the expected noise energy
 
+    # --- curation outputs (§ Curation) ---
+    analyzer_max_waveforms: int = 50  # waveforms kept per unit: templates and SNR settle by then
+    noise_max_snr: float = 3.0  # a template peak under 3 noise SDs: indistinguishable from noise
+    good_max_isi_violations: float = 0.1  # Kilosort's "good": about 10 % contamination at most
+    good_min_presence_ratio: float = 0.7  # bombcell: firing in 70 % of the 60 s bins ...
+    good_max_amplitude_cutoff: float = 0.2  # ... with at most 20 % of its spikes under threshold
+    good_min_spikes: int = 100  # fewer spikes leave the metrics above too uncertain to trust
+
     @classmethod
     def from_dict(cls, values: dict) -> Constants:
         known = {f.name for f in fields(cls)}

@@ -1,6 +1,7 @@
 """Stage 7: the output folder, written under a temporary name and renamed when complete:
-spikes.npy, sorting/, the trained models, motion/ (when the motion was corrected), run.json,
-report.html and, on request, phy/."""
+spikes.npy, sorting/, the trained models, motion/ (when the motion was corrected), analyzer/
+and units.tsv (locsort.curate; unless ``params.analyzer`` is False), run.json, report.html
+and, on request, phy/ and an NWB file of the units (locsort.nwb, beside or anywhere)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LocsortError
+from . import curate
 from .evaluate import detected_localization_errors, sorting_accuracy
 from .io import atomic_folder, save_npy_atomic
 from .models import Models, json_default
+from .nwb import write_nwb
 from .prepare import Prepared, Timer
 from .report import write_report
+from .runners import chunk_threads
 
 
 @dataclass
@@ -34,7 +37,8 @@ class RunResult:
 
 def sorting_from_spikes(spikes: np.ndarray, recording):
     """A SpikeInterface sorting of the spikes that have a unit (unit ids: their
-    ``unit_index``)."""
+    ``unit_index``), with each unit's position (x, registered y, z; µm) as the unit property
+    ``location``."""
     from spikeinterface.core import NumpySorting
 
     assigned = spikes[spikes["unit_index"] >= 0]
@@ -45,9 +49,11 @@ def sorting_from_spikes(spikes: np.ndarray, recording):
         samples.append(s["sample_index"][order].astype(np.int64))
         labels.append(s["unit_index"][order].astype(np.int64))
     unit_ids = np.unique(assigned["unit_index"]).astype(np.int64)
-    return NumpySorting.from_samples_and_labels(
+    sorting = NumpySorting.from_samples_and_labels(
         samples, labels, recording.get_sampling_frequency(), unit_ids=unit_ids
     )
+    sorting.set_property("location", curate.unit_positions(spikes, unit_ids))
+    return sorting
 
 
 def save_sorting(sorting, folder: Path) -> None:
@@ -70,6 +76,7 @@ def write_run(
     *,
     ground_truth,
     phy: bool,
+    nwb: Path | None = None,
     source,
     command,
     execution: dict,
@@ -112,7 +119,26 @@ def write_run(
             f"continued an interrupted run ({resumed['chunks']} of "
             f"{resumed['of_chunks']} chunks were already done)"
         )
+    if phy and len(sorting.unit_ids) == 0:
+        notes.append("no units were found, so no Phy folder was written")
+        phy = False
     with atomic_folder(out, overwrite) as tmp:
+        analyzer = units = None
+        if params.analyzer:
+            with timer.stage("analyzer"):
+                analyzer = curate.build_analyzer(
+                    prep.recording,
+                    sorting,
+                    spikes,
+                    prep.noise,
+                    tmp / "analyzer",
+                    params.constants,
+                    seed=params.seed,
+                    n_jobs=chunk_threads(),
+                )
+                units = curate.units_table(analyzer, spikes, params.constants)
+                curate.write_units(units, tmp / "units.tsv")
+            sorting.set_property("quality", units["quality"].to_numpy().astype(str))
         with timer.stage("write"):
             save_npy_atomic(tmp / "spikes.npy", spikes)
             save_sorting(sorting, tmp / "sorting")
@@ -123,7 +149,7 @@ def write_run(
             if models.motion is not None:
                 models.motion.save(tmp / "motion")
             if phy:
-                export_phy(prep.recording, sorting, tmp / "phy")
+                export_phy(prep.recording, sorting, tmp / "phy", analyzer, units)
         with timer.stage("report"):
             write_report(
                 tmp,
@@ -138,7 +164,20 @@ def write_run(
                 seed=params.seed,
                 run_notes=notes,
                 motion=models.motion,
+                analyzer=analyzer,
+                units=units,
             )
+        if nwb is not None:
+            with timer.stage("write"):
+                write_nwb(
+                    nwb,
+                    recording=prep.recording,
+                    sorting=sorting,
+                    units=units,
+                    analyzer=analyzer,
+                    spikes=spikes,
+                    description=f"locsort {__version__}: {source or 'recording'}",
+                )
         recording = prep.recording
         info = {
             "locsort_version": __version__,
@@ -171,15 +210,15 @@ def write_run(
     return RunResult(out, spikes, sorting, dict(timer), evaluation, "; ".join(notes) or None)
 
 
-def export_phy(recording, sorting, folder: Path) -> None:
-    """A Phy folder (SpikeInterface's exporter) of ``sorting`` on ``recording``."""
+def export_phy(recording, sorting, folder: Path, analyzer=None, units=None) -> None:
+    """A Phy folder (SpikeInterface's exporter) of ``sorting`` on ``recording``, from the run's
+    ``analyzer`` when there is one (its amplitudes and metrics), labelled by ``units``."""
     from spikeinterface.core import create_sorting_analyzer
     from spikeinterface.exporters import export_to_phy
 
-    if len(sorting.unit_ids) == 0:
-        raise LocsortError("no units were found, so there is nothing to export to Phy")
-    analyzer = create_sorting_analyzer(sorting, recording, sparse=True, format="memory")
-    analyzer.compute(["random_spikes", "templates"], verbose=False)
+    if analyzer is None:
+        analyzer = create_sorting_analyzer(sorting, recording, sparse=True, format="memory")
+        analyzer.compute(["random_spikes", "templates"], verbose=False)
     export_to_phy(
         analyzer,
         folder,
@@ -187,7 +226,11 @@ def export_phy(recording, sorting, folder: Path) -> None:
         compute_amplitudes=True,
         copy_binary=True,
         verbose=False,
+        n_jobs=chunk_threads(),
+        pool_engine="thread",
     )
+    if units is not None:
+        curate.label_phy(folder, units)
 
 
 def versions() -> dict:

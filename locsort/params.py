@@ -74,6 +74,12 @@ class Params:
         choices=("auto", "rigid", "nonrigid", None),
         path=True,
     )
+    # --- outputs ---
+    analyzer: bool = _param(
+        True,
+        "write analyzer/ (a SpikeInterface SortingAnalyzer with quality metrics) and units.tsv "
+        "with a quality label per unit (False: skip them, faster)",
+    )
     # --- execution ---
     n_jobs: int | None = _param(
         None, "cores to use: chunk threads, torch and BLAS together (None: all available)", low=1

@@ -33,6 +33,7 @@ from . import motion as motion_stage
 from .localize.fit import fit_localizer, refined_localizer
 from .mainpass import main_pass
 from .models import Models
+from .nwb import check_nwb_path
 from .motion import MOTION_MODES, MotionInfo
 from .output import RunResult, sorting_from_spikes, write_run
 from .params import Params, resolve_device
@@ -522,6 +523,7 @@ def run(
     ground_truth=None,
     overwrite: bool = False,
     phy: bool = False,
+    nwb: str | Path | None = None,
     progress: bool = True,
     source: str | None = None,
     command: list[str] | None = None,
@@ -531,8 +533,9 @@ def run(
     connect_timeout: float = 20.0,
     runner=None,
 ) -> RunResult:
-    """The whole pipeline; writes ``out`` (spikes.npy, sorting/, report.html, run.json,
-    encoder.safetensors, neural_sorter.safetensors[, phy/]). ``labels``, ``workers``,
+    """The whole pipeline; writes ``out`` (spikes.npy, sorting/, analyzer/, units.tsv,
+    report.html, run.json, encoder.safetensors, neural_sorter.safetensors[, motion/][, phy/])
+    and, with ``nwb`` (a path), the units as an NWB file. ``labels``, ``workers``,
     ``scheduler``: as for ``sort``; ``runner``: an open ``runners`` runner to use instead (one
     Dask cluster for several recordings).
 
@@ -544,6 +547,13 @@ def run(
 
     params = as_params(params)
     out = check_output_folder(out, overwrite)  # fail before any computation
+    if nwb is not None:
+        nwb = check_nwb_path(nwb, overwrite)
+        if not params.analyzer:
+            raise UsageError(
+                "--nwb writes the analyzer's mean waveforms and quality metrics: "
+                "it cannot be combined with analyzer=False"
+            )
     with thread_budget(params.n_jobs):
         timer = Timer()
         started = time.time()
@@ -551,7 +561,10 @@ def run(
         identity = {
             "locsort": __version__,
             "recording": recording_identity(prep.recording),
-            "params": {k: v for k, v in params.asdict().items() if k != "n_jobs"},  # no effect
+            # neither changes the models or the chunks' spikes
+            "params": {
+                k: v for k, v in params.asdict().items() if k not in ("n_jobs", "analyzer")
+            },
             "labels": _labels_identity(labels),
         }
         num_chunks = len(make_chunks(prep.recording, prep.counts.chunk_size))
@@ -585,6 +598,7 @@ def run(
                 started,
                 ground_truth=ground_truth,
                 phy=phy,
+                nwb=nwb,
                 source=source,
                 command=command,
                 execution=execution,

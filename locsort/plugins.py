@@ -1,8 +1,10 @@
 """SpikeInterface plug-ins, registered on ``import locsort``:
 
-- ``run_sorter("locsort", recording, folder=...)``: locsort.sort with any Params field as a
+- ``run_sorter("locsort", recording, folder=...)``: locsort.run with any Params field as a
   sorter parameter (``get_default_sorter_params("locsort")`` lists them with their meaning);
-  a GPU is used when present (``device="auto"``), the CPU otherwise.
+  ``sorter_output/`` is the output folder of ``locsort run``, and the returned sorting carries
+  each unit's ``location`` (and ``quality``) as unit properties. A GPU is used when present
+  (``device="auto"``), the CPU otherwise.
 
 - ``localize_peaks(recording, peaks, method="locsort", method_kwargs={...})`` and the
   SortingAnalyzer ``spike_locations`` extension (``method="locsort"``): x, y, z, alpha and the
@@ -17,9 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .output import save_sorting
 from .params import Params, params_with
-from .pipeline import fit_models, sort
+from .pipeline import fit_models, run
 from .prepare import prepare
 from .runners import thread_budget
 from .scan import _features
@@ -116,11 +117,20 @@ def _sorter_class():
 
         @classmethod
         def _run_from_folder(cls, sorter_output_folder, params, verbose):
+            """``sorter_output/`` becomes the folder ``locsort run`` writes (spikes.npy with
+            the posteriors, sorting/, analyzer/, units.tsv, run.json, report.html)."""
             recording = cls.load_recording_from_folder(
                 sorter_output_folder.parent, with_warnings=False
             )
-            sorting = sort(recording, params=dict(params), progress=verbose)
-            save_sorting(sorting, sorter_output_folder / "sorting")
+            run(
+                recording,
+                sorter_output_folder,
+                params=dict(params),
+                overwrite=True,  # the empty folder run_sorter made for it
+                progress=verbose,
+                source=f"run_sorter in {sorter_output_folder.parent}",
+                command=["run_sorter", "locsort"],
+            )
 
     return LocsortSorter
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import curate
+
 logger = logging.getLogger(__name__)
 
 DPI = 110
@@ -29,14 +31,12 @@ MAX_TEMPLATE_UNITS = 64  # units drawn in templates.png, largest median |amplitu
 TEMPLATE_SPIKES_PER_UNIT = (
     100  # random spikes averaged per unit (fewer if the unit has fewer or the reads run out)
 )
-MAX_TEMPLATE_READS = (
-    400  # get_traces calls for all templates together (each filters all channels: ~15 ms at 384)
-)
-TEMPLATE_READ_S = 0.25  # length of the stretches read first, each holding many units' spikes
 TEMPLATE_TIME_BUDGET_S = 30.0  # stop reading traces after this and average what was read
-TEMPLATE_MS_BEFORE = 1.0
-TEMPLATE_MS_AFTER = 2.0
+TEMPLATE_MS_BEFORE, TEMPLATE_MS_AFTER = curate.WAVEFORM_MS  # the analyzer's window
 TEMPLATE_MAX_CHANNELS = 16  # channels drawn around each unit's largest channel
+MAX_UNIT_PANELS = 24  # per-unit panels drawn (~0.06 s each): half to flagged units at most
+CORRELOGRAM_MS = 50.0  # the ISI histogram and the autocorrelogram span 0 to 50 ms
+PANEL_MAX_POINTS = 2_000  # spikes drawn per unit in its amplitude and location panels
 ZOOM_HEIGHT_UM = 400.0  # height of the zoomed panel of locations.png on long probes
 GT_TOLERANCE_MS = 0.4
 ACCURACY_THRESHOLD = 0.8
@@ -65,6 +65,8 @@ def write_report(
     seed: int = 0,
     run_notes: list[str] | None = None,
     motion=None,
+    analyzer=None,
+    units=None,
 ) -> Path:
     """Write ``folder/report.html`` and its figures (``folder/figures/*.png``); return the html
     path.
@@ -77,6 +79,8 @@ def write_report(
     (optional) are what the run itself has to say (interpolated channels, fallbacks), shown first.
     ``motion`` (optional): the SpikeInterface Motion the recording was registered with, drawn on
     the drift map; spike locations are then drawn at their registered depth (``y_registered``).
+    ``analyzer`` (optional): the run's SortingAnalyzer, whose templates are drawn; ``units``
+    (optional): its units table (``locsort.curate.units_table``), shown with the quality labels.
     """
     folder = Path(folder)
     fig_dir = folder / "figures"
@@ -84,6 +88,7 @@ def write_report(
     spikes = _as_spike_array(spikes)
     rng = np.random.default_rng(seed)
     ctx = _Context(recording, spikes, sorting, max(int(max_spikes_plotted), 1), rng)
+    ctx.analyzer, ctx.units = analyzer, units
 
     figures: list[tuple[str, str, str]] = []  # (file name, caption, alt)
     notes: list[str] = list(run_notes or [])
@@ -178,6 +183,10 @@ def write_report(
                 evaluation,
             )
 
+    panels: list[tuple[int, str]] = []  # (unit id, figure file) of the per-unit panels
+    if units is not None and analyzer is not None and len(units):
+        panels = _figure_units(fig_dir, _panel_units(units), ctx, notes)
+
     page = _render_html(
         title=title,
         ctx=ctx,
@@ -187,6 +196,7 @@ def write_report(
         figures=figures,
         notes=notes,
         has_ground_truth=ground_truth is not None,
+        panels=panels,
     )
     html_path = folder / "report.html"
     html_path.write_text(page, encoding="utf-8")
@@ -224,6 +234,7 @@ class _Context:
         except Exception:
             self.probegroup = None
         self.notes_templates = ""
+        self.analyzer = self.units = None  # the run's SortingAnalyzer and units table
 
         n = len(spikes)
         seg = np.clip(spikes["segment_index"].astype(np.int64), 0, max(self.num_segments - 1, 0))
@@ -641,15 +652,9 @@ def _template_reads(
     ctx: _Context, units: np.ndarray, nbefore: int, width: int
 ) -> list[tuple[int, int, int, np.ndarray, np.ndarray]]:
     """Which traces to read for the templates: (segment, first frame, end frame, spike rows,
-    their slots in ``units``) per read, at most ``MAX_TEMPLATE_READS`` reads, at most
-    ``TEMPLATE_SPIKES_PER_UNIT`` spikes per unit.
-
-    A read costs about as much as ~0.25 s of traces (filtering margins, generated noise), so
-    reads first go to random ``TEMPLATE_READ_S`` stretches, each giving every unit still short
-    of spikes all it has there; units still short after half the reads (rare ones) get reads
-    around their own spikes. Against one short read per spike, this gives every unit many more
-    spikes from far fewer reads."""
-    spikes, fs = ctx.spikes, ctx.fs
+    their slots in ``units``) per read, at most ``curate.MAX_READS`` reads, at most
+    ``TEMPLATE_SPIKES_PER_UNIT`` spikes per unit (``curate.spike_reads``)."""
+    spikes = ctx.spikes
     slot_of_unit = np.full(
         ctx.num_units + 1, -1, np.int64
     )  # unit index -> slot; the last entry serves -1 (unassigned)
@@ -659,69 +664,26 @@ def _template_reads(
     valid = (start >= 0) & (start + width <= seg_len) & (spikes["segment_index"] >= 0)
     valid &= (spikes["segment_index"] < ctx.num_segments) & (slot_of_unit[ctx.unit_index] >= 0)
     rows = np.flatnonzero(valid)
-    rows = rows[np.lexsort((start[rows], ctx.spike_seg[rows]))]
-    slots = slot_of_unit[ctx.unit_index[rows]]
-    need = np.full(len(units), TEMPLATE_SPIKES_PER_UNIT, np.int64)
-    taken = np.zeros(len(rows), bool)
-    reads = []
-
-    def take(candidates: np.ndarray) -> np.ndarray:
-        """The candidates (positions in ``rows``, time order) that units short of spikes still
-        need."""
-        order = np.argsort(slots[candidates], kind="stable")
-        by_slot = candidates[order]
-        first = np.r_[0, np.flatnonzero(np.diff(slots[by_slot])) + 1]
-        rank = np.arange(len(by_slot)) - np.repeat(first, np.diff(np.r_[first, len(by_slot)]))
-        chosen = np.sort(by_slot[rank < need[slots[by_slot]]])
-        np.subtract.at(need, slots[chosen], 1)
-        taken[chosen] = True
-        return chosen
-
-    def add_read(chosen: np.ndarray) -> None:
-        first, end = int(start[rows[chosen[0]]]), int(start[rows[chosen[-1]]]) + width
-        reads.append((int(ctx.spike_seg[rows[chosen[0]]]), first, end, rows[chosen], slots[chosen]))
-
-    # dense stretches: (segment, stretch) keys of every valid spike, visited in random order
-    span = max(int(TEMPLATE_READ_S * fs), width)
-    stretch = start[rows] // span
-    keys, key_of = np.unique(
-        np.column_stack([ctx.spike_seg[rows], stretch]), axis=0, return_inverse=True
+    reads = curate.spike_reads(
+        ctx.spike_seg[rows],
+        start[rows],
+        slot_of_unit[ctx.unit_index[rows]],
+        np.full(len(units), TEMPLATE_SPIKES_PER_UNIT, np.int64),
+        width,
+        max(int(curate.READ_S * ctx.fs), width),
+        int(curate.READ_GAP_S * ctx.fs),
+        curate.MAX_READS,
+        ctx.rng,
     )
-    key_of = key_of.ravel()
-    members = np.split(
-        np.argsort(key_of, kind="stable"), np.cumsum(np.bincount(key_of, minlength=len(keys)))[:-1]
-    )
-    for k in ctx.rng.permutation(len(keys)):
-        if len(reads) >= MAX_TEMPLATE_READS // 2 or not (need > 0).any():
-            break
-        candidates = members[k][need[slots[members[k]]] > 0]
-        if len(candidates):
-            add_read(take(candidates))
-    # rare units: random spikes of their own, grouped into reads when close in time
-    left = np.flatnonzero(~taken & (need[slots] > 0))
-    if len(left) and len(reads) < MAX_TEMPLATE_READS:
-        chosen = take(ctx.rng.permutation(left))  # random spikes of each unit, in time order
-        groups = np.split(
-            chosen,
-            np.flatnonzero(
-                (np.diff(start[rows[chosen]]) > width + int(0.02 * fs))
-                | (np.diff(ctx.spike_seg[rows[chosen]]) != 0)
-            )
-            + 1,
-        )
-        budget = MAX_TEMPLATE_READS - len(reads)
-        if len(groups) > budget:
-            groups = [
-                groups[i] for i in np.sort(ctx.rng.choice(len(groups), size=budget, replace=False))
-            ]
-        for group in groups:
-            add_read(group)
-    return reads
+    return [(seg, first, end, rows[chosen], slots) for seg, first, end, chosen, slots in reads]
 
 
 def _compute_templates(ctx: _Context, units: np.ndarray):
-    """Mean and SD waveform (samples, channels) of each unit from bounded trace reads
-    (``_template_reads``), and how many spikes each averages."""
+    """Mean and SD waveform (samples, channels) of each unit, and how many spikes each
+    averages: the analyzer's templates when the run made one, else from bounded trace reads
+    (``_template_reads``)."""
+    if ctx.analyzer is not None:
+        return _analyzer_templates(ctx.analyzer, units)
     rec, fs = ctx.recording, ctx.fs
     nbefore = max(int(round(TEMPLATE_MS_BEFORE * fs / 1000)), 1)
     nafter = max(int(round(TEMPLATE_MS_AFTER * fs / 1000)), 1)
@@ -777,12 +739,62 @@ def _compute_templates(ctx: _Context, units: np.ndarray):
     return mean, sd, counts, nbefore
 
 
+def _analyzer_templates(analyzer, units: np.ndarray):
+    """``_compute_templates`` from a SortingAnalyzer's ``templates`` (dense, µV)."""
+    extension = analyzer.get_extension("templates")
+    slots = analyzer.sorting.ids_to_indices(units)
+    mean = np.asarray(extension.get_data(operator="average"), float)[slots]
+    sd = np.asarray(extension.get_data(operator="std"), float)[slots]
+    kept = analyzer.sorting.to_spike_vector()["unit_index"][
+        analyzer.get_extension("random_spikes").get_data()
+    ]
+    counts = np.bincount(kept, minlength=len(analyzer.unit_ids))[slots]
+    return mean, sd, counts, extension.nbefore
+
+
+def _draw_template(ax, ctx: _Context, tmpl: np.ndarray, sd: np.ndarray, color, t: np.ndarray):
+    """A unit's mean waveform ``tmpl`` (samples, channels; ±``sd`` band) on the channels around
+    its largest one, drawn at the channel positions (``t``: each sample's place in the window,
+    0 at the spike); returns the largest channel and its signed peak."""
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    xy = ctx.channel_xy
+    peak_per_channel = np.abs(tmpl).max(axis=0)
+    main = int(np.argmax(peak_per_channel))
+    dist = np.linalg.norm(xy - xy[main], axis=1)
+    near = np.argsort(dist, kind="stable")[:TEMPLATE_MAX_CHANNELS]
+    near = near[dist[near] <= max(80.0, 2.5 * _contact_pitch(xy))]
+    cx, cy = xy[near, 0], xy[near, 1]
+    ux = np.unique(np.round(cx, 3))
+    uy = np.unique(np.round(cy, 3))
+    pitch_x = float(np.min(np.diff(ux))) if len(ux) > 1 else 20.0
+    pitch_y = float(np.min(np.diff(uy))) if len(uy) > 1 else 20.0
+    span_x = 0.85 * pitch_x
+    amp = float(peak_per_channel[main]) or 1.0
+    scale_y = 1.6 * pitch_y / amp
+    # one collection for the waveforms and one for the ±SD bands (fast to draw); (channels,
+    # samples), the spike time at the channel's x
+    xs = cx[:, None] + t[None, :] * span_x
+    wave = tmpl[:, near].T
+    dev = sd[:, near].T
+    mid = cy[:, None] + wave * scale_y
+    lo, hi = mid - dev * scale_y, mid + dev * scale_y
+    bands = [
+        np.column_stack([np.r_[x, x[::-1]], np.r_[a, b[::-1]]]) for x, a, b in zip(xs, lo, hi)
+    ]
+    ax.add_collection(PolyCollection(bands, facecolors=[color], alpha=0.18, linewidths=0))
+    lines = [np.column_stack([x, m]) for x, m in zip(xs, mid)]
+    widths = np.where(near == main, 1.3, 0.9)
+    ax.add_collection(LineCollection(lines, colors=[color], linewidths=widths))
+    ax.autoscale_view()
+    signed_peak = float(tmpl[np.argmax(np.abs(tmpl[:, main])), main])
+    return main, signed_peak
+
+
 def _figure_templates(path: Path, ctx: _Context):
     units = _select_template_units(ctx)
     if len(units) == 0:
         return False
-    from matplotlib.collections import LineCollection, PolyCollection
-
     mean, sd, counts, nbefore = _compute_templates(ctx, units)
     n = len(units)
     ncols = min(8, n)
@@ -812,37 +824,7 @@ def _figure_templates(path: Path, ctx: _Context):
                 fontsize=8,
             )
             continue
-        tmpl = mean[k]
-        peak_per_channel = np.abs(tmpl).max(axis=0)
-        main = int(np.argmax(peak_per_channel))
-        dist = np.linalg.norm(xy - xy[main], axis=1)
-        near = np.argsort(dist, kind="stable")[:TEMPLATE_MAX_CHANNELS]
-        near = near[dist[near] <= max(80.0, 2.5 * _contact_pitch(xy))]
-        cx, cy = xy[near, 0], xy[near, 1]
-        ux = np.unique(np.round(cx, 3))
-        uy = np.unique(np.round(cy, 3))
-        pitch_x = float(np.min(np.diff(ux))) if len(ux) > 1 else 20.0
-        pitch_y = float(np.min(np.diff(uy))) if len(uy) > 1 else 20.0
-        span_x = 0.85 * pitch_x
-        amp = float(peak_per_channel[main]) or 1.0
-        scale_y = 1.6 * pitch_y / amp
-        # one collection for the waveforms and one for the ±SD bands (fast to draw)
-        xs = (
-            cx[:, None] + t[None, :] * span_x
-        )  # (channels, samples); the spike time at the channel's x
-        wave = tmpl[:, near].T
-        dev = sd[k][:, near].T
-        mid = cy[:, None] + wave * scale_y
-        lo, hi = mid - dev * scale_y, mid + dev * scale_y
-        bands = [
-            np.column_stack([np.r_[x, x[::-1]], np.r_[a, b[::-1]]]) for x, a, b in zip(xs, lo, hi)
-        ]
-        ax.add_collection(PolyCollection(bands, facecolors=[color], alpha=0.18, linewidths=0))
-        lines = [np.column_stack([x, m]) for x, m in zip(xs, mid)]
-        widths = np.where(near == main, 1.3, 0.9)
-        ax.add_collection(LineCollection(lines, colors=[color], linewidths=widths))
-        ax.autoscale_view()
-        signed_peak = float(tmpl[np.argmax(np.abs(tmpl[:, main])), main])
+        main, signed_peak = _draw_template(ax, ctx, mean[k], sd[k], color, t)
         ax.set_title(
             f"unit {u}  n={ctx.unit_counts[u]:,}\n{signed_peak:.0f} µV, y={xy[main, 1]:.0f} µm",
             fontsize=8,
@@ -866,6 +848,187 @@ def _figure_templates(path: Path, ctx: _Context):
     )
     _save(fig, path)
     return note + "."
+
+
+# --------------------------------------------------------------------------------------------
+# units: the quality table and one panel per unit
+# --------------------------------------------------------------------------------------------
+
+
+def _quality_counts(units) -> str:
+    labels = units["quality"].to_numpy().astype(str)
+    return " · ".join(f"{int(np.sum(labels == q))} {q}" for q in curate.QUALITY_LABELS)
+
+
+def _panel_units(units) -> np.ndarray:
+    """The units that get a panel: all of them up to ``MAX_UNIT_PANELS``; beyond, the flagged
+    ones with the most spikes (at most half the panels), then the good ones, highest SNR
+    first."""
+    if len(units) <= MAX_UNIT_PANELS:
+        return units["unit_id"].to_numpy(int)
+    flagged = units[units["quality"] != "good"].sort_values("num_spikes", ascending=False)
+    flagged = flagged[: MAX_UNIT_PANELS // 2]
+    good = units[units["quality"] == "good"].sort_values("snr", ascending=False)
+    good = good[: MAX_UNIT_PANELS - len(flagged)]
+    return np.concatenate([good["unit_id"].to_numpy(int), flagged["unit_id"].to_numpy(int)])
+
+
+def _figure_units(fig_dir: Path, units: np.ndarray, ctx: _Context, notes: list[str]):
+    """``unit_N.png`` for each of ``units``: its template on the probe, ISI histogram,
+    autocorrelogram, amplitude over time and location cloud; returns [(unit, file name)].
+    One figure and its axes serve every unit (making axes costs more than drawing them), with
+    ticks on the amplitudes alone and the other ranges in the titles (tick labels are what
+    costs most to draw). A unit whose panel fails is named in ``notes``."""
+    table = ctx.units.set_index("unit_id")
+    mean, sd, _, nbefore = _analyzer_templates(ctx.analyzer, units)
+    t = (np.arange(mean.shape[1]) - nbefore) / mean.shape[1]
+    correlograms, bins = ctx.analyzer.get_extension("correlograms").get_data()
+    edges = np.arange(0.0, CORRELOGRAM_MS + 0.5, 0.5)
+    fig = _new_figure(11.0, 2.1)
+    axes = fig.subplots(1, 5)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.03, top=0.76, wspace=0.16)
+    made = []
+    for k, unit in enumerate(units):
+        name = f"unit_{unit}.png"
+        try:
+            row, mine = table.loc[unit], np.flatnonzero(ctx.unit_index == unit)
+            _, peak = _draw_template(axes[0], ctx, mean[k], sd[k], ctx.unit_colors[unit], t)
+            axes[0].set_title(f"template, peak {peak:.0f} µV", fontsize=8)
+            axes[1].stairs(
+                np.histogram(_intervals_ms(ctx, mine), edges)[0], edges, fill=True, color="0.4"
+            )
+            axes[1].axvline(curate.REFRACTORY_MS, color="r", lw=0.8)
+            axes[1].set_title(
+                f"ISI 0–{CORRELOGRAM_MS:g} ms (red: {curate.REFRACTORY_MS:g} ms)", fontsize=8
+            )
+            slot = int(ctx.analyzer.sorting.id_to_index(unit))
+            axes[2].stairs(correlograms[slot, slot], bins, fill=True, color="0.4")
+            axes[2].set_title(f"autocorrelogram ±{bins[-1]:g} ms", fontsize=8)
+            shown = mine
+            if len(shown) > PANEL_MAX_POINTS:
+                shown = np.sort(ctx.rng.choice(shown, PANEL_MAX_POINTS, replace=False))
+            amplitude = ctx.spikes["amplitude"][shown]
+            axes[3].plot(ctx.times_s[shown], amplitude, ".", ms=1.5, color="0.2")
+            axes[3].set_title(f"amplitude (µV) over {ctx.duration_s:.0f} s", fontsize=8)
+            located = shown[ctx.finite_xy[shown]]
+            axes[4].plot(ctx.x[located], ctx.y[located], ".", ms=1.5, color=ctx.unit_colors[unit])
+            near = np.linalg.norm(ctx.channel_xy - [row["x_um"], row["y_um"]], axis=1) < 60.0
+            axes[4].plot(*ctx.channel_xy[near].T, "s", ms=3, color="0.75", zorder=0)
+            axes[4].set_aspect("equal", adjustable="datalim")
+            axes[4].set_title(f"location, x {row['x_um']:.0f} y {row['y_um']:.0f} µm", fontsize=8)
+            for ax in axes:
+                ax.relim()
+                ax.autoscale_view()
+                ax.set_xticks([])
+                if ax is not axes[3]:
+                    ax.set_yticks([])
+            axes[3].locator_params(axis="y", nbins=3)
+            axes[3].tick_params(labelsize=6, length=2, pad=1)
+            fig.suptitle(
+                f"unit {unit}: {row['quality']} · {int(row['num_spikes']):,} spikes · "
+                f"{row['firing_rate_hz']:.1f} Hz · SNR {row['snr']:.1f} · ISI violations "
+                f"{row['isi_violations_ratio']:.2f} · presence {row['presence_ratio']:.2f} · "
+                f"amplitude cutoff {row['amplitude_cutoff']:.2f}",
+                fontsize=9,
+            )
+            fig.savefig(fig_dir / name, format="png", dpi=DPI, facecolor="white")
+            made.append((int(unit), name))
+        except Exception as exc:  # a figure must never stop the report
+            logger.warning("report: figure %s failed: %s", name, exc, exc_info=True)
+            notes.append(f"Figure {name} could not be made ({type(exc).__name__}: {exc}).")
+            (fig_dir / name).unlink(missing_ok=True)
+        for ax in axes:  # the next unit draws on the same axes
+            for artist in [*ax.lines, *ax.collections, *ax.patches]:
+                artist.remove()
+    fig.clear()
+    return made
+
+
+def _intervals_ms(ctx: _Context, rows: np.ndarray) -> np.ndarray:
+    """Inter-spike intervals (ms) of the spikes ``rows`` (time order), within segments."""
+    if len(rows) < 2:
+        return np.zeros(0)
+    gaps = np.diff(ctx.times_s[rows]) * 1000.0
+    return gaps[np.diff(ctx.spike_seg[rows]) == 0]
+
+
+UNIT_TABLE_COLUMNS = {  # units.tsv column -> header in the report
+    "unit_id": "unit",
+    "quality": "quality",
+    "num_spikes": "spikes",
+    "firing_rate_hz": "rate (Hz)",
+    "snr": "SNR",
+    "isi_violations_ratio": "ISI violations",
+    "presence_ratio": "presence",
+    "amplitude_cutoff": "amplitude cutoff",
+    "amplitude_uv": "amplitude (µV)",
+    "x_um": "x (µm)",
+    "y_um": "y (µm)",
+    "z_um": "z (µm)",
+}
+
+
+def _units_html(units, panels: list[tuple[int, str]]) -> str:
+    """The Units section: the quality summary, the table (sorted by a click on a header) and
+    the per-unit panels."""
+    e = html.escape
+    parts = ['<h2 id="units">Units</h2>']
+    if not len(units):
+        parts.append('<p id="quality-summary">No units were found.</p>')
+        return "\n".join(parts)
+    parts.append(
+        f'<p id="quality-summary">{len(units)} units: {e(_quality_counts(units))}. Labels '
+        "(units.tsv, Phy's cluster_group.tsv): <b>noise</b> below SNR "
+        f"{_constant('noise_max_snr')}; <b>mua</b> above {_constant('good_max_isi_violations')} "
+        f"ISI violations, below {_constant('good_min_presence_ratio')} presence, above "
+        f"{_constant('good_max_amplitude_cutoff')} amplitude cutoff or under "
+        f"{_constant('good_min_spikes')} spikes; <b>good</b> otherwise. Click a header to sort."
+        "</p>"
+    )
+    with_panel = {unit for unit, _ in panels}
+    header = "".join(f"<th>{e(name)}</th>" for name in UNIT_TABLE_COLUMNS.values())
+    rows = []
+    for row in units.itertuples(index=False):
+        cells = []
+        for column in UNIT_TABLE_COLUMNS:
+            value = getattr(row, column)
+            if column == "unit_id":
+                text = str(value)
+                text = f'<a href="#unit-{value}">{value}</a>' if value in with_panel else text
+                cells.append(f'<td class="num" data-value="{value}">{text}</td>')
+            elif column == "quality":
+                cells.append(f'<td class="q-{e(str(value))}">{e(str(value))}</td>')
+            else:
+                shown = "–" if not np.isfinite(value) else _fmt(float(value))
+                cells.append(f'<td class="num" data-value="{float(value)}">{e(shown)}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append(
+        f'<table class="sortable" id="units-table"><thead><tr>{header}</tr></thead><tbody>'
+        + "\n".join(rows)
+        + "</tbody></table>"
+    )
+    if panels:
+        shown = (
+            "every unit"
+            if len(panels) == len(units)
+            else f"{len(panels)} of {len(units)} units (flagged ones with the most spikes, then "
+            "good ones by SNR)"
+        )
+        parts.append(f"<h3>Unit panels</h3><p>{e(shown)}.</p>")
+        for unit, name in panels:
+            parts.append(
+                f'<figure id="unit-{unit}"><img src="figures/{e(name)}" alt="unit {unit}">'
+                "<figcaption>Template on the probe (±1 SD), inter-spike intervals, "
+                "autocorrelogram, amplitude over time and location (x, registered y) of its "
+                "spikes.</figcaption></figure>"
+            )
+    return "\n".join(parts)
+
+
+def _constant(name: str) -> str:
+    from .constants import Constants
+
+    return f"{getattr(Constants(), name):g}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1254,6 +1417,50 @@ margin: 0.4em 0; }
 figure { margin: 1em 0 2em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.92em; margin-top: 0.3em; }
+table.sortable th { cursor: pointer; user-select: none; }
+table.sortable th[data-dir="asc"]::after { content: " ▲"; }
+table.sortable th[data-dir="desc"]::after { content: " ▼"; }
+td.q-good { color: #1a7f37; } td.q-mua { color: #9a6700; } td.q-noise { color: #cf222e; }
+"""
+# a click on a header of a sortable table sorts its rows (numbers by data-value, missing last);
+# a figure that cannot be loaded (figures/ moved away) says so
+_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("th").forEach(function (th, column) {
+    th.addEventListener("click", function () {
+      var up = th.dataset.dir !== "asc";
+      table.querySelectorAll("th").forEach(function (h) { delete h.dataset.dir; });
+      th.dataset.dir = up ? "asc" : "desc";
+      var body = table.tBodies[0];
+      var key = function (row) {
+        var cell = row.cells[column];
+        return cell.dataset.value === undefined ? cell.textContent : parseFloat(cell.dataset.value);
+      };
+      var missing = function (v) { return typeof v === "number" && isNaN(v); };
+      var rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b);
+        if (missing(x) || missing(y)) { return missing(x) - missing(y); }
+        return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1);
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+window.addEventListener("load", function () {
+  document.querySelectorAll("img").forEach(function (img) {
+    var loaded = img.complete && img.naturalWidth > 0;
+    img.dataset.loaded = loaded ? "yes" : "no";
+    if (!loaded) {
+      var note = document.createElement("p");
+      note.className = "note";
+      note.textContent = "Figure " + img.getAttribute("src") + " could not be loaded: keep " +
+        "the figures folder beside report.html.";
+      img.after(note);
+    }
+  });
+  document.body.dataset.ready = "yes";
+});
 """
 
 
@@ -1398,6 +1605,8 @@ def _summary_rows(ctx: _Context):
         if len(amp):
             add("Median |amplitude| (µV)", float(np.median(amp)), "median-amplitude")
     add("Units", ctx.num_sorting_units, "num-units")
+    if ctx.units is not None:
+        add("Units by quality", _quality_counts(ctx.units), "units-by-quality")
     counts = ctx.sorting_spike_counts()
     if len(counts):
         add("Spikes per unit, median", float(np.median(counts)), "spikes-per-unit-median")
@@ -1412,7 +1621,7 @@ def _summary_rows(ctx: _Context):
 
 
 def _render_html(
-    *, title, ctx, timings, evaluation, params, figures, notes, has_ground_truth
+    *, title, ctx, timings, evaluation, params, figures, notes, has_ground_truth, panels
 ) -> str:
     e = html.escape
     parts = [
@@ -1466,6 +1675,9 @@ def _render_html(
         else:
             parts.append(f"<p>{e(str(evaluation))}</p>")
 
+    if ctx.units is not None:
+        parts.append(_units_html(ctx.units, panels))
+
     parts.append("<h2>Figures</h2>")
     if not figures:
         parts.append("<p>No figures.</p>")
@@ -1481,5 +1693,6 @@ def _render_html(
         rows = [(name, _value_cell(v)) for name, v in _flatten(pdict)]
         parts.append(_table(rows, header=("parameter", "value")))
 
+    parts.append(f"<script>{_SCRIPT}</script>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

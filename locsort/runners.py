@@ -82,6 +82,11 @@ def thread_budget(n_jobs: int | None = None):
         _budget = before
 
 
+def chunk_threads() -> int:
+    """The chunk threads of the run in progress (all available cores outside a run)."""
+    return max(1, int(_budget or available_cores()))
+
+
 class LocalRunner:
     """Chunks in this process, ``threads`` at a time (default: the run's ``n_jobs``, else one
     per available core), each library at one thread while they run.
@@ -93,7 +98,7 @@ class LocalRunner:
     workers = 1
 
     def __init__(self, threads: int | None = None):
-        self.threads = max(1, int(threads or _budget or available_cores()))
+        self.threads = max(1, int(threads or chunk_threads()))
 
     @property
     def description(self) -> str:

@@ -193,6 +193,22 @@ def test_read_only_output_location(tmp_path, probe_json, capsys):
     _assert_one_line_error(code, lines, 2, "cannot write")
 
 
+def test_nwb_file_follows_the_output_folders_rules(tmp_path, capsys):
+    existing = tmp_path / "there.nwb"
+    existing.write_bytes(b"keep me")
+    demo = ["demo", "--duration", "2", "--units", "3", "--out", str(tmp_path / "o"), "--nwb"]
+    for nwb, flags, words in (
+        (existing, [], ("already exists", "--overwrite")),
+        (tmp_path / "units.txt", [], (".nwb",)),
+        (tmp_path, [], ("folder",)),
+        (tmp_path / "u.nwb", ["--param", "analyzer=false"], ("analyzer=False",)),
+        (_read_only_folder(tmp_path) / "u.nwb", [], ("cannot write",)),
+    ):
+        code, lines = _run([*demo, str(nwb), *flags], capsys)
+        _assert_one_line_error(code, lines, 2, *words)
+    assert existing.read_bytes() == b"keep me" and not (tmp_path / "o").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run(
         [

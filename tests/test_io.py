@@ -187,16 +187,3 @@ def test_run_mearec_file_is_scored_against_its_ground_truth(tmp_path, mearec_fil
     assert info["evaluation"]["sorting"]["num_gt_units"] == 10
     assert info["evaluation"]["localization"]["n"] > 0
     assert len(spikes) > 50
-
-
-def test_phy_export(tmp_path, ground_truth_recording):
-    recording, _ = ground_truth_recording
-    saved = recording.frame_slice(0, 5 * 30000).save(folder=tmp_path / "si_rec")
-    out = tmp_path / "out"
-    assert main(["run", str(tmp_path / "si_rec"), "--out", str(out), "--phy", "--quiet"]) == 0
-    assert (out / "phy" / "params.py").exists() and (out / "phy" / "spike_times.npy").exists()
-    assert (
-        len(np.load(out / "phy" / "spike_times.npy"))
-        == si.load(out / "sorting").to_spike_vector().size
-    )
-    del saved

@@ -601,6 +601,16 @@ def test_run_sorter_plugin_sorts_on_the_default_path_and_describes_every_paramet
         "locsort", recording, folder=tmp_path / "si", verbose=False, remove_existing_folder=True
     )
     assert sorting_accuracy(sorting, truth)["well_detected"] >= 15
+    # the folder locsort run writes, posteriors and all; the units carry their location
+    output = tmp_path / "si" / "sorter_output"
+    for name in ("spikes.npy", "run.json", "report.html", "units.tsv", "analyzer", "sorting"):
+        assert (output / name).exists(), name
+    spikes = np.load(output / "spikes.npy")
+    unit = sorting.unit_ids[0]
+    location = sorting.get_property("location")[0]
+    mine = spikes[spikes["unit_index"] == unit]
+    assert location[0] == pytest.approx(np.median(mine["x"]), abs=1e-3)
+    assert set(sorting.get_property("quality")) <= {"good", "mua", "noise"}
 
 
 def test_merge_joins_the_pieces_of_one_unit_and_keeps_different_units_apart():

@@ -228,7 +228,7 @@ def lagged_copy_spikes(
     return drop
 
 
-DISPLACEMENT_BIN_UM = 2.0  # displacement histogram bins: several across the smallest drift corrected
+DISPLACEMENT_BIN_UM = 2.0  # histogram bins: several across the smallest drift corrected
 
 
 def merge_motion_pieces(
