@@ -20,6 +20,7 @@ from locsort.curate import (
     UNIT_COLUMNS,
     build_analyzer,
     quality_labels,
+    spike_rows,
     units_table,
 )
 from locsort.spikes import empty_spikes
@@ -116,11 +117,12 @@ def test_the_phy_folder_opens_in_phylib_with_the_sortings_spikes_and_the_labels(
         counts = np.bincount(model.spike_clusters, minlength=len(sorting.unit_ids))
         assert list(counts) == list(table["num_spikes"])
         assert np.array_equal(np.sort(model.spike_samples), np.sort(vector["sample_index"]))
-        locations = np.load(output / "phy" / "channel_positions.npy")
         analyzer = si.load_sorting_analyzer(output / "analyzer")
-        assert np.allclose(model.channel_positions, locations)
         assert np.allclose(model.channel_positions, analyzer.get_channel_locations())
-        assert model.amplitudes is not None and len(model.amplitudes) == len(vector)
+        # Phy's amplitudes are locsort's, spike for spike (Phy's spikes in the sorting's order)
+        spikes = np.load(output / "spikes.npy")
+        expected = spikes["amplitude"][spike_rows(analyzer, spikes)]
+        assert np.allclose(np.abs(model.amplitudes), np.abs(expected), rtol=1e-5)
         assert model.metadata["group"] == dict(enumerate(table["quality"]))
         assert model.metadata["snr"][0] == pytest.approx(table["snr"][0], rel=1e-4)
     finally:
