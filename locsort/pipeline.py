@@ -547,6 +547,11 @@ def run(
 
     params = as_params(params)
     out = check_output_folder(out, overwrite)  # fail before any computation
+    if phy and recording.get_num_segments() > 1:
+        raise UsageError(
+            f"Phy reads one segment and this recording has {recording.get_num_segments()}: "
+            "drop --phy, or sort the segments one by one"
+        )
     if nwb is not None:
         nwb = check_nwb_path(nwb, overwrite)
         if not params.analyzer:

@@ -209,6 +209,19 @@ def test_nwb_file_follows_the_output_folders_rules(tmp_path, capsys):
     assert existing.read_bytes() == b"keep me" and not (tmp_path / "o").exists()
 
 
+def test_phy_on_a_multi_segment_recording_is_refused_before_any_work(tmp_path):
+    from spikeinterface.core import append_recordings
+
+    import locsort
+    from locsort.simulate import generate_recording
+
+    recording, _ = generate_recording(duration=2.0, num_units=3, seed=0)
+    two = append_recordings([recording, recording])
+    with pytest.raises(locsort.UsageError, match="one segment"):
+        locsort.run(two, tmp_path / "out", phy=True, progress=False)
+    assert not list(tmp_path.iterdir())  # neither an output nor a work area
+
+
 def test_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run(
         [
