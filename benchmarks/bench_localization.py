@@ -6,7 +6,9 @@ apart from detection; errors are to the true source (soma) position. Recordings:
 - MEArec square MEA (10 x 10, 15 µm pitch; 60 s; 40 exc + 10 inh cells; noise 10, 20, 30 µV),
   made from MEArec templates (the localization paper's setting);
 - SpikeInterface's generated 64-channel Neuropixels-like recording (50 units, noise 5 µV, seed 0);
-- a MEArec Neuropixels (128 channels) recording, noise 10 µV.
+- a MEArec Neuropixels (128 channels) recording, noise 10 µV;
+- a MEArec Neuropixels 2.0 (128 channels: two aligned columns 32 µm apart, 15 µm rows)
+  recording, noise 10 µV, a probe type locsort ships no encoder for (issue 44).
 
 Methods: locsort (amortized: the default, which starts from the encoder shipped for the probe
 type, and trained from scratch with a 30- and a 100-epoch budget, with amplitude jitter 10 µV,
@@ -70,6 +72,7 @@ RECORDINGS = {
     "sq_30uV": ("mearec", "templates_sqmea_10x10_15um.h5", 30),
     "np64_generated": ("generated", None, 5),
     "np128_mearec_10uV": ("mearec", "templates_neuropixels1_128.h5", 10),
+    "np2_128_mearec_10uV": ("mearec", "templates_neuropixels2_128.h5", 10),
 }
 
 

@@ -43,6 +43,25 @@ def neuropixels_like_probe(num_channels: int = 64):
     return probe
 
 
+def neuropixels2_like_probe(num_channels: int = 64):
+    """A single-shank Neuropixels-2.0-like probe: 2 aligned columns 32 µm apart, 15 µm row
+    pitch, 12 µm square contacts, wired in contact order."""
+    import probeinterface as pi
+
+    if num_channels % 2:
+        raise ValueError("a Neuropixels-2.0-like probe needs an even number of channels")
+    probe = pi.generate_multi_columns_probe(
+        num_columns=2,
+        num_contact_per_column=num_channels // 2,
+        xpitch=32,
+        ypitch=15,
+        contact_shapes="square",
+        contact_shape_params={"width": 12},
+    )
+    probe.set_device_channel_indices(np.arange(num_channels))
+    return probe
+
+
 def square_mea_probe(rows: int = 10, pitch_um: float = 15.0):
     """A square multi-electrode array: ``rows`` x ``rows`` contacts ``pitch_um`` apart (the
     localization paper's 10 x 10, 15 µm MEA), 5 µm radius contacts, wired in contact order."""

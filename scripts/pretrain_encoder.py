@@ -10,7 +10,7 @@ fitted globals (``encoder_init``) and needs a few epochs instead of 30.
 
 Re-run on CPU (about 3 minutes on a 2-core machine):
 
-    python scripts/pretrain_encoder.py [--probes neuropixels1 square_mea_15um] \
+    python scripts/pretrain_encoder.py [--probes neuropixels1 square_mea_15um neuropixels2] \
         [--out-dir locsort/localize/pretrained]
 """
 
@@ -28,7 +28,12 @@ from locsort.localize.pretrained import ENCODER_PATHS
 from locsort.params import Params
 from locsort.prepare import prepare
 from locsort.sample import denoised_sample
-from locsort.simulate import generate_recording, neuropixels_like_probe, square_mea_probe
+from locsort.simulate import (
+    generate_recording,
+    neuropixels2_like_probe,
+    neuropixels_like_probe,
+    square_mea_probe,
+)
 
 PROBES = {
     "neuropixels1": (
@@ -36,6 +41,10 @@ PROBES = {
         lambda: neuropixels_like_probe(64),
     ),
     "square_mea_15um": ("10 x 10 square MEA, 15 µm pitch", lambda: square_mea_probe(10, 15.0)),
+    "neuropixels2": (
+        "64-channel Neuropixels-2.0-like probe (2 aligned columns, 32 µm / 15 µm)",
+        lambda: neuropixels2_like_probe(64),
+    ),
 }
 
 

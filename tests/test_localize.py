@@ -396,3 +396,14 @@ def test_the_encoders_elbo_is_pyros_trace_elbo_of_the_model():
         float(theirs),
         standard_error,
     )
+
+
+def test_a_neuropixels2_probe_starts_from_its_own_shipped_encoder():
+    from locsort.simulate import generate_recording, neuropixels2_like_probe
+
+    recording, _ = generate_recording(
+        duration=5.0, num_units=10, seed=3, probe=neuropixels2_like_probe(32)
+    )
+    prep = prepare(recording, params_with(encoder_init_epochs=1, min_training_spikes=50))
+    _, localizer = locate(prep, None, progress=False)
+    assert localizer.history["started_from"] == "neuropixels2"

@@ -17,6 +17,9 @@ ENCODER_PATHS = {
     "square_mea_15um": Path(__file__).with_name(
         "encoder_square_mea_15um.safetensors"
     ),  # 15 µm square lattice
+    "neuropixels2": Path(__file__).with_name(
+        "encoder_neuropixels2.safetensors"
+    ),  # 2 aligned columns, 32 / 15 µm
 }
 
 
