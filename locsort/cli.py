@@ -185,6 +185,10 @@ def _print_summary(result, title: str) -> None:
         f"  spikes: {len(result.spikes)}   units: {len(result.sorting.unit_ids)}   "
         f"output: {result.out}"
     )
+    quality = result.sorting.get_property("quality")
+    if quality is not None and len(quality):
+        counts = ", ".join(f"{list(quality).count(q)} {q}" for q in ("good", "mua", "noise"))
+        print(f"  units by quality: {counts} (units.tsv)")
     if result.note:
         print(f"  note: {result.note}")
     if result.evaluation:

@@ -121,17 +121,22 @@ def build_analyzer(
     set_spike_locations(analyzer, spikes)
     set_template_similarity(analyzer)
     duration = sum(recording.get_duration(s) for s in range(recording.get_num_segments()))
-    analyzer.compute(
-        "quality_metrics",
-        metric_names=list(QUALITY_METRICS),
-        metric_params={
-            "isi_violation": {"isi_threshold_ms": REFRACTORY_MS, "min_isi_ms": CENSORED_MS},
-            "presence_ratio": {"bin_duration_s": min(PRESENCE_BIN_S, duration / PRESENCE_BINS)},
-            "amplitude_cutoff": {"num_histogram_bins": AMPLITUDE_BINS},
-        },
-        verbose=False,
-        **job_kwargs,
-    )
+    with warnings.catch_warnings():  # undefined metrics are NaN, as units.tsv documents
+        warnings.filterwarnings("ignore", message=".*set to NaN.*")
+        warnings.filterwarnings("ignore", message=".*[Pp]resence ratio.*")
+        analyzer.compute(
+            "quality_metrics",
+            metric_names=list(QUALITY_METRICS),
+            metric_params={
+                "isi_violation": {"isi_threshold_ms": REFRACTORY_MS, "min_isi_ms": CENSORED_MS},
+                "presence_ratio": {
+                    "bin_duration_s": min(PRESENCE_BIN_S, duration / PRESENCE_BINS)
+                },
+                "amplitude_cutoff": {"num_histogram_bins": AMPLITUDE_BINS},
+            },
+            verbose=False,
+            **job_kwargs,
+        )
     return analyzer
 
 
