@@ -117,8 +117,9 @@ def build_analyzer(
     set_waveform_spikes(analyzer, constants.analyzer_max_waveforms, seed)
     _set_extension(analyzer, "noise_levels", {"method": "mad"}, {"noise_levels": noise})
     analyzer.compute(ANALYZER_EXTENSIONS, verbose=False, **job_kwargs)
-    set_spike_amplitudes(analyzer, spikes)
-    set_spike_locations(analyzer, spikes)
+    rows = spike_rows(analyzer, spikes)
+    set_spike_amplitudes(analyzer, spikes, rows)
+    set_spike_locations(analyzer, spikes, rows)
     set_template_similarity(analyzer)
     duration = sum(recording.get_duration(s) for s in range(recording.get_num_segments()))
     with warnings.catch_warnings():  # undefined metrics are NaN, as units.tsv documents
@@ -171,12 +172,11 @@ def set_waveform_spikes(analyzer, per_unit: int, seed: int) -> None:
     )
 
 
-def set_spike_locations(analyzer, spikes: np.ndarray) -> None:
+def set_spike_locations(analyzer, spikes: np.ndarray, rows: np.ndarray) -> None:
     """The analyzer's ``spike_locations``: locsort's posterior of each spike of the sorting
-    (``y``: registered depth)."""
+    (``rows``: their rows in ``spikes``, ``spike_rows``; ``y``: registered depth)."""
     from .plugins import LOCATION_DTYPE
 
-    rows = spike_rows(analyzer, spikes)
     locations = np.zeros(len(rows), dtype=LOCATION_DTYPE)
     for name, _ in LOCATION_DTYPE:
         locations[name] = spikes["y_registered" if name == "y" else name][rows]
@@ -188,11 +188,11 @@ def set_spike_locations(analyzer, spikes: np.ndarray) -> None:
     )
 
 
-def set_spike_amplitudes(analyzer, spikes: np.ndarray) -> None:
+def set_spike_amplitudes(analyzer, spikes: np.ndarray, rows: np.ndarray) -> None:
     """The analyzer's ``spike_amplitudes``: each spike's own peak (``amplitude``, µV, on the
     channel it was detected on), read in the main pass, where SpikeInterface would read the
-    whole recording once more for the value on the unit's main channel."""
-    rows = spike_rows(analyzer, spikes)
+    whole recording once more for the value on the unit's main channel (``rows``: as for
+    ``set_spike_locations``)."""
     _set_extension(
         analyzer, "spike_amplitudes", {}, {"amplitudes": spikes["amplitude"][rows].astype(float)}
     )
@@ -263,12 +263,10 @@ def units_table(analyzer, spikes: np.ndarray, constants):
         metrics = pd.DataFrame(columns=list(UNIT_COLUMNS))
         table["num_spikes"] = np.zeros(0, int)
         table["firing_rate_hz"] = np.zeros(0)
-    positions = unit_positions(spikes, unit_ids, fields=("x", "y_registered", "z"))
-    spreads = unit_positions(spikes, unit_ids, fields=("x_std", "y_std", "z_std"))
-    for i, axis in enumerate("xyz"):
-        table[f"{axis}_um"] = positions[:, i]
-    for i, axis in enumerate("xyz"):
-        table[f"{axis}_std_um"] = spreads[:, i]
+    fields = ("x", "y_registered", "z", "x_std", "y_std", "z_std")
+    medians = unit_positions(spikes, unit_ids, fields=fields)
+    for i, name in enumerate(("x_um", "y_um", "z_um", "x_std_um", "y_std_um", "z_std_um")):
+        table[name] = medians[:, i]
     by_unit = (
         analyzer.get_extension("spike_amplitudes").get_data(outputs="by_unit", concatenated=True)
         if len(unit_ids)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .curate import main_channels
 from .errors import LocsortError, UsageError
 from .io import NO_SPACE, check_output_folder
 
@@ -75,7 +74,7 @@ def write_nwb(path: Path, *, recording, sorting, units, analyzer, spikes, descri
         if len(units)
         else None
     )
-    channel_of = dict(zip(sorting.unit_ids, main_channels(spikes, sorting.unit_ids)))
+    channel_of = dict(zip(analyzer.unit_ids, analyzer.main_channel_indices)) if len(units) else {}
     for i, row in enumerate(units.itertuples(index=False)):
         mine = np.sort(times[assigned["unit_index"] == row.unit_id])
         nwbfile.add_unit(

@@ -968,7 +968,7 @@ UNIT_TABLE_COLUMNS = {  # units.tsv column -> header in the report
 }
 
 
-def _units_html(units, panels: list[tuple[int, str]]) -> str:
+def _units_html(units, panels: list[tuple[int, str]], constants) -> str:
     """The Units section: the quality summary, the table (sorted by a click on a header) and
     the per-unit panels."""
     e = html.escape
@@ -979,10 +979,10 @@ def _units_html(units, panels: list[tuple[int, str]]) -> str:
     parts.append(
         f'<p id="quality-summary">{len(units)} units: {e(_quality_counts(units))}. Labels '
         "(units.tsv, Phy's cluster_group.tsv): <b>noise</b> below SNR "
-        f"{_constant('noise_max_snr')}; <b>mua</b> above {_constant('good_max_isi_violations')} "
-        f"ISI violations, below {_constant('good_min_presence_ratio')} presence, above "
-        f"{_constant('good_max_amplitude_cutoff')} amplitude cutoff or under "
-        f"{_constant('good_min_spikes')} spikes; <b>good</b> otherwise. Click a header to sort."
+        f"{constants.noise_max_snr:g}; <b>mua</b> above {constants.good_max_isi_violations:g} "
+        f"ISI violations, below {constants.good_min_presence_ratio:g} presence, above "
+        f"{constants.good_max_amplitude_cutoff:g} amplitude cutoff or under "
+        f"{constants.good_min_spikes:g} spikes; <b>good</b> otherwise. Click a header to sort."
         "</p>"
     )
     with_panel = {unit for unit, _ in panels}
@@ -1025,10 +1025,12 @@ def _units_html(units, panels: list[tuple[int, str]]) -> str:
     return "\n".join(parts)
 
 
-def _constant(name: str) -> str:
+def _constants(params: dict | None):
+    """The run's internal constants (``params["constants"]``), the defaults without them."""
     from .constants import Constants
 
-    return f"{getattr(Constants(), name):g}"
+    given = (params or {}).get("constants")
+    return Constants.from_dict(given) if given else Constants()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1676,7 +1678,7 @@ def _render_html(
             parts.append(f"<p>{e(str(evaluation))}</p>")
 
     if ctx.units is not None:
-        parts.append(_units_html(ctx.units, panels))
+        parts.append(_units_html(ctx.units, panels, _constants(params)))
 
     parts.append("<h2>Figures</h2>")
     if not figures:
