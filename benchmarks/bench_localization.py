@@ -8,7 +8,12 @@ apart from detection; errors are to the true source (soma) position. Recordings:
 - SpikeInterface's generated 64-channel Neuropixels-like recording (50 units, noise 5 µV, seed 0);
 - a MEArec Neuropixels (128 channels) recording, noise 10 µV;
 - a MEArec Neuropixels 2.0 (128 channels: two aligned columns 32 µm apart, 15 µm rows)
-  recording, noise 10 µV, a probe type locsort ships no encoder for (issue 44).
+  recording, noise 10 µV (issue 44);
+- SpikeInterface's generated recordings on the other common probe families (issue 44), noise
+  5 µV, seed 0, probes built locally (locsort.simulate): Neuropixels 2.0 with four shanks of 32
+  channels 250 µm apart (60 units, spread over the shanks), Neuropixels 1.0 with 384 channels
+  (150 units), a 32-channel linear probe at 25 µm (20 units) and a 64-channel two-column
+  polytrode at 25 µm (40 units).
 
 Methods: locsort (amortized: the default, which starts from the encoder shipped for the probe
 type, and trained from scratch with a 30- and a 100-epoch budget, with amplitude jitter 10 µV,
@@ -66,31 +71,63 @@ PAPER = {  # Hurwitz et al. 2019, square MEA, mean ± SD 2-D error (µm)
     "VAE, jitter 0": {10: "8.94 ± 7.91", 20: "10.48 ± 9.33", 30: "12.43 ± 11.22"},
 }
 
+# name -> (probe family, "mearec" template library or "generated" probe, noise µV, units)
 RECORDINGS = {
-    "sq_10uV": ("mearec", "templates_sqmea_10x10_15um.h5", 10),
-    "sq_20uV": ("mearec", "templates_sqmea_10x10_15um.h5", 20),
-    "sq_30uV": ("mearec", "templates_sqmea_10x10_15um.h5", 30),
-    "np64_generated": ("generated", None, 5),
-    "np128_mearec_10uV": ("mearec", "templates_neuropixels1_128.h5", 10),
-    "np2_128_mearec_10uV": ("mearec", "templates_neuropixels2_128.h5", 10),
+    "sq_10uV": ("square MEA (MEArec)", "templates_sqmea_10x10_15um.h5", 10, None),
+    "sq_20uV": ("square MEA (MEArec)", "templates_sqmea_10x10_15um.h5", 20, None),
+    "sq_30uV": ("square MEA (MEArec)", "templates_sqmea_10x10_15um.h5", 30, None),
+    "np64_generated": ("Neuropixels 1.0, 64 channels (generated)", "neuropixels1_64", 5, 50),
+    "np128_mearec_10uV": (
+        "Neuropixels 1.0, 128 channels (MEArec)",
+        "templates_neuropixels1_128.h5",
+        10,
+        None,
+    ),
+    "np2_128_mearec_10uV": (
+        "Neuropixels 2.0, 128 channels (MEArec)",
+        "templates_neuropixels2_128.h5",
+        10,
+        None,
+    ),
+    "np2_4shank_generated": (
+        "Neuropixels 2.0, four shanks of 32 channels (generated)",
+        "neuropixels2_4shank_128",
+        5,
+        60,
+    ),
+    "np1_384_generated": ("Neuropixels 1.0, 384 channels (generated)", "neuropixels1_384", 5, 150),
+    "linear32_generated": ("linear, 32 channels at 25 µm (generated)", "linear_32", 5, 20),
+    "poly64_generated": (
+        "two-column polytrode, 64 channels at 25 µm (generated)",
+        "polytrode_64",
+        5,
+        40,
+    ),
+}
+GENERATED_PROBES = {  # locally built (probeinterface's get_probe would download)
+    "neuropixels1_64": lambda s: s.neuropixels_like_probe(64),
+    "neuropixels1_384": lambda s: s.neuropixels_like_probe(384),
+    "neuropixels2_4shank_128": lambda s: s.neuropixels2_like_probe(128, num_shanks=4),
+    "linear_32": lambda s: s.linear_probe(32, pitch_um=25.0),
+    "polytrode_64": lambda s: s.polytrode_probe(64, pitch_um=25.0),
 }
 
 
 def simulate(name: str, duration: float):
     """(raw recording, GroundTruth) of one of RECORDINGS; MEArec files are cached under
     benchmarks/data."""
-    from locsort.simulate import generate_recording, read_mearec_ground_truth
+    from locsort import simulate as sim
 
-    kind, templates, noise = RECORDINGS[name]
+    _, source, noise, units = RECORDINGS[name]
     DATA.mkdir(parents=True, exist_ok=True)
-    if kind == "mearec":
+    if source.endswith(".h5"):
         path = DATA / f"mearec_{name}_{duration:g}s.h5"
         if not path.exists():
             subprocess.run(
                 [
                     sys.executable,
                     str(SHARED / "data" / "mearec" / "make_recording.py"),
-                    str(SHARED / "data" / "mearec" / templates),
+                    str(SHARED / "data" / "mearec" / source),
                     str(path),
                     "--noise",
                     str(noise),
@@ -102,8 +139,14 @@ def simulate(name: str, duration: float):
                 check=True,
                 capture_output=True,
             )
-        return read_mearec_ground_truth(path)
-    return generate_recording(duration=duration, num_units=50, noise_level=noise, seed=0)
+        return sim.read_mearec_ground_truth(path)
+    return sim.generate_recording(
+        duration=duration,
+        num_units=units,
+        noise_level=noise,
+        seed=0,
+        probe=GENERATED_PROBES[source](sim),
+    )
 
 
 def load(name: str, duration: float):
@@ -381,11 +424,30 @@ def write_report(results, args):
         "all after a warm-up call (numba compilation not counted).",
         "",
     ]
+    lines += [
+        "### Per probe family (issue 44)",
+        "",
+        "| recording | probe family | locsort median (µm) | best SpikeInterface method "
+        "| ratio | NUTS / locsort on the same spikes | target (<= 0.8) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        si_rows = {k: v["median"] for k, v in r["rows"].items() if k.startswith("SpikeInterface")}
+        best = min(si_rows, key=si_rows.get)
+        ours = r["rows"][DEFAULT]["median"]
+        nuts = [v["median"] for k, v in r["rows"].items() if k.startswith("NUTS")]
+        same = [v["median"] for k, v in r["rows"].items() if k.startswith("locsort on the same")]
+        lines.append(
+            f"| {name} | {RECORDINGS[name][0]} | {ours:.2f} | "
+            f"{best.split()[-1]} {si_rows[best]:.2f} | {ours / si_rows[best]:.2f} | "
+            f"{nuts[0]:.2f} / {same[0]:.2f} | {verdict(ours / si_rows[best] <= 0.8)} |"
+        )
+    lines.append("")
     for name, r in results.items():
         best_si = min(v["median"] for k, v in r["rows"].items() if k.startswith("SpikeInterface"))
         ours = r["rows"][DEFAULT]["median"]
         lines += [
-            f"### {name} ({r['num_spikes']} spikes)",
+            f"### {name}: {RECORDINGS[name][0]} ({r['num_spikes']} spikes)",
             "",
             "| method | mean ± SD 2-D error (µm) | median (µm) | spikes/s (inference) "
             "| training s |",

@@ -20,6 +20,7 @@ class Constants:
     bad_channel_flat: float = 0.2  # noise below this x the median channel's: a dead contact
     bad_channel_noisy: float = 5.0  # above this x the median: SpikeInterface's std/mad threshold
     noise_chunks: int = 20  # 10,000-sample slices per segment: a stable MAD per channel
+    reference_min_channels: int = 16  # fewer: one spike moves their median, so no common reference
 
     # --- chunking ---
     chunk_margin_ms: float = 2.0  # read on each side of a chunk: no window cuts a spike
@@ -33,6 +34,7 @@ class Constants:
 
     # --- neighbourhood and amplitudes (§ Amplitudes) ---
     neighbourhood_channels: int = 25  # lattice slots around the centre channel (5 x 5 on a grid)
+    shank_gap_um: float = 100.0  # contact columns farther apart: separate shanks (no spike spans)
     amplitude_window_ms: float = 0.17  # amplitude = minimum within +/- this (the paper's 5 samples)
     amplitude_components: int = 5  # temporal PCs the snippet is projected on (0: raw); 3, 8 worse
     amplitude_denoise_min_gain: float = 0.3  # Wiener-denoised components need this gain (1: none)
@@ -56,6 +58,7 @@ class Constants:
         3  # a sort's reported locations: more epochs on denoised amplitudes
     )
     min_training_spikes: int = 300  # fewer: centre of mass instead (and the run says so)
+    localize_min_channels: int = 8  # fewer on a shank: x, y, z and size are not determined; CoM
 
     # --- training sample (§ Training sample) ---
     sample_chunks: int = 30  # chunks spread over the recording that the models learn from

@@ -8,6 +8,9 @@ Neuropixels' staggered columns give their centred-rectangular lattice). A positi
 contact (past the probe edge, or across a shank gap) is a *virtual* channel: index -1, zero
 signal, masked out of the likelihood, flagged to the encoder. Probes whose contacts do not
 form a lattice fall back to the K nearest real contacts of each channel (no virtual ones).
+
+Neighbourhoods never cross shanks. A probe that names no shanks but whose contact columns are
+separated by a wide gap (``shank_gap_um``) is split at the gaps: no spike reaches across them.
 """
 
 from __future__ import annotations
@@ -21,12 +24,25 @@ from scipy.spatial import cKDTree
 _TOLERANCE_UM = 1.0  # contacts closer than this to a lattice position sit on it
 
 
-def _shank_ids(recording) -> np.ndarray:
-    """SpikeInterface's channel groups: one per shank (or per probe) once a probe is attached."""
+def shank_ids(recording, gap_um: float) -> tuple[np.ndarray, str]:
+    """(C,) shank of each channel and, when they were inferred, a note saying so.
+
+    SpikeInterface's channel groups (one per shank, or per probe, once a probe is attached) when
+    there are several; otherwise the probe is split where its contacts' x positions leave a gap
+    wider than ``gap_um`` (a multi-shank probe described without shank ids)."""
     groups = recording.get_channel_groups()
-    if groups is None:
-        return np.zeros(recording.get_num_channels(), dtype=int)
-    return np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].astype(int)
+    if groups is not None and len(np.unique(np.asarray(groups).astype(str))) > 1:
+        return np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].astype(int), ""
+    x = np.asarray(recording.get_channel_locations(), dtype=float)[:, 0]
+    columns = np.unique(x)
+    cuts = columns[:-1][np.diff(columns) > gap_um]
+    ids = np.searchsorted(cuts, x, side="left").astype(int)
+    if not len(cuts):
+        return ids, ""
+    return ids, (
+        f"the probe names no shanks; its contacts were split into {len(cuts) + 1} shanks at the "
+        f"gaps of more than {gap_um:g} µm between contact columns"
+    )
 
 
 class Neighbourhood:
@@ -39,6 +55,8 @@ class Neighbourhood:
     offsets : (C, K, 2) float32, position of each neighbourhood slot relative to the centre (µm),
         the same for every channel when ``regular``.
     regular : bool, True when the probe is a lattice (offsets shared by all channels).
+    shank_ids : (C,) int, the shank of each channel.
+    notes : what the user should know about how the probe was read (``from_recording``).
     """
 
     def __init__(self, positions: np.ndarray, shank_ids: np.ndarray | None = None, size: int = 25):
@@ -48,6 +66,7 @@ class Neighbourhood:
         self.positions = positions
         self.shank_ids = shank_ids
         self.size = size
+        self.notes: list[str] = []
         lattice = self._lattice_offsets(positions, shank_ids, size)
         if lattice is not None:
             self.regular = True
@@ -81,8 +100,17 @@ class Neighbourhood:
             self.offsets = offsets.astype(np.float32)
 
     @classmethod
-    def from_recording(cls, recording, size: int = 25) -> "Neighbourhood":
-        return cls(recording.get_channel_locations(), _shank_ids(recording), size)
+    def from_recording(cls, recording, size: int, shank_gap_um: float) -> "Neighbourhood":
+        """With ``notes``: what the user should know about how the probe was read."""
+        shanks, note = shank_ids(recording, shank_gap_um)
+        neighbourhood = cls(recording.get_channel_locations(), shanks, size)
+        neighbourhood.notes = [note] if note else []
+        if not neighbourhood.regular and recording.get_num_channels() >= size:
+            neighbourhood.notes.append(
+                "the contacts form no regular lattice: each channel's neighbourhood is its "
+                f"{size} nearest contacts on its shank (no virtual channels past the edges)"
+            )
+        return neighbourhood
 
     @property
     def real(self) -> np.ndarray:

@@ -104,7 +104,11 @@ def write_run(
         "notes": models.notes,
         "neural_training": models.neural.history if models.neural is not None else None,
     }
-    notes = ([localization["fallback"]] if localization["fallback"] else []) + models.notes
+    notes = [
+        *prep.notes,
+        *([localization["fallback"]] if localization["fallback"] else []),
+        *models.notes,
+    ]
     if models.motion_info.note:
         notes.append(models.motion_info.note)
     if prep.bad_channels:
@@ -193,6 +197,8 @@ def write_run(
                 "duration_s": float(
                     sum(recording.get_duration(s) for s in range(recording.get_num_segments()))
                 ),
+                "num_shanks": int(len(np.unique(prep.neighbourhood.shank_ids))),
+                "notes": prep.notes,
             },
             "bad_channels": {str(channel): why for channel, why in prep.bad_channels.items()},
             "detection": prep.detection,

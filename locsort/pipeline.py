@@ -49,6 +49,7 @@ from .sort.postprocess import (
     duplicate_units,
     lagged_copy_spikes,
     merge_motion_pieces,
+    on_one_shank,
 )
 from .sort.training import adapted_backbone, configured_backbone, self_trained, train_network
 from .spikes import PEAK_DTYPE, check_peaks
@@ -361,7 +362,10 @@ def sort_spikes(
                 constants.motion_merge_max_overlap,
                 constants.cluster_min_size,
             )
-        spikes["unit_index"] = _without_copies(prep, spikes, models)
+        spikes["unit_index"] = on_one_shank(
+            _without_copies(prep, spikes, models),
+            prep.neighbourhood.shank_ids[spikes["channel_index"]],
+        )
         return spikes, models, prep
 
 

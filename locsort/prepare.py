@@ -24,6 +24,7 @@ from .preprocess import (
     noise_correlations,
     noise_levels,
     noise_slices,
+    reference_skipped,
     referenced,
     referenced_slices,
 )
@@ -57,6 +58,7 @@ class Prepared:
     noise_covariance : (C, C) µV² across channels; noise_autocorrelation : (T,) in time, 1 at 0
     bad_channels : channel id -> why it was interpolated
     trace_cache : the training sample's chunks, kept for the main pass (params.trace_cache_mb)
+    notes : what the user should know about how the probe was read (run.json, the summary)
     """
 
     recording: object
@@ -71,6 +73,7 @@ class Prepared:
     noise_autocorrelation: np.ndarray | None = None
     bad_channels: dict = field(default_factory=dict)
     trace_cache: TraceCache | None = None
+    notes: list = field(default_factory=list)
 
     def scanner(
         self, peaks=None, amplitudes: AmplitudeReader | None = None, last_pass: bool = False
@@ -136,7 +139,10 @@ def measured(
         covariance, autocorrelation = noise_correlations(
             slices, noise, counts.before + counts.after
         )
-        neighbourhood = Neighbourhood.from_recording(processed, constants.neighbourhood_channels)
+        neighbourhood = Neighbourhood.from_recording(
+            processed, constants.neighbourhood_channels, constants.shank_gap_um
+        )
+        notes = [reference_skipped(processed.get_num_channels(), params), *neighbourhood.notes]
         matched_filter = None
         detection = f"negative peaks beyond {params.detect_threshold:g} noise SDs"
         neighbours = neighbourhood.channels_within(constants.detect_radius_um)
@@ -201,4 +207,5 @@ def measured(
         autocorrelation,
         bad_channels,
         cache,
+        [note for note in notes if note],
     )

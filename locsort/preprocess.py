@@ -106,10 +106,25 @@ def referenced(filtered, params: Params, bad_channels):
         # channel count and indices stay, so outputs refer to the recording's own channels
         recording = spre.interpolate_bad_channels(recording, bad_channel_ids=list(bad_channels))
     if params.preprocess and params.common_reference is not None:
-        recording = spre.common_reference(
-            recording, reference="global", operator=params.common_reference
-        )
+        if not reference_skipped(recording.get_num_channels(), params):
+            recording = spre.common_reference(
+                recording, reference="global", operator=params.common_reference
+            )
     return recording
+
+
+def reference_skipped(num_channels: int, params: Params) -> str:
+    """Why the common reference is left out on a probe this small (else ""): on few channels
+    a spike reaches most of them, so their median carries the spike and removing it would
+    erase the spike itself."""
+    minimum = params.constants.reference_min_channels
+    if not params.preprocess or params.common_reference is None or num_channels >= minimum:
+        return ""
+    return (
+        f"no common reference: the probe has {num_channels} "
+        f"channel{'s' if num_channels > 1 else ''}, and at least {minimum} "
+        "are needed for their common signal to be free of each spike"
+    )
 
 
 def referenced_slices(

@@ -43,20 +43,61 @@ def neuropixels_like_probe(num_channels: int = 64):
     return probe
 
 
-def neuropixels2_like_probe(num_channels: int = 64):
-    """A single-shank Neuropixels-2.0-like probe: 2 aligned columns 32 µm apart, 15 µm row
-    pitch, 12 µm square contacts, wired in contact order."""
+def neuropixels2_like_probe(num_channels: int = 64, num_shanks: int = 1):
+    """A Neuropixels-2.0-like probe: per shank 2 aligned columns 32 µm apart, 15 µm row pitch,
+    12 µm square contacts; ``num_shanks`` shanks 250 µm apart, ``num_channels`` spread evenly
+    over them; wired in contact order."""
     import probeinterface as pi
 
-    if num_channels % 2:
-        raise ValueError("a Neuropixels-2.0-like probe needs an even number of channels")
-    probe = pi.generate_multi_columns_probe(
+    if num_channels % (2 * num_shanks):
+        raise ValueError(
+            "a Neuropixels-2.0-like probe needs an even number of channels on each shank"
+        )
+    probe = pi.generate_multi_shank(
+        num_shank=num_shanks,
+        shank_pitch=[250, 0],
         num_columns=2,
-        num_contact_per_column=num_channels // 2,
+        num_contact_per_column=num_channels // num_shanks // 2,
         xpitch=32,
         ypitch=15,
         contact_shapes="square",
         contact_shape_params={"width": 12},
+    )
+    probe.set_device_channel_indices(np.arange(num_channels))
+    return probe
+
+
+def linear_probe(num_channels: int = 32, pitch_um: float = 25.0):
+    """A single-column silicon probe (Cambridge NeuroTech / NeuroNexus linear layouts):
+    ``num_channels`` contacts ``pitch_um`` apart, 7.5 µm radius, wired in contact order."""
+    import probeinterface as pi
+
+    probe = pi.generate_linear_probe(
+        num_elec=num_channels,
+        ypitch=pitch_um,
+        contact_shapes="circle",
+        contact_shape_params={"radius": 7.5},
+    )
+    probe.set_device_channel_indices(np.arange(num_channels))
+    return probe
+
+
+def polytrode_probe(num_channels: int = 64, pitch_um: float = 25.0):
+    """A two-column polytrode (NeuroNexus Poly2-like): columns ``pitch_um`` apart, contacts
+    ``pitch_um`` apart along each, the second column shifted by half a pitch, 7.5 µm radius,
+    wired in contact order."""
+    import probeinterface as pi
+
+    if num_channels % 2:
+        raise ValueError("a two-column polytrode needs an even number of channels")
+    probe = pi.generate_multi_columns_probe(
+        num_columns=2,
+        num_contact_per_column=num_channels // 2,
+        xpitch=pitch_um,
+        ypitch=pitch_um,
+        y_shift_per_column=[0, pitch_um / 2],
+        contact_shapes="circle",
+        contact_shape_params={"radius": 7.5},
     )
     probe.set_device_channel_indices(np.arange(num_channels))
     return probe
@@ -90,21 +131,68 @@ def generate_recording(
 ):
     """A seeded ground-truth recording (SpikeInterface's generator) and its GroundTruth.
 
-    Defaults: 64-channel Neuropixels-like probe, 50 units, noise 5 µV.
+    Defaults: 64-channel Neuropixels-like probe, 50 units, noise 5 µV. On a multi-shank probe
+    the units are spread evenly over the shanks.
     """
     from spikeinterface.core import generate_ground_truth_recording
 
     probe = probe if probe is not None else neuropixels_like_probe(num_channels)
+    shanks = _shanks(probe)
+    templates = locations = None
+    if len(np.unique(shanks)) > 1:
+        templates, locations = _templates_by_shank(
+            probe, shanks, num_units, sampling_frequency, seed
+        )
     recording, sorting = generate_ground_truth_recording(
         durations=[float(duration)],
         sampling_frequency=sampling_frequency,
         probe=probe,
         num_units=num_units,
+        templates=templates,
         seed=seed,
         noise_kwargs={"noise_levels": float(noise_level), "strategy": "on_the_fly"},
     )
-    locations = np.asarray(sorting.get_property("gt_unit_locations"), dtype=float)
-    return recording, GroundTruth(sorting=sorting, unit_locations=locations)
+    if locations is None:
+        locations = sorting.get_property("gt_unit_locations")
+    else:
+        sorting.set_property("gt_unit_locations", locations)
+    return recording, GroundTruth(sorting=sorting, unit_locations=np.asarray(locations, float))
+
+
+def _shanks(probe) -> np.ndarray:
+    ids = probe.shank_ids
+    if ids is None or len(ids) == 0 or np.all(np.asarray(ids) == ""):
+        return np.zeros(probe.get_contact_count(), int)
+    return np.unique(np.asarray(ids).astype(str), return_inverse=True)[1]
+
+
+def _templates_by_shank(probe, shanks, num_units, sampling_frequency, seed):
+    """(templates, unit locations) with the units spread evenly over the shanks, each placed
+    around its own shank as SpikeInterface's generator places them around a probe (its box
+    around the whole probe would put most units in the gaps between shanks, out of reach of
+    every contact)."""
+    from spikeinterface.core.generate import generate_templates, generate_unit_locations
+
+    positions = probe.contact_positions
+    per_shank = np.array_split(np.arange(num_units), len(np.unique(shanks)))
+    locations = np.concatenate(
+        [
+            generate_unit_locations(
+                len(units),
+                positions[shanks == shank],
+                seed=seed + shank,
+                margin_um=10.0,
+                minimum_z=5.0,
+                maximum_z=50.0,
+                minimum_distance=20,
+            )
+            for shank, units in enumerate(per_shank)
+        ]
+    )
+    templates = generate_templates(
+        positions, locations, sampling_frequency, 1.0, 3.0, seed=seed, dtype="float32"
+    )
+    return templates, locations
 
 
 def with_bad_channels(recording, flat=(), noisy=(), extra_noise_uv: float = 60.0, seed: int = 0):

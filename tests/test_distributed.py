@@ -1,6 +1,8 @@
 """Long runs: Dask workers, resumable runs, several recordings, and the faults around them
 (a killed run, a killed worker, an unreachable scheduler, a file truncated mid-run, a full
-disk). Every run is compared with one uninterrupted single-process reference run."""
+disk). Every run is compared with one uninterrupted single-process reference run, on a
+two-shank probe: neighbourhoods, detection and units are kept per shank whatever the chunking,
+the workers or a resume."""
 
 import os
 import resource
@@ -19,6 +21,7 @@ from locsort.runners import LocalRunner
 from locsort.errors import LocsortError
 from locsort.io import open_recording
 from locsort.params import params_with
+from locsort.simulate import generate_recording, neuropixels2_like_probe
 from locsort.workarea import WorkArea, work_area_path
 
 # small chunks so that runs have many of them (training budgets are in epochs by default, so
@@ -29,9 +32,15 @@ NUM_CHUNKS = 40  # 10 s / 0.25 s
 
 
 @pytest.fixture(scope="module")
-def recording_folder(ground_truth_recording, tmp_path_factory):
-    """The 10 s recording saved as a SpikeInterface binary folder: a file workers can read."""
-    recording, _ = ground_truth_recording
+def recording_folder(tmp_path_factory):
+    """A 10 s recording on a two-shank Neuropixels-2.0-like probe (2 x 32 channels), saved as a
+    SpikeInterface binary folder: a file workers can read."""
+    recording, _ = generate_recording(
+        duration=10.0,
+        num_units=20,
+        seed=1,
+        probe=neuropixels2_like_probe(64, num_shanks=2),
+    )
     folder = tmp_path_factory.mktemp("distributed") / "rec"
     recording.save(folder=folder, progress_bar=False)
     return folder
@@ -73,6 +82,29 @@ def _cli(*args, **kwargs):
 def _finished_chunks(out: Path) -> int:
     chunks = work_area_path(out) / "chunks"
     return len(list(chunks.glob("*.npz"))) if chunks.exists() else 0
+
+
+def test_a_probe_without_shank_ids_sorts_as_if_they_were_named(
+    recording_folder, reference, tmp_path
+):
+    """The shanks are inferred from the gap between them: the same spikes and units, and the
+    run says how it read the probe. No unit holds spikes from two shanks."""
+    import probeinterface as pi
+
+    recording = open_recording(recording_folder)[0]
+    unnamed = pi.Probe(ndim=2)
+    unnamed.set_contacts(recording.get_channel_locations(), shapes="circle")
+    unnamed.set_device_channel_indices(np.arange(recording.get_num_channels()))
+    recording.set_probe(unnamed)  # in place
+    assert len(np.unique(recording.get_channel_groups())) == 1
+    result = locsort.run(recording, tmp_path / "out", PARAMS, progress=False)
+    assert "split into 2 shanks" in result.note
+    assert_same_spikes(result.spikes, reference.spikes)
+    shank = (recording.get_channel_locations()[:, 0] > 100)[result.spikes["channel_index"]]
+    units = result.spikes["unit_index"]
+    assert len(np.unique(units[units >= 0])) >= 15
+    for unit in np.unique(units[units >= 0]):
+        assert len(np.unique(shank[units == unit])) == 1
 
 
 def test_killed_run_resumes_to_the_same_result(recording_folder, reference, tmp_path):

@@ -48,9 +48,13 @@ def test_multi_shank_neighbourhoods_stay_on_their_shank():
     shanks = np.repeat([0, 1], 16)
     nb = Neighbourhood(probe.contact_positions, shanks, size=25)
     assert nb.regular
+    # detection's exclusion radius and peeling's footprints: wider than the shank gap here
+    within = nb.channels_within(1000.0)
     for c in range(32):
         members = nb.index[c][nb.index[c] >= 0]
         assert np.all(shanks[members] == shanks[c])
+        near = within[c][within[c] >= 0]
+        assert len(near) == 16 and np.all(shanks[near] == shanks[c])
 
 
 def test_irregular_layout_falls_back_to_nearest_contacts():

@@ -142,7 +142,10 @@ def test_trained_neural_sorter_saves_and_loads_to_the_same_outputs(
 ):
     _, result, _ = trained_on_truth
     recording, _ = ground_truth_recording
-    neighbourhood = Neighbourhood.from_recording(recording)
+    constants = Params().constants
+    neighbourhood = Neighbourhood.from_recording(
+        recording, constants.neighbourhood_channels, constants.shank_gap_um
+    )
     rng = np.random.default_rng(0)
     windows = Windows(
         rng.normal(size=(50, NUM_TIME_POINTS, 25)).astype(np.float16),
@@ -1090,3 +1093,13 @@ def test_a_late_spikes_template_match_is_found_within_the_shift_window_and_noise
         traces, rows + 200, units, templates.channels, before, max_shift=late + 1
     )
     assert np.median(noise_only) < 2.5  # the best of 17 shifts of noise is still far below a spike
+
+
+def test_a_unit_keeps_only_the_spikes_detected_on_its_own_shank():
+    from locsort.sort.postprocess import on_one_shank
+
+    units = np.array([0, 0, 0, 1, 1, 1, -1, 0])
+    shanks = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+    np.testing.assert_array_equal(on_one_shank(units, shanks), [0, 0, -1, 1, 1, -1, -1, 0])
+    one = np.zeros(8, int)  # a single shank: nothing changes
+    np.testing.assert_array_equal(on_one_shank(units, one), units)

@@ -52,6 +52,7 @@ def make_localizer(method: str, params: Params):
             patience=params.constants.encoder_patience,
             lr=params.constants.encoder_lr,
             min_training_spikes=params.constants.min_training_spikes,
+            min_channels=params.constants.localize_min_channels,
             fallback_channels=params.constants.com_channels,
             device=resolve_device(params.device),
             seed=params.seed,

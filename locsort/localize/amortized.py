@@ -96,6 +96,7 @@ class AmortizedLocalizer:
         patience: int = 8,
         lr: float = 2e-3,
         min_training_spikes: int = 300,
+        min_channels: int = 8,
         fallback_channels: int = 9,
         device: str = "cpu",
         seed: int = 0,
@@ -111,6 +112,7 @@ class AmortizedLocalizer:
         self.patience = patience
         self.lr = lr
         self.min_training_spikes = min_training_spikes
+        self.min_channels = min_channels
         self.device = torch.device(device)
         self.seed = seed
         # where training starts: None (from scratch), "pretrained" (shipped) or an encoder file
@@ -248,6 +250,15 @@ class AmortizedLocalizer:
             )
         centres, amplitudes = _flatten(observations)
         num_spikes = len(observations["centres"])
+        per_shank = int(np.bincount(neighbourhood.shank_ids).max())
+        if per_shank < self.min_channels:
+            self.fallback = CenterOfMass(self.fallback_channels)
+            self.fallback_reason = (
+                f"only {per_shank} channel{'s' if per_shank > 1 else ''} per shank (a point "
+                f"source's x, y, z and size need at least {self.min_channels}): centre of mass "
+                f"over the {min(self.fallback_channels, per_shank)} nearest channels used instead"
+            )
+            return self
         if num_spikes < self.min_training_spikes:
             self.fallback = CenterOfMass(self.fallback_channels)
             self.fallback_reason = (

@@ -82,6 +82,20 @@ def drop_border_duplicates(
     return units
 
 
+def on_one_shank(units: np.ndarray, shanks: np.ndarray) -> np.ndarray:
+    """Units with each unit's spikes off its own shank (the one most of them were detected on,
+    ``shanks`` per spike) set to -1: no spike reaches across shanks, so those are not its."""
+    units = units.copy()
+    assigned = np.flatnonzero(units >= 0)
+    if not len(assigned) or shanks.max(initial=0) == 0:
+        return units
+    counts = np.zeros((units.max() + 1, shanks.max() + 1), np.int64)
+    np.add.at(counts, (units[assigned], shanks[assigned]), 1)
+    home = counts.argmax(axis=1)
+    units[assigned[shanks[assigned] != home[units[assigned]]]] = -1
+    return units
+
+
 def duplicate_units(sorting, min_shared: float, max_lag_ms: float) -> list:
     """Ids of units that repeat another unit: at least ``min_shared`` of their spikes coincide
     (within ``max_lag_ms``) with the other's, which keeps more spikes. A spike that reaches
