@@ -117,8 +117,9 @@ class Constants:
     merge_max_amplitude_ratio: float = 1.5  # ... when their sizes differ by at most this factor
     merge_max_shift_ms: float = 0.3  # ... also at a shift of up to this (0: lag 0 only)
     duplicate_unit_min_shared: float = 0.5  # a unit repeating this share of a larger one's spikes
-    duplicate_unit_max_lag_ms: float = 0.8  # ... within this lag is removed: late far copies
+    duplicate_unit_max_lag_ms: float = 2.5  # ... within this lag is removed: late far copies
     lagged_copy_min_share: float = 0.02  # spikes at one fixed lag from a larger unit's (1: never)
+    lagged_copy_max_lag_ms: float = 0.8  # ... at most this late or early: far channels' copies
     cluster_adopt_min_fit: float = 0.5  # unclustered spikes go to a template that fits this well
     cluster_adopt_max_residual: float = 1.3  # ... leaving at most this x the expected noise energy
 

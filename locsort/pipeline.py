@@ -428,7 +428,7 @@ def _without_copies(prep: Prepared, spikes: np.ndarray, models: Models) -> np.nd
             spikes["amplitude"],
             recording.get_sampling_frequency(),
             recording.get_total_samples(),
-            constants.duplicate_unit_max_lag_ms,
+            constants.lagged_copy_max_lag_ms,
             constants.lagged_copy_min_share,
         )
         units[copies] = -1

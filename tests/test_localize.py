@@ -398,12 +398,22 @@ def test_the_encoders_elbo_is_pyros_trace_elbo_of_the_model():
     )
 
 
-def test_a_neuropixels2_probe_starts_from_its_own_shipped_encoder():
-    from locsort.simulate import generate_recording, neuropixels2_like_probe
+@pytest.mark.parametrize(
+    "probe, encoder",
+    [
+        (lambda s: s.neuropixels2_like_probe(32), "neuropixels2"),
+        (lambda s: s.neuropixels2_like_probe(64, num_shanks=2), "neuropixels2"),
+        (lambda s: s.linear_probe(24, 25.0), "scratch"),
+    ],
+)
+def test_a_probe_starts_from_the_encoder_shipped_for_its_layout(probe, encoder):
+    """A shorter or multi-shank version of a family shares its neighbourhood, so its encoder;
+    a layout with none shipped trains from scratch."""
+    from locsort import simulate
 
-    recording, _ = generate_recording(
-        duration=5.0, num_units=10, seed=3, probe=neuropixels2_like_probe(32)
+    recording, _ = simulate.generate_recording(
+        duration=5.0, num_units=10, seed=3, probe=probe(simulate)
     )
     prep = prepare(recording, params_with(encoder_init_epochs=1, min_training_spikes=50))
     _, localizer = locate(prep, None, progress=False)
-    assert localizer.history["started_from"] == "neuropixels2"
+    assert localizer.history["started_from"] == encoder

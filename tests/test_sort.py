@@ -897,6 +897,11 @@ def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():
     assert (
         duplicate_units(_sorting([real, late, independent]), min_shared=0.5, max_lag_ms=0.4) == []
     )
+    # most of a unit repeated 2 ms late (the generated polytrode's and four-shank probe's)
+    later = real[rng.random(400) < 0.9] + 60
+    assert duplicate_units(
+        _sorting([real, later, independent]), min_shared=0.5, max_lag_ms=lag
+    ) == [1]
     # a small copy of a large unit (agreement 40 / 400 = 0.1, below SpikeInterface's default
     # pre-filter of 0.2)
     few = np.sort(rng.choice(real, 40, replace=False)) + 21
@@ -938,7 +943,7 @@ def test_a_larger_units_spikes_detected_again_at_one_lag_are_removed_from_the_sm
         len(samples), bool
     )  # a copy whose source lies in the other segment is not one there
     crossing[600:720] = (copied >= half) != (copies >= half)
-    args = (30_000.0, length, Params().constants.duplicate_unit_max_lag_ms)
+    args = (30_000.0, length, Params().constants.lagged_copy_max_lag_ms)
     drop = lagged_copy_spikes(segments, within, units, amplitudes, *args, min_share=0.02)
     assert drop[is_copy & ~crossing].all()
     assert (
