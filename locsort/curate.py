@@ -341,7 +341,8 @@ def quality_labels(table, constants) -> np.ndarray:
 
 
 def write_units(table, path: Path) -> None:
-    """``units.tsv``: tab-separated, one header line, NaN written as ``nan``."""
+    """``units.tsv`` (and Phy's tables): tab-separated, one header line, NaN written as
+    ``nan``."""
     from .io import write_atomic
 
     text = table.to_csv(sep="\t", index=False, na_rep="nan", float_format="%.6g")
@@ -352,16 +353,13 @@ def label_phy(folder: Path, table) -> None:
     """The Phy folder's ``cluster_group.tsv`` (Phy's own label column) set to the quality
     labels, and ``cluster_info.tsv`` with the whole units table (Phy's cluster ids are the
     unit indices in the sorting's order)."""
-    from .io import write_atomic
-
     group = table[["unit_id"]].rename(columns={"unit_id": "cluster_id"})
     group["cluster_id"] = np.arange(len(table))
     group["group"] = table["quality"].to_numpy()
     info = table.rename(columns={"quality": "group"})
     info.insert(0, "cluster_id", np.arange(len(table)))
     for name, frame in (("cluster_group.tsv", group), ("cluster_info.tsv", info)):
-        text = frame.to_csv(sep="\t", index=False, na_rep="nan", float_format="%.6g")
-        write_atomic(folder / name, lambda f, text=text: f.write(text.encode()))
+        write_units(frame, folder / name)
 
 
 def spike_reads(

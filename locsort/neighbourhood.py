@@ -31,8 +31,10 @@ def shank_ids(recording, gap_um: float) -> tuple[np.ndarray, str]:
     there are several; otherwise the probe is split where its contacts' x positions leave a gap
     wider than ``gap_um`` (a multi-shank probe described without shank ids)."""
     groups = recording.get_channel_groups()
-    if groups is not None and len(np.unique(np.asarray(groups).astype(str))) > 1:
-        return np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].astype(int), ""
+    if groups is not None:
+        named = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].astype(int)
+        if named.max(initial=0) > 0:
+            return named, ""
     x = np.asarray(recording.get_channel_locations(), dtype=float)[:, 0]
     columns = np.unique(x)
     cuts = columns[:-1][np.diff(columns) > gap_um]

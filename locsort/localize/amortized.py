@@ -252,20 +252,22 @@ class AmortizedLocalizer:
         num_spikes = len(observations["centres"])
         per_shank = int(np.bincount(neighbourhood.shank_ids).max())
         if per_shank < self.min_channels:
-            self.fallback = CenterOfMass(self.fallback_channels)
-            self.fallback_reason = (
+            reason = (
                 f"only {per_shank} channel{'s' if per_shank > 1 else ''} per shank (a point "
                 f"source's x, y, z and size need at least {self.min_channels}): centre of mass "
                 f"over the {min(self.fallback_channels, per_shank)} nearest channels used instead"
             )
-            return self
-        if num_spikes < self.min_training_spikes:
-            self.fallback = CenterOfMass(self.fallback_channels)
-            self.fallback_reason = (
+        elif num_spikes < self.min_training_spikes:
+            reason = (
                 f"only {num_spikes} spikes to train the encoder on "
                 f"(at least {self.min_training_spikes} needed): "
                 f"centre of mass over {self.fallback_channels} channels used instead"
             )
+        else:
+            reason = ""
+        if reason:
+            self.fallback = CenterOfMass(self.fallback_channels)
+            self.fallback_reason = reason
             return self
         self.fallback = None
         torch.manual_seed(self.seed)
