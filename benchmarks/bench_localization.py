@@ -177,6 +177,30 @@ def errors(x, y, true):
     }
 
 
+def unit_offsets(x, y, true) -> dict:
+    """How much of the error every spike of a unit shares: each unit's median location minus
+    its true position (the soma in MEArec), the median over units of its size, the mean signed
+    y offset, and the median error left if every spike sat at its unit's median location (what
+    no per-spike refinement, MCMC included, can go below)."""
+    _, unit = np.unique(np.round(true, 3), axis=0, return_inverse=True)
+    unit = unit.ravel()
+    offsets, at_median = [], np.full((len(true), 2), np.nan)
+    for u in np.unique(unit):
+        rows = np.flatnonzero((unit == u) & np.isfinite(x) & np.isfinite(y))
+        if not len(rows):
+            continue
+        centre = np.array([np.median(x[rows]), np.median(y[rows])])
+        offsets.append(centre - true[rows[0], :2])
+        at_median[rows] = centre
+    offsets = np.array(offsets)
+    left = np.hypot(*(at_median - true[:, :2]).T)
+    return {
+        "median_unit_offset_um": float(np.median(np.hypot(*offsets.T))),
+        "mean_y_offset_um": float(offsets[:, 1].mean()),
+        "median_error_at_unit_medians_um": float(np.nanmedian(left)),
+    }
+
+
 def coverage(spikes, true) -> dict:
     out = {}
     for k in (1, 2):
@@ -346,6 +370,7 @@ def main():
             recording, peaks, true, repeats=args.repeats
         )
         rows[DEFAULT] = errors(spikes["x"], spikes["y"], true)
+        offsets = {DEFAULT: unit_offsets(spikes["x"], spikes["y"], true)}
         speed[DEFAULT] = (len(peaks) / infer_s, fit_s)
         calib = coverage(spikes, true)
         z_err = float(np.median(np.abs(spikes["z"] - true[:, 2])))
@@ -367,6 +392,7 @@ def main():
                 recording, peaks, method, 1 if method == "monopolar_triangulation" else args.repeats
             )
             rows[f"SpikeInterface {method}"] = errors(loc["x"], loc["y"], true)
+            offsets[f"SpikeInterface {method}"] = unit_offsets(loc["x"], loc["y"], true)
             speed[f"SpikeInterface {method}"] = (len(peaks) / seconds, 0.0)
         nuts, amortized_subset, true_subset, agree = run_mcmc(
             prep, localizer, peaks, true, args.mcmc_spikes, args.seed
@@ -387,6 +413,7 @@ def main():
             "coverage": calib,
             "median_z_error_um": z_err,
             "mcmc_agreement": agree,
+            "unit_offsets": offsets,
             "num_spikes": int(len(peaks)),
             "globals": localizer.globals.asdict(),
             "training": localizer.history.get("epochs"),
@@ -405,6 +432,23 @@ def main():
         print("training", json.dumps(training), flush=True)
         save_results("localization_training", training)
     write_report(results, args)
+
+
+def _offset_lines(offsets: dict | None) -> list[str]:
+    """The report's line on the error every spike of a unit shares (``unit_offsets``)."""
+    if not offsets:
+        return []
+    parts = [
+        f"{'locsort' if method == DEFAULT else method.split()[-1]} "
+        f"{o['median_unit_offset_um']:.2f} / {o['mean_y_offset_um']:+.2f} / "
+        f"{o['median_error_at_unit_medians_um']:.2f}"
+        for method, o in offsets.items()
+    ]
+    return [
+        "- shared by a unit's spikes (its median location minus its true position): median "
+        "offset / mean y offset / median error if every spike sat at its unit's median (µm): "
+        + "; ".join(parts)
+    ]
 
 
 def write_report(results, args):
@@ -483,6 +527,7 @@ def write_report(results, args):
             f"{r['mcmc_agreement']['mean_abs_diff_xy_um']:.2f} µm, "
             f"SD ratio (amortized / NUTS) x {r['mcmc_agreement']['sd_ratio_x']:.2f}, "
             f"y {r['mcmc_agreement']['sd_ratio_y']:.2f}",
+            *_offset_lines(r.get("unit_offsets")),
             "- fitted model globals: "
             f"""{
                 json.dumps(

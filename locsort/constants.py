@@ -113,9 +113,12 @@ class Constants:
     cluster_sample: int = 40_000  # spikes HDBSCAN sees; the rest go to their nearest neighbours
     cluster_location_scale_um: float = 5.0  # µm that count as one unit of clustering distance
     split_max_rounds: int = 3  # clusters split again on multi-channel waveforms (0: never)
+    split_pcs: int = 6  # ... described by this many PCs of their spikes' waveforms ...
+    split_more_pcs: int = 10  # ... and, where those show one group, this many (0: no second look)
     merge_min_similarity: float = 0.95  # clusters whose templates agree this well merge (1: never)
     merge_max_amplitude_ratio: float = 1.5  # ... when their sizes differ by at most this factor
     merge_max_shift_ms: float = 0.3  # ... also at a shift of up to this (0: lag 0 only)
+    merge_refractory_ms: float = 1.5  # ... unless their spikes break this period (0: no test)
     duplicate_unit_min_shared: float = 0.5  # a unit repeating this share of a larger one's spikes
     duplicate_unit_max_lag_ms: float = 2.5  # ... within this lag is removed: late far copies
     lagged_copy_min_share: float = 0.02  # spikes at one fixed lag from a larger unit's (1: never)

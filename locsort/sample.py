@@ -35,6 +35,7 @@ class TrainingSample:
     targets, mask : (n, U) labels matched to these spikes, when labels were given
     footprints : (C, M) each channel's peeling footprint, -1 padded, with windows
     neighbourhood_waveforms : (n, T, K) float16 µV, kept to fit an amplitude denoiser on
+    duration : samples in the chunks the spikes were drawn from
     """
 
     observations: dict
@@ -46,6 +47,7 @@ class TrainingSample:
     mask: np.ndarray | None = None
     footprints: np.ndarray | None = None
     neighbourhood_waveforms: np.ndarray | None = None
+    duration: int = 0
 
     def subset(self, rows: np.ndarray) -> TrainingSample:
         """The spikes at ``rows``, without observations, labels or neighbourhood waveforms."""
@@ -56,6 +58,7 @@ class TrainingSample:
             self.windows.subset(rows),
             self.snippets[rows],
             footprints=self.footprints,
+            duration=self.duration,
         )
 
     def times(self, recording) -> np.ndarray:
@@ -178,6 +181,7 @@ def training_sample(
         rest = sorted(set(indices) - set(first))
         more = rest if wanted == len(indices) else spread_chunks(rest, wanted - len(first))
         found.update(runner.map(job, chunks, more, desc="training sample", progress=progress))
+    duration = sum(chunks[i].end - chunks[i].start for i in found)
     found = [found[i] for i in sorted(found) if len(found[i]["peaks"])]
     if not found:  # no spikes: an empty sample of the same shape
         found = [job.keep(_empty_batch(prep), np.random.default_rng(0))]
@@ -193,6 +197,7 @@ def training_sample(
         merged.pop("mask", None),
         footprints,
         merged.pop("neighbourhood_waveforms", None),
+        duration,
     )
     sample.observations = merged
     return sample

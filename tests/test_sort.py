@@ -645,6 +645,33 @@ def test_merge_joins_the_pieces_of_one_unit_and_keeps_different_units_apart():
     assert len(np.unique(labels[5:200])) == 1 and labels[200] != labels[5]
 
 
+def test_merge_keeps_apart_two_neurons_with_one_template_whose_spikes_break_a_refractory_period():
+    from locsort.sort.merge import Refractory, merge_similar_units
+    from locsort.sort.neural import NUM_TIME_POINTS
+
+    rng = np.random.default_rng(3)
+    fs, n = 30_000.0, 400
+    t = np.linspace(0, 1, NUM_TIME_POINTS)
+    slot_xy = np.stack(np.meshgrid([-20.0, 0.0, 20.0], [-20.0, 0.0, 20.0]), -1).reshape(9, 2)
+    footprint = np.exp(-np.linalg.norm(slot_xy, axis=1) / 15)
+    shapes = [-np.exp(-(((t - 0.3) / w) ** 2)) for w in (0.05, 0.06)]  # cosine above 0.95
+    waves = np.concatenate([8 * np.repeat(s[None, :, None] * footprint, n, 0) for s in shapes])
+    windows = _windows_on_one_contact(waves + rng.normal(0, 1, waves.shape))
+
+    def train():  # 20 Hz, never two spikes within 2 ms
+        return np.cumsum(rng.exponential(0.048, n) + 0.002) * fs
+
+    times = np.concatenate([train(), train()]).astype(np.int64)
+    duration = int(times.max()) + 1
+    refractory = Refractory(times, fs, duration, period_ms=1.5)
+    labels = np.concatenate([rng.integers(0, 2, n), np.full(n, 2)])  # neuron A in two pieces
+    assert len(np.unique(merge_similar_units(labels, windows, 0.95)[0])) == 1
+    merged, merges = merge_similar_units(labels, windows, 0.95, refractory=refractory)
+    assert merges == 1  # A's pieces, which never fire within 2 ms of each other
+    assert len(np.unique(merged[:n])) == 1 and len(np.unique(merged[n:])) == 1
+    assert merged[0] != merged[n]
+
+
 def _windows_on_one_contact(waves):
     """Windows of spikes all centred on one contact of a 3 x 3, 20 µm neighbourhood."""
     from locsort.sort.neural import Windows

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .cluster import cluster, clustering_features, renumber, waveform_pcs
-from .merge import merge_shifted_units, merge_similar_units
+from .merge import Refractory, merge_shifted_units, merge_similar_units
 from .peel import Templates, adopt
 from .postprocess import repeated_unit_spikes
 from .split import split_units
@@ -40,18 +40,21 @@ def initial_units(
                 units,
                 sample.windows,
                 constants.cluster_min_size,
+                num_pcs=tuple(k for k in (constants.split_pcs, constants.split_more_pcs) if k),
                 max_rounds=constants.split_max_rounds,
                 seed=prep.params.seed,
             )
         if constants.merge_min_similarity < 1.0:
+            refractory = _refractory(prep, sample)
             units, _ = merge_similar_units(
                 units,
                 sample.windows,
                 constants.merge_min_similarity,
                 constants.merge_max_amplitude_ratio,
+                refractory=refractory,
             )
             if constants.merge_max_shift_ms > 0 and len(units) and units.max() >= 1:
-                units = _merge_shifted(prep, sample, units)
+                units = _merge_shifted(prep, sample, units, refractory)
     copies = _late_copies(prep, sample, units)
     units = renumber(np.where(copies, -1, units))
     num_units = int(units.max()) + 1 if len(units) and units.max() >= 0 else 0
@@ -60,7 +63,22 @@ def initial_units(
     return units, copies
 
 
-def _merge_shifted(prep: Prepared, sample: TrainingSample, units: np.ndarray) -> np.ndarray:
+def _refractory(prep: Prepared, sample: TrainingSample) -> Refractory | None:
+    """The sample's spike times for the merges' refractory test (None: no test)."""
+    period = prep.params.constants.merge_refractory_ms
+    if period <= 0:
+        return None
+    return Refractory(
+        sample.times(prep.recording),
+        prep.recording.get_sampling_frequency(),
+        sample.duration,
+        period,
+    )
+
+
+def _merge_shifted(
+    prep: Prepared, sample: TrainingSample, units: np.ndarray, refractory: Refractory | None
+) -> np.ndarray:
     """Clusters merged that are one neuron detected on channels whose troughs come at different
     times (merge.merge_shifted_units), renumbered."""
     constants = prep.params.constants
@@ -81,6 +99,7 @@ def _merge_shifted(prep: Prepared, sample: TrainingSample, units: np.ndarray) ->
         constants.merge_min_similarity,
         max_lag,
         constants.merge_max_amplitude_ratio,
+        refractory,
     )
     return renumber(units)
 

@@ -6,13 +6,66 @@ same channels; two different neurons almost never do. So each cluster gets a tem
 mean waveform (noise units) on every probe contact its spikes' neighbourhoods cover — and the
 most similar pair of clusters is merged while their templates agree (cosine similarity over the
 contacts both cover) and their sizes do not differ by more than ``max_amplitude_ratio``.
+Two neurons can still have templates that agree (two cells at the same depth on either side of
+a single-column probe), but not a refractory period: with ``Refractory`` given, a pair whose
+spikes come within it of each other more often than one neuron's pieces can is never merged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .cluster import renumber
+
+# SpikeInterface's auto-merge preset for its cross-contamination test: coincidences closer than
+# the censored period are one spike seen twice, and a pair is two neurons when its
+# cross-contamination is above the limit at this p-value
+_CENSORED_MS = 0.3
+_CROSS_CONTAMINATION_LIMIT = 0.1
+_P_VALUE = 0.2
+
+
+@dataclass(frozen=True)
+class Refractory:
+    """Each clustered spike's time and the span they were drawn from, to tell whether two
+    clusters can be one neuron's pieces (none of whose spikes come within ``period_ms`` of each
+    other) or are two neurons firing independently.
+
+    times : (n,) samples, one per label; sampling_frequency : Hz; duration : samples the spikes
+    were drawn from (a random thinning of them leaves the test unbiased); period_ms : the
+    refractory period.
+    """
+
+    times: np.ndarray
+    sampling_frequency: float
+    duration: int
+    period_ms: float
+
+    def two_neurons(self, labels: np.ndarray, group_a, group_b) -> bool:
+        """True when a piece of ``group_a`` and one of ``group_b`` (labels in ``labels``) are
+        significantly cross-contaminated (SpikeInterface's ``estimate_cross_contamination``):
+        one neuron's pieces are all compatible, and a small impure piece merged first must not
+        hide the conflict of the pieces it joins."""
+        trains = {u: np.sort(self.times[labels == u]) for u in [*group_a, *group_b]}
+        return any(self._conflict(trains[a], trains[b]) for a in group_a for b in group_b)
+
+    def _conflict(self, train_a: np.ndarray, train_b: np.ndarray) -> bool:
+        from spikeinterface.curation.auto_merge import estimate_cross_contamination
+
+        larger, smaller = sorted([train_a, train_b], key=len, reverse=True)
+        if len(smaller) < 2:
+            return False
+        _, p_value = estimate_cross_contamination(
+            larger.astype(np.int64),
+            smaller.astype(np.int64),
+            self.sampling_frequency,
+            int(self.duration),
+            (_CENSORED_MS, self.period_ms),
+            limit=_CROSS_CONTAMINATION_LIMIT,
+        )
+        return bool(p_value < _P_VALUE)
 
 
 def unit_templates(
@@ -60,10 +113,12 @@ def merge_similar_units(
     max_amplitude_ratio: float = 1.5,
     min_coverage: int = 5,
     max_distance_um: float = 60.0,
+    refractory: Refractory | None = None,
 ) -> tuple[np.ndarray, int]:
     """Labels with over-split units merged (renumbered 0..U'-1, -1 kept) and the number of
     merges. Only units whose largest contacts are within ``max_distance_um`` are compared;
-    ``min_coverage``: spikes a contact needs in both units to be compared there."""
+    ``min_coverage``: spikes a contact needs in both units to be compared there; with
+    ``refractory``, pairs that are two neurons by their spike times are not merged."""
     labels = np.asarray(labels).copy()
     num_units = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
     if num_units < 2:
@@ -77,17 +132,22 @@ def merge_similar_units(
         for a, b in zip(*np.nonzero(np.triu(near, 1)))
     }
     alive = np.ones(num_units, bool)
+    pieces, members = labels.copy(), {u: [u] for u in range(num_units)}
     merges = 0
     while pairs:
         (a, b), best = max(pairs.items(), key=lambda item: item[1])
         if best < min_similarity:
             break
+        if refractory is not None and refractory.two_neurons(pieces, members[a], members[b]):
+            pairs[(a, b)] = -1.0
+            continue
         # b joins a: spike-weighted templates, per contact; a's similarities are computed again
         total = counts[a] + counts[b]
         templates[a] = (
             templates[a] * counts[a][:, None] + templates[b] * counts[b][:, None]
         ) / np.maximum(total, 1)[:, None]
         counts[a] = total
+        members[a] += members.pop(b)
         alive[b] = False
         labels[labels == b] = a
         merges += 1
@@ -129,6 +189,7 @@ def merge_shifted_units(
     min_similarity: float = 0.95,
     max_lag: int = 8,
     max_amplitude_ratio: float = 1.5,
+    refractory: Refractory | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Labels with units merged whose peeling templates (sort/peel.Templates) agree once one is
     shifted by up to ``max_lag`` samples, and the merged pairs (unit kept, unit merged into it);
@@ -141,7 +202,7 @@ def merge_shifted_units(
     Templates are compared on the probe channels both cover (of ``num_channels``); pairs whose
     shared channels hold less than half of either template's energy, or whose sizes differ by
     more than ``max_amplitude_ratio``, are not compared. Pairs at ``min_similarity`` or above are
-    merged transitively."""
+    merged transitively, unless ``refractory`` tells that the two groups are two neurons."""
     labels = np.asarray(labels).copy()
     waveforms = templates.waveforms
     num_units, num_samples, _ = waveforms.shape
@@ -164,9 +225,13 @@ def merge_shifted_units(
             continue
         if _shifted_cosine(ta, tb, max_lag) >= min_similarity:
             ra, rb = _root(root, a), _root(root, b)
-            if ra != rb:
-                root[rb] = ra
-                merged.append((int(ra), int(rb)))
+            if ra == rb or (
+                refractory is not None
+                and refractory.two_neurons(labels, _group(root, ra), _group(root, rb))
+            ):
+                continue
+            root[rb] = ra
+            merged.append((int(ra), int(rb)))
     if merged:
         final = np.array([_root(root, u) for u in range(num_units)])
         labels = np.where(labels >= 0, final[np.maximum(labels, 0)], -1)
@@ -187,6 +252,11 @@ def _shifted_cosine(ta: np.ndarray, tb: np.ndarray, max_lag: int) -> float:
         if norm > 0:
             best = max(best, float((x * y).sum() / norm))
     return best
+
+
+def _group(root: np.ndarray, unit: int) -> np.ndarray:
+    """The units whose root is ``unit``."""
+    return np.array([u for u in range(len(root)) if _root(root, u) == unit])
 
 
 def _root(root: np.ndarray, unit: int) -> int:

@@ -6,8 +6,11 @@ says little. Their multi-channel waveforms still differ. So every cluster is loo
 on its own: its spikes' waveforms on the contacts where its template is largest, reduced by PCA
 (local to the cluster, so the components describe how *its* spikes differ), are clustered by
 HDBSCAN; two or more dense groups make two or more units, and each piece is examined again.
-A false split (one neuron whose spikes vary in size) has the same waveform shape in both
-pieces, and the merge step (merge.py), which runs after this one, joins it back.
+Where the leading components show one group, more components are looked at: a few keep the
+density estimate sound on a few hundred spikes, and a difference only later components carry
+(two neurons at one depth on either side of a single column) needs more. A false split (one
+neuron whose spikes vary in size) has the same waveform shape in both pieces, and the merge step
+(merge.py), which runs after this one, joins it back.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ def split_units(
     windows,
     min_size: int,
     num_contacts: int = 8,
-    num_pcs: int = 6,
+    num_pcs: tuple[int, ...] = (6,),
     max_rounds: int = 3,
     seed: int = 0,
 ) -> tuple[np.ndarray, int]:
     """Labels with under-split units divided (renumbered 0..U'-1, -1 kept) and the number of
     splits. ``min_size``: spikes a piece needs to be a unit; ``num_contacts``: contacts (largest
-    template energy first) whose waveforms describe a unit's spikes; ``num_pcs``: PCA components
-    of those waveforms; ``max_rounds``: how many times a piece may be split again."""
+    template energy first) whose waveforms describe a unit's spikes; ``num_pcs``: how many PCA
+    components of those waveforms are looked at, each count in turn until one splits the unit;
+    ``max_rounds``: how many times a piece may be split again."""
     labels = np.asarray(labels).copy()
     if not len(labels) or labels.max() < 0:
         return labels, 0
@@ -59,8 +63,11 @@ def split_units(
     return renumber(labels), splits
 
 
-def _split_one(windows, min_size: int, num_contacts: int, num_pcs: int, rng) -> np.ndarray | None:
-    """Piece index 0..P-1 per spike of one unit (P >= 2), or None when it is one dense group."""
+def _split_one(
+    windows, min_size: int, num_contacts: int, num_pcs: tuple[int, ...], rng
+) -> np.ndarray | None:
+    """Piece index 0..P-1 per spike of one unit (P >= 2), or None when it is one dense group in
+    the leading components, for each count of ``num_pcs`` in turn."""
     n = len(windows)
     templates, counts, positions = unit_templates(np.zeros(n, np.int64), windows, 1)
     covered = counts[0] >= max(5, n // 2)  # contacts most of the unit's spikes see
@@ -70,12 +77,22 @@ def _split_one(windows, min_size: int, num_contacts: int, num_pcs: int, rng) -> 
     contacts = np.argsort(-energy)[: min(num_contacts, int(covered.sum()))]
     features = _waveforms_on(windows, positions[contacts], templates[0][contacts])
     features = PCA(
-        n_components=min(num_pcs, features.shape[1], n - 1),
+        n_components=min(max(num_pcs), features.shape[1], n - 1),
         svd_solver="covariance_eigh",
         random_state=0,
     ).fit_transform(features)  # n >> features: eigh of the covariance, not a full SVD
     # HDBSCAN's cost grows fast with n: find the groups on a bounded subset, then assign the rest
-    fitted = features[np.sort(rng.choice(n, size=min(n, 4000), replace=False))]
+    subset = np.sort(rng.choice(n, size=min(n, 4000), replace=False))
+    for k in num_pcs:
+        pieces = _groups(features[:, :k], subset, n, min_size)
+        if pieces is not None:
+            return pieces
+    return None
+
+
+def _groups(features, subset, n: int, min_size: int) -> np.ndarray | None:
+    """Piece index per spike from HDBSCAN's dense groups among the ``subset`` rows, or None."""
+    fitted = features[subset]
     scale = len(fitted) / n
     groups = HDBSCAN(
         min_cluster_size=max(5, int(round(max(min_size, n // 20) * scale))),
