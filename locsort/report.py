@@ -208,6 +208,35 @@ def write_report(
 # --------------------------------------------------------------------------------------------
 
 
+def _heat_map_order(ctx) -> tuple[np.ndarray, np.ndarray]:
+    """(the units with spikes, by shank and then by mean y; each unit's shank)."""
+    active = np.flatnonzero(ctx.unit_counts > 0)
+    depth = np.full(len(active), np.nan)
+    idx = np.flatnonzero(ctx.assigned & ctx.finite_xy)
+    if len(idx) and len(active):
+        sums = np.bincount(ctx.unit_index[idx], weights=ctx.y[idx], minlength=ctx.num_units)
+        cnt = np.bincount(ctx.unit_index[idx], minlength=ctx.num_units)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            depth = (sums / cnt)[active]
+    unit_shank = _unit_shanks(ctx)
+    key = np.where(np.isfinite(depth), depth, np.inf)
+    return active[np.lexsort((active, key, unit_shank[active]))], unit_shank
+
+
+def _unit_shanks(ctx) -> np.ndarray:
+    """(units,) the shank most of each unit's spikes were detected on, as the sort read the
+    probe (named shanks, or the gaps between contact columns)."""
+    from .neighbourhood import shank_ids
+    from .params import Params
+
+    channel_shank, _ = shank_ids(ctx.recording, Params().constants.shank_gap_um)
+    idx = np.flatnonzero(ctx.assigned)
+    shank = channel_shank[ctx.spikes["channel_index"][idx]]
+    counts = np.zeros((ctx.num_units, int(channel_shank.max()) + 1), np.int64)
+    np.add.at(counts, (ctx.unit_index[idx], shank), 1)
+    return counts.argmax(axis=1)
+
+
 class _Context:
     """Quantities several figures and tables need, computed once."""
 
@@ -1157,16 +1186,8 @@ def _figure_activity(path: Path, ctx: _Context):
     ax_rate.set_title(f"detection rate ({bw:g} s bins)", fontsize=9)
     ax_rate.set_ylim(0, max(float((total / widths).max(initial=0)), 1e-9) * 1.3)
 
-    active = np.flatnonzero(ctx.unit_counts > 0)
-    if len(active):
-        depth = np.full(len(active), np.nan)
-        idx = np.flatnonzero(ctx.assigned & ctx.finite_xy)
-        if len(idx):
-            sums = np.bincount(ctx.unit_index[idx], weights=ctx.y[idx], minlength=ctx.num_units)
-            cnt = np.bincount(ctx.unit_index[idx], minlength=ctx.num_units)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                depth = (sums / cnt)[active]
-        order = active[np.lexsort((active, np.where(np.isfinite(depth), depth, np.inf)))]
+    order, unit_shank = _heat_map_order(ctx)
+    if len(order):
         row_of = np.full(ctx.num_units, -1)
         row_of[order] = np.arange(len(order))
         idx = np.flatnonzero(ctx.assigned)
@@ -1206,7 +1227,10 @@ def _figure_activity(path: Path, ctx: _Context):
                     )
                 )
             )
-        ax_heat.set_ylabel("unit (sorted by y)")
+        for boundary in np.flatnonzero(np.diff(unit_shank[order])):
+            ax_heat.axhline(boundary + 0.5, color="w", lw=0.8)  # between two shanks' units
+        several = len(np.unique(unit_shank[order])) > 1
+        ax_heat.set_ylabel("unit (by shank, then y)" if several else "unit (sorted by y)")
         ax_heat.set_title(f"firing rate of each unit ({len(order)} units with spikes)", fontsize=9)
     else:
         _message_axes(ax_heat, "no units")

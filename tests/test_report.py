@@ -264,3 +264,32 @@ def test_unit_templates_average_up_to_the_quota_of_spikes_of_frequent_and_rare_u
         expected[nbefore - 10 : nbefore + 30] = gain * shape
         np.testing.assert_allclose(mean[k, :, channel], expected, atol=1e-4)
         assert np.abs(np.delete(mean[k], channel, axis=1)).max() == 0 and sd[k].max() < 1e-3
+
+
+def test_the_firing_rate_heat_map_keeps_each_shanks_units_together_deepest_first():
+    from spikeinterface.core import generate_recording
+
+    from locsort.report import _Context, _heat_map_order
+    from locsort.simulate import neuropixels2_like_probe
+
+    probe = neuropixels2_like_probe(16, num_shanks=2)
+    probe.set_shank_ids(np.zeros(16, int).astype(str))  # no shank ids: inferred from the gap
+    recording = generate_recording(num_channels=16, sampling_frequency=10000.0, durations=[1.0])
+    recording.set_probe(probe)  # in place
+    xy = recording.get_channel_locations()
+    shank_of = (xy[:, 0] > xy[:, 0].mean()).astype(int)
+    # units 0, 2 on the second shank, 1, 3 on the first; y interleaves the shanks
+    unit_y = {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0}
+    unit_shank = {0: 1, 1: 0, 2: 1, 3: 0}
+    spikes = np.zeros(40, dtype=SPIKE_DTYPE)
+    spikes["unit_index"] = np.repeat(np.arange(4), 10)
+    spikes["sample_index"] = np.arange(40) * 200
+    for unit in range(4):
+        rows = spikes["unit_index"] == unit
+        spikes["channel_index"][rows] = np.flatnonzero(shank_of == unit_shank[unit])[0]
+        spikes["y"][rows] = unit_y[unit]
+    spikes["x"] = 0.0
+    ctx = _Context(recording, spikes, None, 100, np.random.default_rng(0))
+    order, shanks = _heat_map_order(ctx)
+    np.testing.assert_array_equal(order, [1, 3, 0, 2])
+    np.testing.assert_array_equal(shanks, [1, 0, 1, 0])
