@@ -35,10 +35,21 @@ def check_nwb_path(path: str | Path, overwrite: bool) -> Path:
     return check_output_folder(path, overwrite=True)  # only whether its folder can be written
 
 
-def write_nwb(path: Path, *, recording, sorting, units, analyzer, spikes, description: str):
+def write_nwb(
+    path: Path,
+    *,
+    recording,
+    sorting,
+    units,
+    analyzer,
+    spikes,
+    description: str,
+    shanks: np.ndarray | None = None,
+):
     """Write the units to ``path`` (through a temporary file beside it, renamed when
     complete). ``units``: the table of ``curate.units_table``; ``analyzer``: the run's
-    SortingAnalyzer (mean waveforms; None without units)."""
+    SortingAnalyzer (mean waveforms; None without units); ``shanks``: each channel's shank as
+    the sort read the probe (neighbourhood.shank_ids)."""
     from hdmf.common import VectorData
     from pynwb import NWBHDF5IO, NWBFile
     from pynwb.misc import Units
@@ -49,7 +60,7 @@ def write_nwb(path: Path, *, recording, sorting, units, analyzer, spikes, descri
         identifier=str(uuid.uuid4()),
         session_start_time=datetime.datetime.now(datetime.timezone.utc),
     )
-    _electrodes(nwbfile, recording)
+    _electrodes(nwbfile, recording, shanks)
     columns = [  # an empty column has no type to write: a table without units has none
         VectorData(name=name, description=meaning, data=[])
         for name, meaning in _columns().items()
@@ -97,17 +108,26 @@ def _value(value):
     return str(value) if isinstance(value, str) else float(value)
 
 
-def _electrodes(nwbfile, recording) -> None:
+def _electrodes(nwbfile, recording, shanks: np.ndarray | None = None) -> None:
     """The electrodes table (one row per channel, in the recording's order) and one electrode
-    group per shank."""
+    group per shank: the recording's channel groups, or ``shanks`` (the sort's, per channel)
+    where the probe names fewer shanks than the sort found at the gaps between its columns."""
     device = nwbfile.create_device(name="probe", description="the recording's probe")
     locations = np.asarray(recording.get_channel_locations(), float)
     groups = recording.get_channel_groups()
     groups = np.zeros(len(locations), int) if groups is None else np.asarray(groups)
+    inferred = shanks is not None and len(np.unique(shanks)) > len(np.unique(groups))
+    if inferred:
+        groups = np.asarray(shanks)
     by_group = {
         group: nwbfile.create_electrode_group(
             name=f"shank{group}",
-            description=f"contacts of shank {group}",
+            description=f"contacts of shank {group}"
+            + (
+                " (the probe names no shanks: found at a gap between contact columns)"
+                if inferred
+                else ""
+            ),
             location="unknown",
             device=device,
         )

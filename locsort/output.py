@@ -181,6 +181,7 @@ def write_run(
                     analyzer=analyzer,
                     spikes=spikes,
                     description=f"locsort {__version__}: {source or 'recording'}",
+                    shanks=prep.neighbourhood.shank_ids,
                 )
         recording = prep.recording
         info = {

@@ -1,6 +1,7 @@
 """What a user curates with: analyzer/, units.tsv and the Phy folder, read back with the
 readers users use (SpikeInterface, pandas, phylib)."""
 
+import datetime
 import html
 import json
 import re
@@ -316,3 +317,29 @@ def test_the_report_shows_every_figure_and_sorts_the_units_in_a_real_browser(out
     snr = table["snr"]
     assert list(snr[seen["ascending"]]) == sorted(snr)
     assert list(snr[seen["descending"]]) == sorted(snr, reverse=True)
+
+
+def test_nwb_electrode_groups_are_the_shanks_the_sort_found_on_a_probe_that_names_none():
+    from pynwb import NWBFile
+    from spikeinterface.core import generate_recording
+
+    from locsort.neighbourhood import shank_ids
+    from locsort.nwb import _electrodes
+    from locsort.simulate import neuropixels2_like_probe
+
+    probe = neuropixels2_like_probe(16, num_shanks=2)
+    probe.set_shank_ids(np.zeros(16, int).astype(str))  # the shanks are not named
+    recording = generate_recording(num_channels=16, sampling_frequency=10000.0, durations=[0.1])
+    recording.set_probe(probe)  # in place
+    shanks, note = shank_ids(recording, 100.0)
+    assert note and len(np.unique(shanks)) == 2
+    made = []
+    for given in (None, shanks):
+        nwbfile = NWBFile("test", "test", datetime.datetime.now(datetime.timezone.utc))
+        _electrodes(nwbfile, recording, given)
+        made.append(nwbfile)
+    assert len(made[0].electrode_groups) == 1
+    assert len(made[1].electrode_groups) == 2
+    table = made[1].electrodes.to_dataframe()
+    np.testing.assert_array_equal([g.name for g in table["group"]], [f"shank{s}" for s in shanks])
+    assert "gap" in made[1].electrode_groups["shank1"].description
