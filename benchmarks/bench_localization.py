@@ -113,15 +113,15 @@ GENERATED_PROBES = {  # locally built (probeinterface's get_probe would download
 }
 
 
-def simulate(name: str, duration: float):
-    """(raw recording, GroundTruth) of one of RECORDINGS; MEArec files are cached under
-    benchmarks/data."""
+def simulate(name: str, duration: float, seed: int = 0):
+    """(raw recording, GroundTruth) of one of RECORDINGS (``seed``: 0 for the benchmarks, others
+    for held-out recordings); MEArec files are cached under benchmarks/data."""
     from locsort import simulate as sim
 
     _, source, noise, units = RECORDINGS[name]
     DATA.mkdir(parents=True, exist_ok=True)
     if source.endswith(".h5"):
-        path = DATA / f"mearec_{name}_{duration:g}s.h5"
+        path = DATA / f"mearec_{name}_{duration:g}s{f'_seed{seed}' if seed else ''}.h5"
         if not path.exists():
             subprocess.run(
                 [
@@ -134,7 +134,7 @@ def simulate(name: str, duration: float):
                     "--duration",
                     str(duration),
                     "--seed",
-                    "0",
+                    str(seed),
                 ],
                 check=True,
                 capture_output=True,
@@ -144,7 +144,7 @@ def simulate(name: str, duration: float):
         duration=duration,
         num_units=units,
         noise_level=noise,
-        seed=0,
+        seed=seed,
         probe=GENERATED_PROBES[source](sim),
     )
 

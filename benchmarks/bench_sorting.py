@@ -15,9 +15,14 @@ their own preprocessing):
 
 Per sorter: wall time, mean accuracy over ground-truth units, units with accuracy >= 0.8,
 false-positive units (SpikeInterface's compare_sorter_to_ground_truth, default tolerances).
-locsort runs as ``locsort.sort`` (what users call) in three configurations; the peers run
+locsort runs as ``locsort.sort`` (what users call) in four configurations; the peers run
 through ``spikeinterface.sorters.run_sorter`` with n_jobs = the machine's cores. Results are
 kept per recording in benchmarks/results/sorting.json, so a partial re-run updates its rows.
+
+Held-out recordings (``--seed N``, N > 0: the same recipes with another seed, not looked at
+while choosing anything) go to benchmarks/results/sorting_heldout.json and a section of their
+own, e.g. ``--seed 1 --recordings linear32_generated poly64_generated --sorters locsort-default
+locsort-one-look``.
 The peers' own packages: ``pip install -e ".[bench]"``.
 """
 
@@ -58,18 +63,23 @@ LOCSORT = {
     "locsort (default: neural sorter on its own clustering, pretrained backbone)": {},
     "locsort (clustering only)": {"sorter": "cluster"},
     "locsort (neural sorter from scratch)": {"neural_backbone": None},
+    "locsort (split on 6 PCs only, merge without the refractory test)": {
+        "split_more_pcs": 0,
+        "merge_refractory_ms": 0,
+    },
 }
+ONE_LOOK = "locsort (split on 6 PCs only, merge without the refractory test)"
 PEERS = ("spykingcircus2", "tridesclous2", "kilosort4", "mountainsort5")
 
 
-def load_raw(name: str, duration: float):
+def load_raw(name: str, duration: float, seed: int = 0):
     """(raw recording in a binary folder, GroundTruth), saved once under benchmarks/data."""
     from spikeinterface.core import load as si_load
 
     from locsort.simulate import GroundTruth
 
-    recording, truth = simulate(name, duration)
-    folder = DATA / f"raw_{name}_{duration:g}s"
+    recording, truth = simulate(name, duration, seed)
+    folder = DATA / f"raw_{name}_{duration:g}s{f'_seed{seed}' if seed else ''}"
     if not (folder / "si_folder.json").exists():
         recording.save(
             folder=folder, n_jobs=1, progress_bar=False, chunk_duration="1s", overwrite=True
@@ -191,10 +201,14 @@ def main():
         "--sorters",
         nargs="+",
         default=list(LOCSORT) + list(PEERS),
-        help="peers by run_sorter name; 'locsort' stands for its three configurations, "
-        "'locsort-default' for the default one",
+        help="peers by run_sorter name; 'locsort' stands for its four configurations, "
+        "'locsort-default' for the default one, 'locsort-one-look' for the split on 6 PCs "
+        "only with a merge without the refractory test",
     )
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="0: the benchmark recordings; N > 0: held-out ones"
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -202,31 +216,25 @@ def main():
     )
     args = parser.parse_args()
     if args.report_only:
+        write_heldout_report(load_results("sorting_heldout"))
         return write_report(load_results("sorting"), args)
-    args.sorters = [
-        s
-        for sorter in args.sorters
-        for s in (
-            LOCSORT
-            if sorter == "locsort"
-            else [next(iter(LOCSORT))]
-            if sorter == "locsort-default"
-            else [sorter]
-        )
-    ]
+    aliases = {"locsort": list(LOCSORT), "locsort-default": [next(iter(LOCSORT))]}
+    aliases["locsort-one-look"] = [ONE_LOOK]
+    args.sorters = [s for sorter in args.sorters for s in aliases.get(sorter, [sorter])]
+    results_name = "sorting_heldout" if args.seed else "sorting"
 
     from spikeinterface.core import set_global_job_kwargs
 
     import locsort  # noqa: F401  (registers the plug-ins)
 
     set_global_job_kwargs(n_jobs=os.cpu_count(), chunk_duration="1s", progress_bar=False)
-    results = load_results("sorting")
+    results = load_results(results_name)
     workdir = DATA / "sorter_runs"
     warm_up(args.sorters, load_raw(args.recordings[0], args.duration)[0], workdir)
     for name in args.recordings:
-        recording, truth = load_raw(name, args.duration)
-        rows = results.setdefault(name, {})
-        if any(sorter in LOCSORT for sorter in args.sorters):
+        recording, truth = load_raw(name, args.duration, args.seed)
+        rows = results.setdefault(f"{name} seed {args.seed}" if args.seed else name, {})
+        if any(sorter in LOCSORT for sorter in args.sorters) and not args.seed:
             rows[PREPROCESSING] = {**run_preprocessing(recording), "command": command_line()}
         for sorter in args.sorters:
             if sorter in LOCSORT:
@@ -236,8 +244,37 @@ def main():
             rows[sorter]["command"] = command_line()
             rows[sorter]["warmed_up"] = True
             print(name, sorter, json.dumps(rows[sorter], default=float), flush=True)
-            save_results("sorting", results)
-    write_report(results, args)
+            save_results(results_name, results)
+    if args.seed:
+        write_heldout_report(results)
+    else:
+        write_report(results, args)
+
+
+def write_heldout_report(results) -> None:
+    """BENCHMARKS.md's section on the held-out recordings (``--seed``)."""
+    if not results:
+        return
+    lines = [
+        "## Sorting on held-out recordings",
+        "",
+        *command_lines(r.get("command", "") for rows in results.values() for r in rows.values()),
+        "",
+        "The benchmark recordings' recipes with other seeds, not looked at while choosing "
+        f"anything. Machine: {machine()}.",
+        "",
+        "| recording | sorter | wall s | mean accuracy | units >= 0.8 | false-positive units "
+        "| units found |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in results.items():
+        for sorter, r in rows.items():
+            lines.append(
+                f"| {name} | {sorter} | {r['wall_s']:.1f} | {r['mean_accuracy']:.3f} "
+                f"| {r['well_detected']}/{r['num_gt_units']} | {r['false_positive_units']} "
+                f"| {r['num_units']} |"
+            )
+    write_section("sorting-heldout", "\n".join(lines))
 
 
 def family_summary(results, default) -> list[str]:
