@@ -59,16 +59,13 @@ RECORDINGS = (
     "poly64_generated",
     "sq_10uV",
 )
+ONE_LOOK = "locsort (split on 6 PCs only, merge without the refractory test)"
 LOCSORT = {
     "locsort (default: neural sorter on its own clustering, pretrained backbone)": {},
     "locsort (clustering only)": {"sorter": "cluster"},
     "locsort (neural sorter from scratch)": {"neural_backbone": None},
-    "locsort (split on 6 PCs only, merge without the refractory test)": {
-        "split_more_pcs": 0,
-        "merge_refractory_ms": 0,
-    },
+    ONE_LOOK: {"split_more_pcs": 0, "merge_refractory_ms": 0},
 }
-ONE_LOOK = "locsort (split on 6 PCs only, merge without the refractory test)"
 PEERS = ("spykingcircus2", "tridesclous2", "kilosort4", "mountainsort5")
 
 
@@ -218,8 +215,11 @@ def main():
     if args.report_only:
         write_heldout_report(load_results("sorting_heldout"))
         return write_report(load_results("sorting"), args)
-    aliases = {"locsort": list(LOCSORT), "locsort-default": [next(iter(LOCSORT))]}
-    aliases["locsort-one-look"] = [ONE_LOOK]
+    aliases = {
+        "locsort": list(LOCSORT),
+        "locsort-default": [next(iter(LOCSORT))],
+        "locsort-one-look": [ONE_LOOK],
+    }
     args.sorters = [s for sorter in args.sorters for s in aliases.get(sorter, [sorter])]
     results_name = "sorting_heldout" if args.seed else "sorting"
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import curate
+from .neighbourhood import shank_ids
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,14 @@ def write_report(
     fig_dir.mkdir(parents=True, exist_ok=True)
     spikes = _as_spike_array(spikes)
     rng = np.random.default_rng(seed)
-    ctx = _Context(recording, spikes, sorting, max(int(max_spikes_plotted), 1), rng)
+    ctx = _Context(
+        recording,
+        spikes,
+        sorting,
+        max(int(max_spikes_plotted), 1),
+        rng,
+        _constants(params).shank_gap_um,
+    )
     ctx.analyzer, ctx.units = analyzer, units
 
     figures: list[tuple[str, str, str]] = []  # (file name, caption, alt)
@@ -226,21 +234,18 @@ def _heat_map_order(ctx) -> tuple[np.ndarray, np.ndarray]:
 def _unit_shanks(ctx) -> np.ndarray:
     """(units,) the shank most of each unit's spikes were detected on, as the sort read the
     probe (named shanks, or the gaps between contact columns)."""
-    from .neighbourhood import shank_ids
-    from .params import Params
+    from .sort.postprocess import home_shanks
 
-    channel_shank, _ = shank_ids(ctx.recording, Params().constants.shank_gap_um)
-    idx = np.flatnonzero(ctx.assigned)
-    shank = channel_shank[ctx.spikes["channel_index"][idx]]
-    counts = np.zeros((ctx.num_units, int(channel_shank.max()) + 1), np.int64)
-    np.add.at(counts, (ctx.unit_index[idx], shank), 1)
-    return counts.argmax(axis=1)
+    shanks = ctx.channel_shank[ctx.spikes["channel_index"]]
+    return home_shanks(ctx.unit_index, shanks, ctx.num_units)
 
 
 class _Context:
     """Quantities several figures and tables need, computed once."""
 
-    def __init__(self, recording, spikes, sorting, max_plotted, rng):
+    def __init__(self, recording, spikes, sorting, max_plotted, rng, shank_gap_um=None):
+        from .constants import Constants
+
         self.recording = recording
         self.spikes = spikes
         self.sorting = sorting
@@ -258,6 +263,8 @@ class _Context:
         self.duration_s = float(self.segment_samples.sum() / self.fs)
         self.num_channels = int(recording.get_num_channels())
         self.channel_xy = np.asarray(recording.get_channel_locations(), dtype=float)[:, :2]
+        gap = Constants().shank_gap_um if shank_gap_um is None else shank_gap_um
+        self.channel_shank, _ = shank_ids(recording, gap)  # as the sort read the probe
         try:
             self.probegroup = recording.get_probegroup()
         except Exception:

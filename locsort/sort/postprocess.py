@@ -82,16 +82,24 @@ def drop_border_duplicates(
     return units
 
 
+def home_shanks(units: np.ndarray, shanks: np.ndarray, num_units: int | None = None) -> np.ndarray:
+    """(num_units,) the shank most of each unit's spikes were detected on (``shanks`` per spike;
+    unassigned spikes, -1, count for none); ``num_units`` defaults to the largest unit + 1."""
+    assigned = units >= 0
+    size = int(units.max(initial=-1)) + 1 if num_units is None else num_units
+    counts = np.zeros((size, int(shanks.max(initial=0)) + 1), np.int64)
+    np.add.at(counts, (units[assigned], shanks[assigned]), 1)
+    return counts.argmax(axis=1)
+
+
 def on_one_shank(units: np.ndarray, shanks: np.ndarray) -> np.ndarray:
-    """Units with each unit's spikes off its own shank (the one most of them were detected on,
-    ``shanks`` per spike) set to -1: no spike reaches across shanks, so those are not its."""
+    """Units with each unit's spikes off its own shank (``home_shanks``) set to -1: no spike
+    reaches across shanks, so those are not its."""
     units = units.copy()
     assigned = np.flatnonzero(units >= 0)
     if not len(assigned) or shanks.max(initial=0) == 0:
         return units
-    counts = np.zeros((units.max() + 1, shanks.max() + 1), np.int64)
-    np.add.at(counts, (units[assigned], shanks[assigned]), 1)
-    home = counts.argmax(axis=1)
+    home = home_shanks(units, shanks)
     units[assigned[shanks[assigned] != home[units[assigned]]]] = -1
     return units
 
