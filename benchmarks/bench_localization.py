@@ -23,7 +23,8 @@ SpikeInterface's center_of_mass, monopolar_triangulation and grid_convolution. A
 same preprocessed recording, saved once to a binary folder; single process.
 
 Also the encoder's training time on 50,000 spikes (issue 3: under a minute), on a generated
-64-channel recording long enough to hold them (``--training-spikes``, ``--training-only``).
+64-channel recording long enough to hold them (``--training-spikes``, ``--training-only``), and
+(``--any-geometry``) the default against one encoder pretrained for every probe layout at once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -209,16 +211,17 @@ def coverage(spikes, true) -> dict:
     return out
 
 
-def run_locsort(recording, peaks, true, repeats: int = 1, **params):
+def run_locsort(recording, peaks, true, repeats: int = 1, localizer=None, **params):
     """(spikes, training s, inference s incl. amplitude extraction (best of ``repeats`` passes),
-    fitted localizer, prep). The pass runs as in the pipeline: 1 s chunks, one thread per core."""
+    fitted localizer, prep). The pass runs as in the pipeline: 1 s chunks, one thread per core.
+    ``localizer``: an unfitted localizer to use instead of the one ``params`` make."""
     from locsort.mainpass import main_pass
     from locsort.params import params_with
     from locsort.pipeline import fit_models
     from locsort.prepare import prepare
 
     prep = prepare(recording, params_with(preprocess=False, **params))
-    models = fit_models(prep, peaks, progress=False)
+    models = fit_models(prep, peaks, progress=False, localizer=localizer)
     spikes, _ = main_pass(prep, models, peaks, progress=False, keep_pcs=False)
     seconds = prep.timer["detect"] + prep.timer["localize"]
     for _ in range(repeats - 1):
@@ -325,6 +328,149 @@ def run_mcmc(prep, localizer, peaks, true, count, seed):
     return nuts, amortized, true[subset], agree
 
 
+# one encoder for any geometry (issue 44: "measure which is better"): the slots' positions are
+# inputs and x, y are in fixed µm units, so one network reads every probe; pretrained on the
+# shipped encoders' recordings (scripts/pretrain_encoder.py) and on the linear and polytrode
+# probes, 60 s each, seeds 200-203 at 5 / 10 / 15 / 20 µV
+ANY_SCALE_UM = 20.0  # slot positions and x, y outputs in these units
+ANY_REACH_UM = 100.0  # x, y stay within this of the centre channel
+
+
+def any_geometry_localizer(params, start=None):
+    """locsort's localizer as ``params`` make it, reading slot positions (an any-geometry
+    encoder); ``start``: a trained one to start from, as a shipped encoder is."""
+    import math
+
+    import torch
+
+    from locsort.localize import make_localizer
+    from locsort.localize.amortized import AmortizedLocalizer
+
+    class AnyGeometry(AmortizedLocalizer):
+        def _features(self, amplitudes, real, slot_xy, sigma):
+            zero = torch.zeros_like(amplitudes)
+            snr = torch.where(real, amplitudes / sigma, zero)
+            peak_snr = snr.max(dim=1, keepdim=True).values.clamp(min=1e-3)
+            peak_uv = torch.where(real, amplitudes, zero).max(dim=1, keepdim=True).values
+            peak_uv = peak_uv.clamp(min=1e-3)
+            parts = [snr / peak_snr, real.float(), slot_xy.flatten(1) / ANY_SCALE_UM]
+            parts += [peak_snr.log(), peak_uv.log()]
+            return torch.cat(parts, dim=1), peak_uv.squeeze(1).log()
+
+        def _posterior(self, amplitudes, real, slot_xy, sigma):
+            features, log_peak = self._features(amplitudes, real, slot_xy, sigma)
+            out = self.net(features)
+            num, g = out.shape[1] // 2, self.globals
+            reach, unit = ANY_REACH_UM, ANY_SCALE_UM
+            columns = [
+                reach * torch.tanh(out[:, 0] * unit / reach),
+                reach * torch.tanh(out[:, 1] * unit / reach),
+                math.log(g.prior_z_um) + 4.0 * torch.tanh(out[:, 2] / 4.0),
+                log_peak + 3.0 + 4.0 * torch.tanh(out[:, 3] / 4.0),
+            ]
+            units = [unit, unit, 1.0, 1.0]
+            if num == 5:
+                columns.append(math.log(g.decay_length_um) + 2.0 * torch.tanh(out[:, 4] / 2.0))
+                units.append(1.0)
+            scale = (1e-3 + 4.0 * torch.sigmoid(out[:, num:] - 3.0)) * torch.tensor(
+                units, device=out.device
+            )
+            return torch.stack(columns, dim=1), scale
+
+        def _starting_point(self):
+            return start
+
+    localizer = make_localizer("locsort", params)
+    localizer.__class__ = AnyGeometry  # the same settings, the other inputs
+    localizer.init = "any-geometry encoder" if start is not None else None
+    return localizer
+
+
+def pretrain_any_geometry(duration: float) -> tuple[object, dict]:
+    """(the any-geometry encoder, how it was made): trained from scratch on the training samples
+    of every pretraining recording, each channel read with its own recording's noise."""
+    from types import SimpleNamespace
+
+    from locsort import simulate as sim
+    from locsort.localize import make_localizer
+    from locsort.prepare import prepare
+    from locsort.sample import denoised_sample
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from pretrain_encoder import PROBES
+
+    probes = {name: make for name, (_, make) in PROBES.items()}
+    probes["linear_32"] = lambda: sim.linear_probe(32, pitch_um=25.0)
+    probes["polytrode_64"] = lambda: sim.polytrode_probe(64, pitch_um=25.0)
+    params = Params(seed=0, encoder_init=None)
+    index, offsets, noise, shanks, centres, amplitudes = [], [], [], [], [], []
+    start, base = time.perf_counter(), 0
+    for name, make in probes.items():
+        for seed, noise_uv in zip((200, 201, 202, 203), (5.0, 10.0, 15.0, 20.0)):
+            recording, _ = sim.generate_recording(
+                duration=duration, num_units=50, noise_level=noise_uv, seed=seed, probe=make()
+            )
+            prep = prepare(recording, params)
+            sample, _ = denoised_sample(prep, make_localizer("locsort", params), None, False)
+            nb, obs = prep.neighbourhood, sample.observations
+            index.append(np.where(nb.index >= 0, nb.index + base, -1))
+            offsets.append(nb.offsets)
+            noise.append(prep.noise)
+            shanks.append(np.full(len(nb.index), len(shanks)))
+            centres.append(np.where(obs["centres"] >= 0, obs["centres"] + base, -1))
+            amplitudes.append(obs["amplitudes"])
+            base += len(nb.index)
+    index = np.concatenate(index)
+    union = SimpleNamespace(  # every recording's channels side by side, as one probe's
+        index=index,
+        real=index >= 0,
+        offsets=np.concatenate(offsets),
+        shank_ids=np.concatenate(shanks),
+        regular=False,
+        size=index.shape[1],
+    )
+    observations = {"centres": np.concatenate(centres), "amplitudes": np.concatenate(amplitudes)}
+    encoder = any_geometry_localizer(params).fit(observations, union, np.concatenate(noise))
+    made = {
+        "probes": list(probes),
+        "recordings": len(shanks),
+        "spikes": len(observations["centres"]),
+        "epochs": encoder.history["epochs"],
+        "seconds": time.perf_counter() - start,
+    }
+    return encoder, made
+
+
+def compare_any_geometry(names, duration: float) -> dict:
+    """Median error and training s of the default (shipped encoder or from scratch) and of the
+    any-geometry encoder's start, on each recording's true spike times."""
+    from locsort.evaluate import ground_truth_peaks
+    from locsort.params import params_with
+
+    encoder, made = pretrain_any_geometry(duration)
+    print("any-geometry encoder", json.dumps(made), flush=True)
+    rows = {}
+    for name in names:
+        recording, truth = load(name, duration)
+        peaks, true = ground_truth_peaks(recording, truth)
+        default, fit_default, _, localizer, _ = run_locsort(recording, peaks, true)
+        other, fit_other, _, _, _ = run_locsort(
+            recording,
+            peaks,
+            true,
+            localizer=any_geometry_localizer(params_with(preprocess=False), encoder),
+        )
+        rows[name] = {
+            "default": errors(default["x"], default["y"], true)["median"],
+            "default_start": localizer.history.get("started_from", ""),
+            "default_fit_s": fit_default,
+            "any_geometry": errors(other["x"], other["y"], true)["median"],
+            "any_geometry_fit_s": fit_other,
+        }
+        print(name, json.dumps(rows[name]), flush=True)
+    return {"pretraining": made, "rows": rows, "command": command_line()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--recordings", nargs="+", default=list(RECORDINGS))
@@ -350,6 +496,11 @@ def main():
         help="only the training time: no recording's table is re-run",
     )
     parser.add_argument(
+        "--any-geometry",
+        action="store_true",
+        help="only compare the default with one encoder pretrained for any geometry",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite BENCHMARKS.md from benchmarks/results, run nothing",
@@ -361,6 +512,11 @@ def main():
     from locsort.evaluate import ground_truth_peaks
 
     results = load_results("localization")
+    if args.any_geometry:
+        save_results(
+            "localization_any_geometry", compare_any_geometry(args.recordings, args.duration)
+        )
+        return write_report(results, args)
     for name in [] if args.training_only else args.recordings:
         recording, truth = load(name, args.duration)
         peaks, true = ground_truth_peaks(recording, truth)
@@ -617,7 +773,52 @@ def write_report(results, args):
                 f"{shipped['training_s']:.1f} s (fit stage {shipped['fit_stage_s']:.1f} s)"
             )
         lines.append("")
+    lines += _any_geometry_lines(load_results("localization_any_geometry"))
     write_section("localization", "\n".join(lines))
+
+
+def _any_geometry_lines(any_geometry: dict) -> list[str]:
+    if not any_geometry:
+        return []
+    made = any_geometry["pretraining"]
+    lines = [
+        "### One encoder for any geometry (issue 44)",
+        "",
+        f"`{any_geometry['command']}`",
+        "",
+        "The shipped encoders read one probe layout each. An encoder that also reads its slots' "
+        "positions (µm) and gives x, y in µm reads any probe; this one was pretrained from "
+        f"scratch on {made['spikes']:,} spikes of {made['recordings']} generated recordings "
+        f"({', '.join(made['probes'])}; seeds 200-203 at 5-20 µV) in {made['seconds']:.0f} s, "
+        f"{made['epochs']} epochs, and starts each recording's training as a shipped encoder "
+        "does. Median 2-D error (µm) at the true spike times, and the fit stage's seconds:",
+        "",
+        "| recording | default: start | default | any-geometry start | fit s, default / "
+        "any-geometry |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in any_geometry["rows"].items():
+        lines.append(
+            f"| {name} | {r['default_start']} | {r['default']:.2f} | {r['any_geometry']:.2f} | "
+            f"{r['default_fit_s']:.1f} / {r['any_geometry_fit_s']:.1f} |"
+        )
+    rows = any_geometry["rows"].values()
+    shipped = [r for r in rows if r["default_start"] != "scratch"]
+    scratch = [r for r in rows if r["default_start"] == "scratch"]
+    lines.append("")
+    if shipped:
+        lines.append(
+            "- where an encoder ships, any-geometry minus default: "
+            + ", ".join(f"{r['any_geometry'] - r['default']:+.2f}" for r in shipped)
+            + " µm"
+        )
+    if scratch:
+        lines.append(
+            "- where none ships (trained from scratch): "
+            + ", ".join(f"{r['any_geometry'] - r['default']:+.2f}" for r in scratch)
+            + " µm"
+        )
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -46,10 +46,9 @@ from .sort.initial import cluster_spikes
 from .sort.labels import labels_from_sorting
 from .sort.postprocess import (
     drop_border_duplicates,
-    duplicate_units,
-    lagged_copy_spikes,
     merge_motion_pieces,
     on_one_shank,
+    without_copies,
 )
 from .sort.training import adapted_backbone, configured_backbone, self_trained, train_network
 from .spikes import PEAK_DTYPE, check_peaks
@@ -408,31 +407,24 @@ def _resumed(prep: Prepared, work) -> tuple[Prepared, Models]:
 
 
 def _without_copies(prep: Prepared, spikes: np.ndarray, models: Models) -> np.ndarray:
-    """(n,) units with -1 for units that repeat a larger unit's spikes and, after a neural sort,
-    for spikes at one fixed lag from a larger unit's (the same spikes detected again on far
-    channels). A user's units are kept as given."""
+    """(n,) units with -1, after a neural sort, for spikes at one fixed lag from a larger unit's
+    (the same spikes detected again on far channels), then for units that repeat a larger
+    unit's spikes (postprocess.without_copies). A user's units are kept as given."""
     constants, recording = prep.params.constants, prep.recording
-    units = spikes["unit_index"].copy()
-    if models.label_source != "labels" and constants.duplicate_unit_min_shared < 1.0:
-        removed = duplicate_units(
-            sorting_from_spikes(spikes, recording),
-            constants.duplicate_unit_min_shared,
-            constants.duplicate_unit_max_lag_ms,
-        )
-        units[np.isin(units, removed)] = -1
-    if models.neural is not None:
-        copies = lagged_copy_spikes(
-            spikes["segment_index"],
-            spikes["sample_index"],
-            units,
-            spikes["amplitude"],
-            recording.get_sampling_frequency(),
-            recording.get_total_samples(),
-            constants.lagged_copy_max_lag_ms,
-            constants.lagged_copy_min_share,
-        )
-        units[copies] = -1
-    return units
+    return without_copies(
+        spikes["segment_index"],
+        spikes["sample_index"],
+        spikes["unit_index"],
+        spikes["amplitude"],
+        recording.get_sampling_frequency(),
+        recording.get_total_samples(),
+        copy_max_lag_ms=constants.lagged_copy_max_lag_ms,
+        copy_min_share=constants.lagged_copy_min_share if models.neural is not None else 1.0,
+        duplicate_max_lag_ms=constants.duplicate_unit_max_lag_ms,
+        duplicate_min_shared=(
+            constants.duplicate_unit_min_shared if models.label_source != "labels" else 1.0
+        ),
+    )
 
 
 def locate(prep: Prepared, peaks, progress: bool, localizer=None) -> tuple[np.ndarray, object]:

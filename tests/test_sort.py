@@ -996,6 +996,59 @@ def test_a_larger_units_spikes_detected_again_at_one_lag_are_removed_from_the_sm
     assert drop[units == 0].sum() >= 110 and not drop[units == 1].any()
 
 
+def test_a_unit_whose_far_copies_went_to_a_neighbour_is_kept_and_the_copies_removed():
+    """A large unit's spikes detected again on far channels and given to a small neighbour make
+    the large unit repeat the neighbour's spikes: the copies must go, not the large unit."""
+    from locsort.sort.postprocess import without_copies
+
+    rng = np.random.default_rng(11)
+    length = 1_800_000
+    source = np.sort(rng.choice(length, 600, replace=False))
+    copied = np.sort(rng.choice(source, 500, replace=False))
+    copies = copied + 15 + rng.integers(-1, 2, 500)  # 0.5 ms later, +-1 sample
+    own = np.sort(rng.choice(length, 400, replace=False))  # the neighbour's own spikes
+    echo = source[rng.random(600) < 0.9] + 60  # a third unit: 90 % of the source, 2 ms late
+    samples = np.concatenate([source, copies, own, echo])
+    units = np.concatenate(
+        [np.zeros(600), np.ones(500 + 400), np.full(len(echo), 2), [-1]]
+    ).astype(np.int64)
+    samples = np.append(samples, 5)  # a spike with no unit stays without one
+    amplitudes = np.concatenate(
+        [np.full(600, -200.0), np.full(900, -50.0), np.full(len(echo), -40.0), [-30.0]]
+    )
+    constants = Params().constants
+    kept = without_copies(
+        np.zeros(len(samples), np.int64),
+        samples,
+        units,
+        amplitudes,
+        30_000.0,
+        length,
+        copy_max_lag_ms=constants.lagged_copy_max_lag_ms,
+        copy_min_share=constants.lagged_copy_min_share,
+        duplicate_max_lag_ms=constants.duplicate_unit_max_lag_ms,
+        duplicate_min_shared=constants.duplicate_unit_min_shared,
+    )
+    assert (kept[:600] == 0).all()  # the large unit keeps every spike
+    assert (kept[600:1100] == -1).all()  # its copies leave the neighbour
+    assert (kept[1100:1500] == 1).sum() >= 395  # which keeps its own spikes
+    assert (kept[1500:] == -1).all()  # the whole late repeat goes, as does nothing else
+    # without the spike copies removed first, the large unit was the one removed
+    whole_only = without_copies(
+        np.zeros(len(samples), np.int64),
+        samples,
+        units,
+        amplitudes,
+        30_000.0,
+        length,
+        copy_max_lag_ms=constants.lagged_copy_max_lag_ms,
+        copy_min_share=1.0,
+        duplicate_max_lag_ms=constants.duplicate_unit_max_lag_ms,
+        duplicate_min_shared=constants.duplicate_unit_min_shared,
+    )
+    assert (whole_only[:600] == -1).all() and (whole_only[600:1500] == 1).all()
+
+
 def test_peeling_looks_again_only_where_the_first_detection_found_nothing():
     from locsort.sort.peel import unclaimed
 

@@ -181,7 +181,6 @@ def lagged_copy_spikes(
     ``segments``, ``samples``, ``units`` (-1: none), ``amplitudes``: per spike (any order);
     ``num_samples``: the recording's total length, for the chance level.
     """
-    from spikeinterface.core import NumpySorting
     from spikeinterface.postprocessing import compute_correlograms
 
     drop = np.zeros(len(units), bool)
@@ -190,16 +189,7 @@ def lagged_copy_spikes(
         return drop
     half = int(round(max_lag_ms * sampling_frequency / 1000))
     num_units = int(units[assigned].max()) + 1
-    by_segment = []  # each segment's assigned spikes in time order
-    for segment in range(int(segments.max()) + 1):
-        rows = assigned[segments[assigned] == segment]
-        by_segment.append(rows[np.argsort(samples[rows], kind="stable")])
-    sorting = NumpySorting.from_samples_and_labels(
-        [samples[r] for r in by_segment],
-        [units[r] for r in by_segment],
-        sampling_frequency,
-        unit_ids=np.arange(num_units),
-    )
+    sorting, by_segment = _segment_sorting(segments, samples, units, sampling_frequency)
     # one bin per sample; SpikeInterface's correlogram[j, i, half + lag] counts spikes of j at lag
     # samples after one of i: transposed, [source, copy, half + lag]. The numpy method counts the
     # same as the numba one and needs no compilation, which would cost every new process far
@@ -248,6 +238,64 @@ def lagged_copy_spikes(
             hit[hit] = source_times[after[hit]] <= expected[hit] + COPY_JITTER
             drop[rows[hit]] = True
     return drop
+
+
+def without_copies(
+    segments: np.ndarray,
+    samples: np.ndarray,
+    units: np.ndarray,
+    amplitudes: np.ndarray,
+    sampling_frequency: float,
+    num_samples: int,
+    *,
+    copy_max_lag_ms: float,
+    copy_min_share: float,
+    duplicate_max_lag_ms: float,
+    duplicate_min_shared: float,
+) -> np.ndarray:
+    """(n,) ``units`` with -1 for spikes at one fixed lag from a larger unit's
+    (``lagged_copy_spikes``), then for whole units that repeat another's (``duplicate_units``).
+    Spike copies go first: a true unit whose far copies the network gave to a neighbour repeats
+    that neighbour's spikes until they are gone, and would be removed whole
+    (docs/design-decisions.md, § Neural sorter). A share of 1 turns either test off."""
+    units = units.copy()
+    if copy_min_share < 1.0:
+        units[
+            lagged_copy_spikes(
+                segments,
+                samples,
+                units,
+                amplitudes,
+                sampling_frequency,
+                num_samples,
+                copy_max_lag_ms,
+                copy_min_share,
+            )
+        ] = -1
+    if duplicate_min_shared < 1.0 and np.any(units >= 0):
+        sorting, _ = _segment_sorting(segments, samples, units, sampling_frequency)
+        removed = duplicate_units(sorting, duplicate_min_shared, duplicate_max_lag_ms)
+        units[np.isin(units, removed)] = -1
+    return units
+
+
+def _segment_sorting(segments, samples, units, sampling_frequency):
+    """(NumpySorting of the spikes with a unit, unit ids 0..max; each segment's rows of those
+    spikes in time order)."""
+    from spikeinterface.core import NumpySorting
+
+    assigned = np.flatnonzero(units >= 0)
+    by_segment = []
+    for segment in range(int(segments.max(initial=0)) + 1):
+        rows = assigned[segments[assigned] == segment]
+        by_segment.append(rows[np.argsort(samples[rows], kind="stable")])
+    sorting = NumpySorting.from_samples_and_labels(
+        [samples[r] for r in by_segment],
+        [units[r] for r in by_segment],
+        sampling_frequency,
+        unit_ids=np.arange(int(units.max(initial=-1)) + 1),
+    )
+    return sorting, by_segment
 
 
 DISPLACEMENT_BIN_UM = 2.0  # histogram bins: several across the smallest drift corrected
