@@ -403,7 +403,7 @@ def pretrain_any_geometry(duration: float) -> tuple[object, dict]:
     probes["linear_32"] = lambda: sim.linear_probe(32, pitch_um=25.0)
     probes["polytrode_64"] = lambda: sim.polytrode_probe(64, pitch_um=25.0)
     params = Params(seed=0, encoder_init=None)
-    index, offsets, noise, shanks, centres, amplitudes = [], [], [], [], [], []
+    index, offsets, noise, shanks, centres, amplitudes, pitches = [], [], [], [], [], [], []
     start, base = time.perf_counter(), 0
     for name, make in probes.items():
         for seed, noise_uv in zip((200, 201, 202, 203), (5.0, 10.0, 15.0, 20.0)):
@@ -415,6 +415,7 @@ def pretrain_any_geometry(duration: float) -> tuple[object, dict]:
             nb, obs = prep.neighbourhood, sample.observations
             index.append(np.where(nb.index >= 0, nb.index + base, -1))
             offsets.append(nb.offsets)
+            pitches.append(nb.pitch_um)
             noise.append(prep.noise)
             shanks.append(np.full(len(nb.index), len(shanks)))
             centres.append(np.where(obs["centres"] >= 0, obs["centres"] + base, -1))
@@ -428,6 +429,7 @@ def pretrain_any_geometry(duration: float) -> tuple[object, dict]:
         shank_ids=np.concatenate(shanks),
         regular=False,
         size=index.shape[1],
+        pitch_um=min(pitches),
     )
     observations = {"centres": np.concatenate(centres), "amplitudes": np.concatenate(amplitudes)}
     encoder = any_geometry_localizer(params).fit(observations, union, np.concatenate(noise))

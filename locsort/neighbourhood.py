@@ -119,6 +119,20 @@ class Neighbourhood:
         """(C, K) bool: True where the slot holds a real contact."""
         return self.index >= 0
 
+    @cached_property
+    def pitch_um(self) -> float:
+        """The smallest distance from a channel to a real slot (20 µm when there is none)."""
+        nonzero = np.linalg.norm(self.offsets[self.real], axis=-1)
+        nonzero = nonzero[nonzero > 0]
+        return float(nonzero.min()) if len(nonzero) else 20.0
+
+    def near(self, centres: np.ndarray, reach_um: float) -> np.ndarray:
+        """(n, K) bool: real slots of ``centres``' neighbourhoods within ``reach_um`` of the
+        centre, or two pitches on probes sparser than that."""
+        distance = np.linalg.norm(self.offsets[centres], axis=-1)
+        reach = max(reach_um, 2 * self.pitch_um) + _TOLERANCE_UM
+        return (self.index[centres] >= 0) & (distance <= reach)
+
     @staticmethod
     def _lattice_offsets(positions, shank_ids, size):
         """The ``size`` nearest lattice offsets (including 0) if the contacts form a lattice."""

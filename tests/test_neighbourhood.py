@@ -65,6 +65,32 @@ def test_irregular_layout_falls_back_to_nearest_contacts():
     assert np.all(np.diff(d, axis=1) >= -1e-6)  # ordered by distance
 
 
+def test_near_slots_stop_at_the_reach_or_at_two_pitches_on_sparse_probes():
+    column = lambda pitch: np.column_stack([np.zeros(32), np.arange(32) * pitch])
+    nb = Neighbourhood(column(25.0), size=25)  # the 25 nearest lattice points span +-300 µm
+    assert nb.regular and nb.pitch_um == 25.0 and nb.real[16].sum() == 25
+    near = nb.near(np.array([16, 0]), 100.0)
+    np.testing.assert_array_equal(near.sum(1), [9, 5])  # 4 contacts either side; one side
+    assert np.abs(nb.offsets[16][near[0]]).max() == 100.0
+    sparse = Neighbourhood(column(150.0), size=25)
+    kept = np.abs(sparse.offsets[16][sparse.near(np.array([16]), 100.0)[0]][:, 1])
+    assert sorted(kept.tolist()) == [0.0, 150.0, 150.0, 300.0, 300.0]
+
+
+def test_the_networks_windows_show_no_slot_past_its_reach():
+    from types import SimpleNamespace
+
+    from locsort.sort.neural import WINDOW_REACH_UM, Windows
+
+    nb = Neighbourhood(np.column_stack([np.zeros(32), np.arange(32) * 25.0]), size=25)
+    batch = SimpleNamespace(centre=np.array([16]), waveforms=np.ones((1, 30, 25), np.float32))
+    windows = Windows.from_batch(batch, nb, np.full(32, 2.0, np.float32))
+    far = np.linalg.norm(nb.offsets[16], axis=-1) > WINDOW_REACH_UM
+    assert far.sum() == 16 and not windows.real[0, far].any() and windows.real[0, ~far].all()
+    assert np.all(windows.waveforms[0][:, far] == 0)
+    assert np.allclose(windows.waveforms[0][:, ~far], 0.5, atol=1e-2)
+
+
 def test_gather_windows_reads_zeros_for_virtual_channels():
     traces = np.arange(40, dtype=np.float32).reshape(10, 4)
     out = gather_windows(traces, np.array([5]), np.array([[2, -1]]), before=1, after=2)

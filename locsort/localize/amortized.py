@@ -550,8 +550,7 @@ class AmortizedLocalizer:
 
 def _geometry_of(neighbourhood) -> dict:
     """What an encoder depends on in the probe: slot layout, pitch and reach (µm)."""
-    nonzero = np.linalg.norm(neighbourhood.offsets[neighbourhood.real], axis=-1)
-    pitch = float(np.min(nonzero[nonzero > 0])) if np.any(nonzero > 0) else 20.0
+    pitch = neighbourhood.pitch_um
     return {
         "regular": bool(neighbourhood.regular),
         "num_slots": int(neighbourhood.size),

@@ -63,6 +63,10 @@ SLOT_SCALES_UM = (
 # windows per forward pass without gradients: the per-slot activations of larger batches leave
 # the CPU caches and every window costs more (docs/design-decisions.md, § Execution)
 INFERENCE_BATCH = 1024
+# the network sees no slot farther than this from the centre channel (on a single column the
+# 25 slots span 600 µm): a spike keeps under a tenth of its peak there, so such slots show only
+# other neurons' spikes (docs/design-decisions.md, § Neural sorter)
+WINDOW_REACH_UM = 100.0
 
 
 @dataclass
@@ -71,7 +75,8 @@ class Windows:
 
     waveforms : (n, NUM_TIME_POINTS, K) float16, traces in noise units on the centre channel's
         neighbourhood (virtual slots 0), resampled over the snippet span
-    real : (n, K) bool, slot holds a real contact
+    real : (n, K) bool, slot holds a real contact within the network's reach
+        (``WINDOW_REACH_UM``); the others read zeros
     slot_xy : (n, K, 2) float32, slot position relative to the centre channel (µm)
     centre_xy : (n, 2) float32, the centre channel's position on the probe (µm)
     """
@@ -88,7 +93,7 @@ class Windows:
     def from_batch(cls, batch, neighbourhood, noise: np.ndarray) -> "Windows":
         """From a scan.SpikeBatch (waveforms in µV)."""
         index = neighbourhood.index[batch.centre]
-        real = index >= 0
+        real = neighbourhood.near(batch.centre, WINDOW_REACH_UM)
         scale = np.where(real, 1.0 / noise[np.maximum(index, 0)], 0.0).astype(np.float32)
         waveforms = batch.waveforms * scale[:, None, :]
         return cls(
