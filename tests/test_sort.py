@@ -1009,9 +1009,8 @@ def test_a_unit_whose_far_copies_went_to_a_neighbour_is_kept_and_the_copies_remo
     own = np.sort(rng.choice(length, 400, replace=False))  # the neighbour's own spikes
     echo = source[rng.random(600) < 0.9] + 60  # a third unit: 90 % of the source, 2 ms late
     samples = np.concatenate([source, copies, own, echo])
-    units = np.concatenate(
-        [np.zeros(600), np.ones(500 + 400), np.full(len(echo), 2), [-1]]
-    ).astype(np.int64)
+    labels = [np.zeros(600), np.ones(500 + 400), np.full(len(echo), 2), [-1]]
+    units = np.concatenate(labels).astype(np.int64)
     samples = np.append(samples, 5)  # a spike with no unit stays without one
     amplitudes = np.concatenate(
         [np.full(600, -200.0), np.full(900, -50.0), np.full(len(echo), -40.0), [-30.0]]
