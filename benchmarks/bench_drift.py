@@ -78,7 +78,6 @@ PRESETS = {
 }
 LOCSORT = "locsort (auto)"
 PEERS = ("spykingcircus2", "tridesclous2")
-STILL = ("np64_generated", "np128_mearec_10uV")
 MIN_COMPARABLE_UM = 0.01  # a preset this exact leaves no ratio to state
 TEMPLATES = ("Neuropixels-128", "6", "3")  # make_templates.py: probe, positions per cell, seed
 BIOPHYSICAL = {
@@ -294,10 +293,10 @@ def run_biophysical(peers) -> dict:
 
 
 def run_still() -> dict:
-    from bench_sorting import load_raw, run_locsort
+    from bench_sorting import RECORDINGS, load_raw, run_locsort
 
     rows = {}
-    for name in STILL:
+    for name in RECORDINGS:
         recording, truth = load_raw(name, 60.0)
         run_locsort(recording.frame_slice(0, 300_000), None, {})  # warm-up, not counted
         rows[name] = {}

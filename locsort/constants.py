@@ -73,6 +73,7 @@ class Constants:
     motion_max_um: float = 100.0  # largest displacement between two time bins searched for
     motion_min_windows: int = 3  # non-rigid on probes this many windows long: fewer were worse
     motion_min_rows: int = 4  # distinct contact depths needed to follow spikes along the probe
+    motion_min_aspect: float = 2.0  # "auto": a shank this many times taller than wide (not an MEA)
     motion_min_spikes_per_bin: int = 20  # fewer spikes in a typical time bin: no estimate
     motion_screen_min_chunks: int = 5  # sample chunks needed to screen for drift
     motion_min_um: float = 5.0  # "auto": a smaller largest displacement on the sample is no drift

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LocsortError, UsageError
+from .neighbourhood import shank_ids
 from .sort.labels import segment_offsets
 
 MOTION_MODES = ("auto", "rigid", "nonrigid")
@@ -63,6 +64,17 @@ def plan(recording, mode: str | None, constants) -> tuple[bool | None, str]:
             f"motion not estimated: the probe has {rows} row(s) of contacts along its depth, "
             f"and at least {constants.motion_min_rows} are needed to follow spikes along it"
         )
+    if mode == "auto":
+        shanks, _ = shank_ids(recording, constants.shank_gap_um)
+        positions = recording.get_channel_locations()
+        tall = [np.ptp(positions[shanks == s], axis=0) for s in np.unique(shanks)]
+        aspect = max(h / max(w, 1.0) for w, h in tall)
+        if aspect < constants.motion_min_aspect:
+            return None, (
+                "motion not estimated: the contacts span as much across as along the depth "
+                f"({aspect:.1f} x), as on an MEA, so there is no insertion axis to drift along "
+                '(motion="rigid" or "nonrigid" estimates it anyway)'
+            )
     span = float(np.ptp(depths))
     windows = int((span - constants.motion_window_um) // constants.motion_window_step_um)
     if mode == "rigid":

@@ -254,6 +254,21 @@ def test_a_probe_without_rows_along_its_depth_skips_motion():
     assert same is prep and motion is None and "row(s) of contacts" in info.note
 
 
+def test_auto_does_not_estimate_motion_on_an_mea():
+    """A square MEA has no insertion axis: on a still recording the estimate was spurious (up
+    to 50 µm) and registering by it cost the sort most of its accuracy."""
+    from locsort.simulate import square_mea_probe
+
+    mea = _recording([1.0], square_mea_probe(10, 15.0))
+    rigid, note = motion_stage.plan(mea, "auto", C)
+    assert rigid is None and "MEA" in note
+    assert motion_stage.plan(mea, "rigid", C) == (True, "")  # asked for: estimated
+    # a four-shank probe is as wide as it is tall, each of its shanks is not
+    shanks = pi.generate_multi_shank(num_shank=4, num_columns=2, num_contact_per_column=16)
+    ids = np.repeat(["0", "1", "2", "3"], 32)
+    assert motion_stage.plan(_recording([1.0], _probe(shanks.contact_positions, ids)), "auto", C)[0]
+
+
 def test_a_short_probe_falls_back_to_rigid_motion_and_says_so():
     recording = _recording([1.0])  # 64 channels, 620 µm: fewer than two windows
     rigid, note = motion_stage.plan(recording, "nonrigid", C)
