@@ -1016,7 +1016,7 @@ def test_a_unit_whose_far_copies_went_to_a_neighbour_is_kept_and_the_copies_remo
         [np.full(600, -200.0), np.full(900, -50.0), np.full(len(echo), -40.0), [-30.0]]
     )
     constants = Params().constants
-    kept = without_copies(
+    sort_out = lambda copy_min_share: without_copies(  # noqa: E731
         np.zeros(len(samples), np.int64),
         samples,
         units,
@@ -1024,27 +1024,17 @@ def test_a_unit_whose_far_copies_went_to_a_neighbour_is_kept_and_the_copies_remo
         30_000.0,
         length,
         copy_max_lag_ms=constants.lagged_copy_max_lag_ms,
-        copy_min_share=constants.lagged_copy_min_share,
+        copy_min_share=copy_min_share,
         duplicate_max_lag_ms=constants.duplicate_unit_max_lag_ms,
         duplicate_min_shared=constants.duplicate_unit_min_shared,
     )
+    kept = sort_out(constants.lagged_copy_min_share)
     assert (kept[:600] == 0).all()  # the large unit keeps every spike
     assert (kept[600:1100] == -1).all()  # its copies leave the neighbour
     assert (kept[1100:1500] == 1).sum() >= 395  # which keeps its own spikes
     assert (kept[1500:] == -1).all()  # the whole late repeat goes, as does nothing else
     # without the spike copies removed first, the large unit was the one removed
-    whole_only = without_copies(
-        np.zeros(len(samples), np.int64),
-        samples,
-        units,
-        amplitudes,
-        30_000.0,
-        length,
-        copy_max_lag_ms=constants.lagged_copy_max_lag_ms,
-        copy_min_share=1.0,
-        duplicate_max_lag_ms=constants.duplicate_unit_max_lag_ms,
-        duplicate_min_shared=constants.duplicate_unit_min_shared,
-    )
+    whole_only = sort_out(1.0)
     assert (whole_only[:600] == -1).all() and (whole_only[600:1500] == 1).all()
 
 
