@@ -124,6 +124,8 @@ class Constants:
     duplicate_unit_max_lag_ms: float = 2.5  # ... within this lag is removed: late far copies
     lagged_copy_min_share: float = 0.02  # spikes at one fixed lag from a larger unit's (1: never)
     lagged_copy_max_lag_ms: float = 0.8  # ... at most this late or early: far channels' copies
+    collision_min_excess: float = 0.5  # a unit whose spikes mostly meet a neighbour's (1: never)
+    collision_window_ms: float = 0.8  # ... this close, beyond chance: two neurons' sums
     cluster_adopt_min_fit: float = 0.5  # unclustered spikes go to a template that fits this well
     cluster_adopt_max_residual: float = 1.3  # ... leaving at most this x the expected noise energy
 

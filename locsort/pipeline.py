@@ -45,6 +45,7 @@ from .sort.cluster import fit_waveform_basis
 from .sort.initial import cluster_spikes
 from .sort.labels import labels_from_sorting
 from .sort.postprocess import (
+    collision_units,
     drop_border_duplicates,
     merge_motion_pieces,
     on_one_shank,
@@ -365,6 +366,7 @@ def sort_spikes(
             _without_copies(prep, spikes, models),
             prep.neighbourhood.shank_ids[spikes["channel_index"]],
         )
+        spikes["unit_index"] = _without_collisions(prep, spikes, models)
         return spikes, models, prep
 
 
@@ -425,6 +427,27 @@ def _without_copies(prep: Prepared, spikes: np.ndarray, models: Models) -> np.nd
             constants.duplicate_unit_min_shared if models.label_source != "labels" else 1.0
         ),
     )
+
+
+def _without_collisions(prep: Prepared, spikes: np.ndarray, models: Models) -> np.ndarray:
+    """(n,) units with -1 for units made of two neighbours' overlapping spikes
+    (postprocess.collision_units). A user's units are kept as given."""
+    constants, recording = prep.params.constants, prep.recording
+    units = spikes["unit_index"].copy()
+    removed = collision_units(
+        spikes["segment_index"],
+        spikes["sample_index"],
+        units,
+        spikes["x"],
+        spikes["y_registered"],
+        recording.get_sampling_frequency(),
+        recording.get_total_samples(),
+        window_ms=constants.collision_window_ms,
+        radius_um=constants.peel_radius_um,  # units whose spikes' footprints overlap
+        min_excess=constants.collision_min_excess if models.label_source != "labels" else 1.0,
+    )
+    units[np.isin(units, removed)] = -1
+    return units
 
 
 def locate(prep: Prepared, peaks, progress: bool, localizer=None) -> tuple[np.ndarray, object]:

@@ -1177,3 +1177,45 @@ def test_a_unit_keeps_only_the_spikes_detected_on_its_own_shank():
     np.testing.assert_array_equal(on_one_shank(units, shanks), [0, 0, -1, 1, 1, -1, -1, 0])
     one = np.zeros(8, int)  # a single shank: nothing changes
     np.testing.assert_array_equal(on_one_shank(units, one), units)
+
+
+def test_a_unit_of_two_neighbours_collisions_is_removed_and_independent_units_kept():
+    from locsort.sort.postprocess import collision_units
+
+    rng = np.random.default_rng(0)
+    fs, length = 30_000.0, 60 * 30_000
+
+    def poisson(rate_hz):
+        return np.sort(rng.choice(length, int(rate_hz * 60), replace=False))
+
+    # four independent neurons 20 µm apart at 20-40 Hz (chance coincidences near 0.2), a collision
+    # unit at 40 µm whose 60 spikes each fall 4-12 samples after a spike of unit 0 or unit 1, the
+    # same collisions 300 µm away (no neighbour there), and 3 collisions only (too few to tell)
+    trains = [poisson(rate) for rate in (40, 30, 20, 40)]
+    pick = lambda u, n: rng.choice(trains[u], n, replace=False) + rng.integers(4, 13, n)
+    collided = np.concatenate([pick(0, 30), pick(1, 30)])
+    trains += [collided, collided + 0, pick(2, 3)]
+    where = [(0, 0), (0, 20), (0, 40), (0, 60), (10, 40), (0, 340), (0, 30)]
+    samples = np.concatenate(trains)
+    units = np.concatenate([np.full(len(t), u) for u, t in enumerate(trains)])
+    xy = np.concatenate([np.tile(where[u], (len(t), 1)) for u, t in enumerate(trains)])
+    segments = np.zeros(len(samples), int)
+    kwargs = dict(window_ms=0.8, radius_um=100.0)
+    found = collision_units(segments, samples, units, *xy.T, fs, length, min_excess=0.5, **kwargs)
+    assert found == [4]
+    assert (
+        collision_units(segments, samples, units, *xy.T, fs, length, min_excess=1, **kwargs) == []
+    )
+    # the same spikes in two segments: one time axis with no coincidence across the boundary
+    half = samples >= length // 2
+    two = collision_units(
+        half.astype(int),
+        samples - half * (length // 2),
+        units,
+        *xy.T,
+        fs,
+        length,
+        min_excess=0.5,
+        **kwargs,
+    )
+    assert two == [4]

@@ -371,3 +371,61 @@ def merge_motion_pieces(
         pairs = {pair: value for pair, value in pairs.items() if a not in pair and b not in pair}
         pairs.update(pairs_of(a, list(where)))
     return units
+
+
+COLLISION_MAX_P = 1e-3  # binomial chance of that many coincidences: few spikes prove nothing
+
+
+def collision_units(
+    segments: np.ndarray,
+    samples: np.ndarray,
+    units: np.ndarray,
+    x: np.ndarray,
+    y_registered: np.ndarray,
+    sampling_frequency: float,
+    num_samples: int,
+    *,
+    window_ms: float,
+    radius_um: float,
+    min_excess: float,
+) -> list[int]:
+    """Units made of two neurons' overlapping spikes: most of their spikes come within
+    ``window_ms`` of a spike of another unit centred within ``radius_um``.
+
+    Two nearby neurons firing together give a summed waveform unlike either, and enough such
+    collisions form a cluster of their own, which the network then learns as a unit. Independent
+    neurons coincide by chance only, at a fraction ``c = 1 - exp(-rate * window)`` set by the
+    neighbours' summed rate; a unit is a collision unit when the fraction ``f`` of its spikes
+    with a neighbour's spike that near exceeds chance by ``(f - c) / (1 - c) >= min_excess``
+    (1: never) and a binomial test puts that count beyond chance (docs/design-decisions.md,
+    § Clustering). ``num_samples``: the recording's total samples, for the rates."""
+    labelled = np.flatnonzero(units >= 0)
+    if min_excess >= 1.0 or not len(labelled):
+        return []
+    from scipy.stats import binom
+
+    # one time axis for every segment, with gaps wider than the window between them
+    window = int(round(window_ms * sampling_frequency / 1000.0))
+    offset = segments.astype(np.int64) * (int(samples.max()) + 2 * window + 2)
+    times = samples.astype(np.int64) + offset
+    order = labelled[np.argsort(units[labelled], kind="stable")]
+    ids, starts, sizes = np.unique(units[order], return_index=True, return_counts=True)
+    rows = {int(u): order[s : s + n] for u, s, n in zip(ids, starts, sizes)}
+    trains = [np.sort(times[r]) for r in rows.values()]
+    centres = np.array([(np.median(x[r]), np.median(y_registered[r])) for r in rows.values()])
+    close = np.linalg.norm(centres[:, None] - centres[None], axis=2) <= radius_um
+    np.fill_diagonal(close, False)
+    collided = []
+    for u, train, near in zip(rows, trains, close):
+        if not near.any():
+            continue
+        others = np.sort(np.concatenate([trains[v] for v in np.flatnonzero(near)]))
+        hit = np.searchsorted(others, train + window, side="right") > np.searchsorted(
+            others, train - window, side="left"
+        )
+        chance = -np.expm1(-len(others) / num_samples * (2 * window + 1))
+        count = int(hit.sum())
+        excess = (count / len(train) - chance) / (1.0 - chance)
+        if excess >= min_excess and binom.sf(count - 1, len(train), chance) <= COLLISION_MAX_P:
+            collided.append(u)
+    return collided
