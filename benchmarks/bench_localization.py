@@ -411,43 +411,15 @@ ANY_REACH_UM = 100.0  # x, y stay within this of the centre channel
 def any_geometry_localizer(params, start=None):
     """locsort's localizer as ``params`` make it, reading slot positions (an any-geometry
     encoder); ``start``: a trained one to start from, as a shipped encoder is."""
-    import math
-
-    import torch
-
     from locsort.localize import make_localizer
     from locsort.localize.amortized import AmortizedLocalizer
 
     class AnyGeometry(AmortizedLocalizer):
-        def _features(self, amplitudes, real, slot_xy, sigma):
-            zero = torch.zeros_like(amplitudes)
-            snr = torch.where(real, amplitudes / sigma, zero)
-            peak_snr = snr.max(dim=1, keepdim=True).values.clamp(min=1e-3)
-            peak_uv = torch.where(real, amplitudes, zero).max(dim=1, keepdim=True).values
-            peak_uv = peak_uv.clamp(min=1e-3)
-            parts = [snr / peak_snr, real.float(), slot_xy.flatten(1) / ANY_SCALE_UM]
-            parts += [peak_snr.log(), peak_uv.log()]
-            return torch.cat(parts, dim=1), peak_uv.squeeze(1).log()
+        def _reads_slots(self):
+            return True
 
-        def _posterior(self, amplitudes, real, slot_xy, sigma):
-            features, log_peak = self._features(amplitudes, real, slot_xy, sigma)
-            out = self.net(features)
-            num, g = out.shape[1] // 2, self.globals
-            reach, unit = ANY_REACH_UM, ANY_SCALE_UM
-            columns = [
-                reach * torch.tanh(out[:, 0] * unit / reach),
-                reach * torch.tanh(out[:, 1] * unit / reach),
-                math.log(g.prior_z_um) + 4.0 * torch.tanh(out[:, 2] / 4.0),
-                log_peak + 3.0 + 4.0 * torch.tanh(out[:, 3] / 4.0),
-            ]
-            units = [unit, unit, 1.0, 1.0]
-            if num == 5:
-                columns.append(math.log(g.decay_length_um) + 2.0 * torch.tanh(out[:, 4] / 2.0))
-                units.append(1.0)
-            scale = (1e-3 + 4.0 * torch.sigmoid(out[:, num:] - 3.0)) * torch.tensor(
-                units, device=out.device
-            )
-            return torch.stack(columns, dim=1), scale
+        def _scale_um(self):
+            return ANY_SCALE_UM, ANY_REACH_UM
 
         def _starting_point(self):
             return start

@@ -176,17 +176,25 @@ class AmortizedLocalizer:
             .values.clamp(min=1e-3)
         )
         parts = [snr / peak_snr, real.float(), peak_snr.log(), peak_uv.log()]
-        if not self.geometry["regular"]:
-            parts.append(slot_xy.flatten(1) / self.geometry["pitch_um"])
+        if self._reads_slots():
+            parts.append(slot_xy.flatten(1) / self._scale_um()[0])
         return torch.cat(parts, dim=1), peak_uv.squeeze(1).log()
+
+    def _reads_slots(self) -> bool:
+        """Whether the encoder reads the slots' positions (off a lattice a slot's place varies)."""
+        return not self.geometry["regular"]
+
+    def _scale_um(self) -> tuple[float, float]:
+        """(µm per unit of the slots' positions and of the x, y outputs, the farthest x, y may lie
+        from the centre channel): the neighbourhood's pitch and reach (+ one pitch)."""
+        return self.geometry["pitch_um"], self.geometry["reach_um"]
 
     def _posterior(self, amplitudes, real, slot_xy, sigma):
         """Variational parameters: loc and scale (n, L) for x, y, log z, log alpha[, log length]."""
         features, log_peak = self._features(amplitudes, real, slot_xy, sigma)
         out = self.net(features)
         num = out.shape[1] // 2
-        pitch = self.geometry["pitch_um"]
-        reach = self.geometry["reach_um"]  # x, y stay within the neighbourhood (+ one pitch)
+        pitch, reach = self._scale_um()
         g = self.globals
         # bounded outputs keep exp() finite while training: log z within e^+-4 of the prior
         # median, log alpha within +-4 of 3 + the largest amplitude, SDs within (1e-3, 4) units
