@@ -140,23 +140,6 @@ HELD_OUT_LAYOUTS = {
 RECORDINGS.update(HELD_OUT_LAYOUTS)
 
 
-def _columns(num_columns: int, per_column: int, xpitch: float, ypitch: float, shifts, count):
-    """A multi-column silicon probe's first ``count`` contacts (7.5 µm radius, contact order)."""
-    import probeinterface as pi
-
-    probe = pi.generate_multi_columns_probe(
-        num_columns=num_columns,
-        num_contact_per_column=per_column,
-        xpitch=xpitch,
-        ypitch=ypitch,
-        y_shift_per_column=shifts,
-        contact_shapes="circle",
-        contact_shape_params={"radius": 7.5},
-    ).get_slice(np.arange(count))
-    probe.set_device_channel_indices(np.arange(count))
-    return probe
-
-
 def _linear_shanks(num_shanks: int, per_shank: int, pitch_um: float, shank_pitch_um: float):
     import probeinterface as pi
 
@@ -181,9 +164,9 @@ GENERATED_PROBES = {  # locally built (probeinterface's get_probe would download
     "linear_32": lambda s: s.linear_probe(32, pitch_um=25.0),
     "polytrode_64": lambda s: s.polytrode_probe(64, pitch_um=25.0),
     "linear_32_50um": lambda s: s.linear_probe(32, pitch_um=50.0),
-    "polytrode3_32": lambda s: _columns(3, 11, 22.0, 25.0, [0, 12.5, 0], 32),
+    "polytrode3_32": lambda s: s.columns_probe(32, 3, 25.0, 22.0),
     "linear_2shank_64": lambda s: _linear_shanks(2, 32, 20.0, 250.0),
-    "polytrode4_64": lambda s: _columns(4, 16, 20.0, 20.0, [0, 10, 0, 10], 64),
+    "polytrode4_64": lambda s: s.columns_probe(64, 4, 20.0, 20.0),
 }
 
 

@@ -86,19 +86,29 @@ def polytrode_probe(num_channels: int = 64, pitch_um: float = 25.0):
     """A two-column polytrode (NeuroNexus Poly2-like): columns ``pitch_um`` apart, contacts
     ``pitch_um`` apart along each, the second column shifted by half a pitch, 7.5 µm radius,
     wired in contact order."""
-    import probeinterface as pi
-
     if num_channels % 2:
         raise ValueError("a two-column polytrode needs an even number of channels")
+    return columns_probe(num_channels, 2, pitch_um, pitch_um)
+
+
+def columns_probe(num_channels: int, num_columns: int, pitch_um: float, column_pitch_um: float):
+    """A multi-column silicon probe: ``num_columns`` columns ``column_pitch_um`` apart, contacts
+    ``pitch_um`` apart along each, every other column shifted by half a pitch, filled column by
+    column (the last may be short), 7.5 µm radius, wired in contact order."""
+    import probeinterface as pi
+
+    per_column = -(-num_channels // num_columns)
     probe = pi.generate_multi_columns_probe(
-        num_columns=2,
-        num_contact_per_column=num_channels // 2,
-        xpitch=pitch_um,
+        num_columns=num_columns,
+        num_contact_per_column=per_column,
+        xpitch=column_pitch_um,
         ypitch=pitch_um,
-        y_shift_per_column=[0, pitch_um / 2],
+        y_shift_per_column=[pitch_um / 2 * (c % 2) for c in range(num_columns)],
         contact_shapes="circle",
         contact_shape_params={"radius": 7.5},
     )
+    if per_column * num_columns > num_channels:
+        probe = probe.get_slice(np.arange(num_channels))
     probe.set_device_channel_indices(np.arange(num_channels))
     return probe
 

@@ -298,6 +298,14 @@ def _segment_sorting(segments, samples, units, sampling_frequency):
     return sorting, by_segment
 
 
+def _unit_rows(units: np.ndarray) -> dict[int, np.ndarray]:
+    """Each unit's rows in ``units`` (-1: none), in row order."""
+    labelled = np.flatnonzero(units >= 0)
+    order = labelled[np.argsort(units[labelled], kind="stable")]
+    ids, starts, sizes = np.unique(units[order], return_index=True, return_counts=True)
+    return {int(u): order[s : s + n] for u, s, n in zip(ids, starts, sizes)}
+
+
 DISPLACEMENT_BIN_UM = 2.0  # histogram bins: several across the smallest drift corrected
 
 
@@ -330,14 +338,7 @@ def merge_motion_pieces(
     )
     if len(edges) < 3:  # the displacement never spans two bins: nothing to tell pieces by
         return units
-    labelled = np.flatnonzero(units >= 0)
-    order = labelled[np.argsort(units[labelled], kind="stable")]
-    ids, starts, sizes = np.unique(units[order], return_index=True, return_counts=True)
-    rows = {
-        int(u): order[start : start + size]
-        for u, start, size in zip(ids, starts, sizes)
-        if size >= min_spikes
-    }
+    rows = {u: r for u, r in _unit_rows(units).items() if len(r) >= min_spikes}
     bins = np.clip(np.digitize(displacement, edges) - 1, 0, len(edges) - 2)
 
     def position(u):
@@ -399,8 +400,8 @@ def collision_units(
     with a neighbour's spike that near exceeds chance by ``(f - c) / (1 - c) >= min_excess``
     (1: never) and a binomial test puts that count beyond chance (docs/design-decisions.md,
     § Clustering). ``num_samples``: the recording's total samples, for the rates."""
-    labelled = np.flatnonzero(units >= 0)
-    if min_excess >= 1.0 or not len(labelled):
+    rows = _unit_rows(units)
+    if min_excess >= 1.0 or not rows:
         return []
     from scipy.stats import binom
 
@@ -408,9 +409,6 @@ def collision_units(
     window = int(round(window_ms * sampling_frequency / 1000.0))
     offset = segments.astype(np.int64) * (int(samples.max()) + 2 * window + 2)
     times = samples.astype(np.int64) + offset
-    order = labelled[np.argsort(units[labelled], kind="stable")]
-    ids, starts, sizes = np.unique(units[order], return_index=True, return_counts=True)
-    rows = {int(u): order[s : s + n] for u, s, n in zip(ids, starts, sizes)}
     trains = [np.sort(times[r]) for r in rows.values()]
     centres = np.array([(np.median(x[r]), np.median(y_registered[r])) for r in rows.values()])
     close = np.linalg.norm(centres[:, None] - centres[None], axis=2) <= radius_um
