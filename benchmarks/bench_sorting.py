@@ -270,7 +270,8 @@ def write_heldout_report(results) -> None:
         "uses (bench_localization's HELD_OUT_LAYOUTS), not looked at while choosing anything "
         "unless said here: seed 11 of those layouts showed the units of collisions "
         "(docs/design-decisions.md, § Clustering); seed 12 confirmed that rule, and its "
-        "three-column polytrode was looked at for a merge left out (same section). "
+        "three-column polytrode showed two neurons at one site joined by the shifted merge "
+        "(same section). "
         f"Machine: {machine()}.",
         "",
         "| recording | sorter | wall s | mean accuracy | units >= 0.8 | false-positive units "

@@ -119,6 +119,7 @@ class Constants:
     merge_min_similarity: float = 0.95  # clusters whose templates agree this well merge (1: never)
     merge_max_amplitude_ratio: float = 1.5  # ... when their sizes differ by at most this factor
     merge_max_shift_ms: float = 0.3  # ... also at a shift of up to this (0: lag 0 only)
+    merge_max_trough_ratio: float = 1.15  # ... troughs on one channel within this (still probe)
     merge_refractory_ms: float = 1.5  # ... unless their spikes break this period (0: no test)
     duplicate_unit_min_shared: float = 0.5  # a unit repeating this share of a larger one's spikes
     duplicate_unit_max_lag_ms: float = 2.5  # ... within this lag is removed: late far copies

@@ -17,7 +17,7 @@ one estimate from every shank's spikes is steadier than one per shank.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -310,4 +310,4 @@ def with_registered(prep, motion, timer):
     from .prepare import measured
 
     recording = registered_recording(prep.recording, motion, prep.params.constants)
-    return measured(recording, prep.params, timer, prep.bad_channels)
+    return replace(measured(recording, prep.params, timer, prep.bad_channels), registered=True)

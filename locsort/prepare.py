@@ -59,6 +59,8 @@ class Prepared:
     bad_channels : channel id -> why it was interpolated
     trace_cache : the training sample's chunks, kept for the main pass (params.trace_cache_mb)
     notes : what the user should know about how the probe was read (run.json, the summary)
+    registered : the traces were interpolated to undo a motion estimate (a unit's size on one
+        channel still varies with the probe's position)
     """
 
     recording: object
@@ -74,6 +76,7 @@ class Prepared:
     bad_channels: dict = field(default_factory=dict)
     trace_cache: TraceCache | None = None
     notes: list = field(default_factory=list)
+    registered: bool = False
 
     def scanner(
         self, peaks=None, amplitudes: AmplitudeReader | None = None, last_pass: bool = False

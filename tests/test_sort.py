@@ -903,6 +903,35 @@ def test_shifted_copies_of_one_template_on_different_centres_merge_and_other_uni
     )
 
 
+def test_two_neurons_at_one_site_stay_apart_though_alike_once_shifted():
+    from locsort.sort.merge import merge_shifted_units
+    from locsort.sort.peel import Templates
+
+    t = np.arange(40)
+    trough = -np.exp(-(((t - 15) / 2.0) ** 2))[:, None]
+    # both seen on channel 1 (slot 0): a neuron close to the probe, sharp and large there, and
+    # one further away, broader and smaller; a sample apart, their shapes agree (cosine 0.97)
+    near = trough * np.array([1.0, 0.3, 0.35, 0.1]) * 150
+    far = np.roll(trough * np.array([1.0, 0.5, 0.55, 0.3]) * 125, 1, axis=0)
+    piece = np.roll(near, 1, axis=0) * 0.97  # the near neuron's spikes detected a sample later
+    templates = Templates(
+        np.stack([near, far, piece]).astype(np.float32), np.tile([1, 0, 2, 3], (3, 1))
+    )
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    merged, pairs = merge_shifted_units(labels, templates, num_channels=4, min_similarity=0.95)
+    assert pairs == [(0, 2)]
+    np.testing.assert_array_equal(merged, [0, 1, 0, 0, 1, 0])
+    # what keeps them apart is their size on the shared centre, not their shapes
+    assert (
+        len(
+            merge_shifted_units(
+                labels, templates, num_channels=4, min_similarity=0.95, max_trough_ratio=np.inf
+            )[1]
+        )
+        == 2
+    )
+
+
 def test_a_unit_repeating_another_units_spikes_is_found_the_larger_one_kept():
     from locsort.sort.postprocess import duplicate_units
 

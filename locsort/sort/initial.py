@@ -100,6 +100,7 @@ def _merge_shifted(
         max_lag,
         constants.merge_max_amplitude_ratio,
         refractory,
+        np.inf if prep.registered else constants.merge_max_trough_ratio,  # sizes move with drift
     )
     return renumber(units)
 

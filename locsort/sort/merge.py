@@ -190,6 +190,7 @@ def merge_shifted_units(
     max_lag: int = 8,
     max_amplitude_ratio: float = 1.5,
     refractory: Refractory | None = None,
+    max_trough_ratio: float = 1.15,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Labels with units merged whose peeling templates (sort/peel.Templates) agree once one is
     shifted by up to ``max_lag`` samples, and the merged pairs (unit kept, unit merged into it);
@@ -201,8 +202,11 @@ def merge_shifted_units(
     dissimilar at lag 0, nearly identical once aligned (docs/design-decisions.md, § Clustering).
     Templates are compared on the probe channels both cover (of ``num_channels``); pairs whose
     shared channels hold less than half of either template's energy, or whose sizes differ by
-    more than ``max_amplitude_ratio``, are not compared. Pairs at ``min_similarity`` or above are
-    merged transitively, unless ``refractory`` tells that the two groups are two neurons."""
+    more than ``max_amplitude_ratio``, are not compared; nor are pairs detected on one centre
+    channel whose troughs there differ by more than ``max_trough_ratio``: one neuron seen on one
+    channel has one size there, two neurons at one site (at different depths) do not. Pairs at
+    ``min_similarity`` or above are merged transitively, unless ``refractory`` tells that the two
+    groups are two neurons."""
     labels = np.asarray(labels).copy()
     waveforms = templates.waveforms
     num_units, num_samples, _ = waveforms.shape
@@ -214,6 +218,8 @@ def merge_shifted_units(
         on_probe[unit][:, channels[real]] = waveforms[unit][:, real]
         covered[unit, channels[real]] = True
     energy = (on_probe**2).sum(axis=(1, 2))
+    centre = templates.channels[:, 0]  # footprints list the centre first
+    trough = np.abs(waveforms[:, :, 0]).max(axis=1)  # µV, the centre's largest deflection
     root = np.arange(num_units)  # union-find forest: a merged unit points to the unit it joined
     merged = []
     for a, b in zip(*np.nonzero(np.triu(covered.astype(int) @ covered.T.astype(int) > 0, 1))):
@@ -221,7 +227,9 @@ def merge_shifted_units(
         ta, tb = on_probe[a][:, shared], on_probe[b][:, shared]
         if min((ta**2).sum() / energy[a], (tb**2).sum() / energy[b]) < 0.5:
             continue
-        if np.sqrt(max(energy[a], energy[b]) / min(energy[a], energy[b])) > max_amplitude_ratio:
+        if np.sqrt(_ratio(energy[a], energy[b])) > max_amplitude_ratio:
+            continue
+        if centre[a] == centre[b] and _ratio(trough[a], trough[b]) > max_trough_ratio:
             continue
         if _shifted_cosine(ta, tb, max_lag) >= min_similarity:
             ra, rb = _root(root, a), _root(root, b)
@@ -236,6 +244,11 @@ def merge_shifted_units(
         final = np.array([_root(root, u) for u in range(num_units)])
         labels = np.where(labels >= 0, final[np.maximum(labels, 0)], -1)
     return labels, merged
+
+
+def _ratio(a: float, b: float) -> float:
+    """The larger of two positive sizes over the smaller (inf when one is not positive)."""
+    return max(a, b) / min(a, b) if min(a, b) > 0 else np.inf
 
 
 def _shifted_cosine(ta: np.ndarray, tb: np.ndarray, max_lag: int) -> float:
