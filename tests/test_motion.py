@@ -92,6 +92,8 @@ def test_a_saved_motion_folder_is_reused(drifting, corrected):
     assert motion == Motion.load(corrected.out / "motion")
     assert info.applied and info.method.startswith("loaded from")
     assert type(registered.recording).__name__ == "InterpolateMotionRecording"
+    # a neuron's size on one channel moves with the probe: the merges know the traces were moved
+    assert registered.registered and not prep.registered
 
 
 def test_pieces_of_one_neuron_split_by_the_displacement_merge_and_neighbours_do_not():
