@@ -97,8 +97,16 @@ def measure(sorter: str, environment: dict, name: str, duration: float, busy: bo
         time.sleep(1.0)  # the loops are running before the sort starts
     try:
         done = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", sorter, "--recordings",
-             name, "--duration", str(duration)],
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                sorter,
+                "--recordings",
+                name,
+                "--duration",
+                str(duration),
+            ],
             env={**os.environ, **environment},
             capture_output=True,
             text=True,

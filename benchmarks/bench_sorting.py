@@ -419,9 +419,7 @@ def write_report(results, args):
             lines.append(f"- locsort stages (s): {json.dumps(ours['stages_s'])}")
             if "neural_x_realtime" in ours:
                 x = ours["neural_x_realtime"]
-                target = (
-                    f" (target >= 20: {verdict(x >= 20)})" if name == "np64_generated" else ""
-                )
+                target = f" (target >= 20: {verdict(x >= 20)})" if name == "np64_generated" else ""
                 lines.append(
                     "- neural sorter alone (windows + inference + post-processing + peeling's "
                     "template subtraction;"

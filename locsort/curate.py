@@ -130,9 +130,7 @@ def build_analyzer(
             metric_names=list(QUALITY_METRICS),
             metric_params={
                 "isi_violation": {"isi_threshold_ms": REFRACTORY_MS, "min_isi_ms": CENSORED_MS},
-                "presence_ratio": {
-                    "bin_duration_s": min(PRESENCE_BIN_S, duration / PRESENCE_BINS)
-                },
+                "presence_ratio": {"bin_duration_s": min(PRESENCE_BIN_S, duration / PRESENCE_BINS)},
                 "amplitude_cutoff": {"num_histogram_bins": AMPLITUDE_BINS},
             },
             verbose=False,
@@ -429,8 +427,7 @@ def spike_reads(
         groups = np.split(
             chosen,
             np.flatnonzero(
-                (np.diff(start[rows[chosen]]) > width + gap)
-                | (np.diff(segment[rows[chosen]]) != 0)
+                (np.diff(start[rows[chosen]]) > width + gap) | (np.diff(segment[rows[chosen]]) != 0)
             )
             + 1,
         )

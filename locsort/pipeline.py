@@ -586,9 +586,7 @@ def run(
             "locsort": __version__,
             "recording": recording_identity(prep.recording),
             # neither changes the models or the chunks' spikes
-            "params": {
-                k: v for k, v in params.asdict().items() if k not in ("n_jobs", "analyzer")
-            },
+            "params": {k: v for k, v in params.asdict().items() if k not in ("n_jobs", "analyzer")},
             "labels": _labels_identity(labels),
         }
         num_chunks = len(make_chunks(prep.recording, prep.counts.chunk_size))

@@ -815,9 +815,7 @@ def _draw_template(ax, ctx: _Context, tmpl: np.ndarray, sd: np.ndarray, color, t
     dev = sd[:, near].T
     mid = cy[:, None] + wave * scale_y
     lo, hi = mid - dev * scale_y, mid + dev * scale_y
-    bands = [
-        np.column_stack([np.r_[x, x[::-1]], np.r_[a, b[::-1]]]) for x, a, b in zip(xs, lo, hi)
-    ]
+    bands = [np.column_stack([np.r_[x, x[::-1]], np.r_[a, b[::-1]]]) for x, a, b in zip(xs, lo, hi)]
     ax.add_collection(PolyCollection(bands, facecolors=[color], alpha=0.18, linewidths=0))
     lines = [np.column_stack([x, m]) for x, m in zip(xs, mid)]
     widths = np.where(near == main, 1.3, 0.9)
