@@ -177,7 +177,7 @@ def _similarity(
     )
     if min(norm_a, norm_b) <= 0 or min(norm_a / own_a, norm_b / own_b) <= 0.5:
         return -1.0
-    if np.sqrt(max(norm_a, norm_b) / min(norm_a, norm_b)) > max_amplitude_ratio:
+    if np.sqrt(_ratio(norm_a, norm_b)) > max_amplitude_ratio:
         return -1.0
     return float((ta * tb).sum() / np.sqrt(norm_a * norm_b))
 

@@ -306,6 +306,11 @@ def _unit_rows(units: np.ndarray) -> dict[int, np.ndarray]:
     return {int(u): order[s : s + n] for u, s, n in zip(ids, starts, sizes)}
 
 
+def _centre(rows: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(2,) µm: the median x, y of one unit's spikes at ``rows``."""
+    return np.array([np.median(x[rows]), np.median(y[rows])])
+
+
 DISPLACEMENT_BIN_UM = 2.0  # histogram bins: several across the smallest drift corrected
 
 
@@ -341,14 +346,11 @@ def merge_motion_pieces(
     rows = {u: r for u, r in _unit_rows(units).items() if len(r) >= min_spikes}
     bins = np.clip(np.digitize(displacement, edges) - 1, 0, len(edges) - 2)
 
-    def position(u):
-        return np.array([np.median(x[rows[u]]), np.median(y_registered[rows[u]])])
-
     def histogram(u):
         counts = np.bincount(bins[rows[u]], minlength=len(edges) - 1).astype(float)
         return counts / counts.sum()
 
-    where = {u: position(u) for u in rows}
+    where = {u: _centre(r, x, y_registered) for u, r in rows.items()}
     share = {u: histogram(u) for u in rows}
 
     def pairs_of(u, others):
@@ -367,7 +369,7 @@ def merge_motion_pieces(
             break
         units[rows[b]] = a
         rows[a] = np.concatenate([rows[a], rows.pop(b)])
-        where[a], share[a] = position(a), histogram(a)
+        where[a], share[a] = _centre(rows[a], x, y_registered), histogram(a)
         del where[b], share[b]
         pairs = {pair: value for pair, value in pairs.items() if a not in pair and b not in pair}
         pairs.update(pairs_of(a, list(where)))
@@ -410,7 +412,7 @@ def collision_units(
     offset = segments.astype(np.int64) * (int(samples.max()) + 2 * window + 2)
     times = samples.astype(np.int64) + offset
     trains = [np.sort(times[r]) for r in rows.values()]
-    centres = np.array([(np.median(x[r]), np.median(y_registered[r])) for r in rows.values()])
+    centres = np.array([_centre(r, x, y_registered) for r in rows.values()])
     close = np.linalg.norm(centres[:, None] - centres[None], axis=2) <= radius_um
     np.fill_diagonal(close, False)
     collided = []
